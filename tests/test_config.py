@@ -1,0 +1,59 @@
+"""Config validation: every key pinned, every error names the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from nvfp4_pp.config import ConfigError, config_from_dict, config_keys, load_config
+
+BASE = {"model": "/m", "output": "/o"}
+
+
+def test_config_keys_are_pinned():
+    assert config_keys() == [
+        "model", "output", "format",
+        "calibration.dataset", "calibration.samples", "calibration.max_length", "calibration.batch_size",
+        "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.timeout_s",
+    ]
+
+
+def test_defaults():
+    cfg = config_from_dict(BASE)
+    assert cfg.format == "modelopt" and cfg.pipeline.layers == "auto"
+    assert cfg.calibration.dataset == "builtin:pydoc" and cfg.calibration.batch_size == 1
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"model": "/m"}, "config key 'output' is required but missing"),
+    ({**BASE, "calibration": {"sample": 3}},
+     "unknown config key 'calibration.sample'; valid keys in section 'calibration' are "
+     "['batch_size', 'dataset', 'max_length', 'samples']"),
+    ({**BASE, "colour": 1}, "unknown config key 'colour'"),
+    ({**BASE, "calibration": {"samples": "3"}}, "config key 'calibration.samples' must be an integer, got '3'"),
+    ({**BASE, "calibration": {"samples": 0}}, "config key 'calibration.samples' must be >= 1, got 0"),
+    ({**BASE, "pipeline": {"layers": "even"}},
+     "config key 'pipeline.layers' must be one of 'auto' or a list of integers, got 'even'"),
+    ({**BASE, "pipeline": {"layers": [10, 0, 20]}}, "every rank needs at least one layer"),
+    ({**BASE, "format": "gguf"}, "config key 'format' must be one of 'modelopt', got 'gguf'"),
+    ({**BASE, "pipeline": {"backend": "mpi"}}, "config key 'pipeline.backend' must be one of 'auto', 'gloo', 'nccl'"),
+    ({**BASE, "calibration": {"dataset": "data.csv"}}, "is not a known form"),
+    ({**BASE, "pipeline": 3}, "section 'pipeline' of the config must be a mapping"),
+])
+def test_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert message in str(e.value)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: /m\noutput: /o\ncalibration:\n  samples: 8\n")
+    cfg = load_config(path, ["calibration.samples=64", "pipeline.layers=[1, 28, 1]", "output=/elsewhere"])
+    assert cfg.calibration.samples == 64 and cfg.pipeline.layers == [1, 28, 1] and cfg.output == "/elsewhere"
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["calibration.samples"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(path)
