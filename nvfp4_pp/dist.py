@@ -2,22 +2,71 @@
 
 Only activations cross the wire: a fixed-size int64 header (kind, dtype, shape) followed by the
 payload, so variable sequence lengths need no prior agreement between stages.
+
+Every wait is bounded by the process group's timeout. A peer that dies or hangs surfaces as one
+`PeerLost` error naming that rank, its host and the phase, never as a hang or a gloo traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
+import pickle
 import socket
 from collections import deque
 
 import torch
 import torch.distributed as dist
 
-_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.int32]
+_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.int32, torch.uint8]
 _HEADER_LEN = 8
 _KIND_END, _KIND_TENSOR = 0, 1
+
+
+_phase = "startup"
+_hosts: list[str] = []
+_timeout_s = 0
+
+
+def set_phase(name: str) -> None:
+    """Record what this rank is doing, for error messages about lost peers."""
+    global _phase
+    _phase = name
+
+
+def current_phase() -> str:
+    return _phase
+
+
+class PeerLost(RuntimeError):
+    """Another rank died, hung or was killed; the message names it, its host and the phase."""
+
+    def __init__(self, peer: int | None, cause: BaseException):
+        text = str(cause)
+        if "Timed out" in text or "timeout" in text.lower():
+            why = f"no answer within pipeline.timeout_s={_timeout_s} s (hung, or much slower than this rank)"
+        else:
+            why = "connection closed (the process died or was killed)"
+        who = (f"rank {peer} on host {_hosts[peer]}" if peer is not None and peer < len(_hosts)
+               else "a rank")
+        super().__init__(
+            f"lost {who} during {_phase}: {why}; check that rank's log, then rerun the same "
+            "command to resume from the last completed phase"
+        )
+        self.peer = peer
+
+
+@contextlib.contextmanager
+def talking_to(peer: int | None):
+    """Turn any torch.distributed failure inside the block into PeerLost(peer)."""
+    try:
+        yield
+    except PeerLost:
+        raise
+    except RuntimeError as e:
+        raise PeerLost(peer, e) from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -29,6 +78,7 @@ class RankInfo:
     local_rank: int
     host: str
     device: torch.device
+    hosts: tuple[str, ...] = ()
 
     @property
     def is_first(self) -> bool:
@@ -39,17 +89,22 @@ class RankInfo:
         return self.rank == self.world_size - 1
 
 
+class DeviceError(RuntimeError):
+    """This rank cannot have the device the config asks for."""
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     """The device this rank's stage runs on: cuda:LOCAL_RANK when available, else CPU."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(
-            "pipeline.device is 'cuda' but this rank sees no CUDA device; "
+        raise DeviceError(
+            f"pipeline.device is 'cuda' but rank {os.environ.get('RANK', 0)} on host "
+            f"{socket.gethostname()} sees no CUDA device; "
             "set pipeline.device: cpu (or auto) for CPU-only ranks"
         )
     if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(
+        raise DeviceError(
             f"LOCAL_RANK {local_rank} has no CUDA device: this host has "
             f"{torch.cuda.device_count()}; use --nproc-per-node <= {torch.cuda.device_count()}"
         )
@@ -62,7 +117,10 @@ def init(backend: str, device_request: str, timeout_s: int) -> RankInfo:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    global _timeout_s
+    _timeout_s = timeout_s
     device = pick_device(device_request, local_rank)
+    host = socket.gethostname()
     if world_size > 1:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
@@ -71,7 +129,9 @@ def init(backend: str, device_request: str, timeout_s: int) -> RankInfo:
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if backend == "nccl" else None,
         )
-    return RankInfo(rank, world_size, local_rank, socket.gethostname(), device)
+    hosts = tuple(all_gather_objects(host, world_size))
+    _hosts[:] = hosts
+    return RankInfo(rank, world_size, local_rank, host, device, hosts)
 
 
 def shutdown() -> None:
@@ -82,7 +142,8 @@ def shutdown() -> None:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with talking_to(None):
+            dist.barrier()
 
 
 def all_gather_objects(obj: object, world_size: int) -> list:
@@ -90,7 +151,8 @@ def all_gather_objects(obj: object, world_size: int) -> list:
     if world_size == 1:
         return [obj]
     out: list = [None] * world_size
-    dist.all_gather_object(out, obj)
+    with talking_to(None):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -99,8 +161,33 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with talking_to(src):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_to_first(obj: object, info: RankInfo) -> list | None:
+    """Every rank's `obj` on rank 0 by point-to-point, so a missing rank is known by number."""
+    if info.world_size == 1:
+        return [obj]
+    if info.is_first:
+        out = [obj]
+        for peer in range(1, info.world_size):
+            out.append(_recv_object(peer, info.device))
+        return out
+    _send_object(obj, 0, info.device)
+    return None
+
+
+def _send_object(obj: object, peer: int, device: torch.device) -> None:
+    sender = Sender(peer, device)
+    sender.send(torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8))
+    sender.close()
+
+
+def _recv_object(peer: int, device: torch.device) -> object:
+    payloads = list(Receiver(peer, device))
+    return pickle.loads(payloads[0].cpu().numpy().tobytes())
 
 
 class Sender:
@@ -111,14 +198,15 @@ class Sender:
         self._pending: deque[tuple[list[dist.Work], tuple[torch.Tensor, ...]]] = deque()
         self.bytes_sent = 0
 
-    def _post(self, header: torch.Tensor, payload: torch.Tensor | None) -> None:
+    def _post(self, header: torch.Tensor, payload: torch.Tensor | None, keep: int) -> None:
         tensors = (header,) if payload is None else (header, payload)
-        works = [dist.isend(t, self.peer) for t in tensors]
-        self._pending.append((works, tensors))  # keep buffers alive until sent
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        while len(self._pending) > self.depth:
-            for w in self._pending.popleft()[0]:
-                w.wait()
+        with talking_to(self.peer):
+            works = [dist.isend(t, self.peer) for t in tensors]
+            self._pending.append((works, tensors))  # keep buffers alive until sent
+            self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+            while len(self._pending) > keep:
+                for w in self._pending.popleft()[0]:
+                    w.wait()
 
     def send(self, tensor: torch.Tensor) -> None:
         if tensor.ndim > _HEADER_LEN - 3:
@@ -126,14 +214,11 @@ class Sender:
         header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
         header[0], header[1], header[2] = _KIND_TENSOR, _DTYPES.index(tensor.dtype), tensor.ndim
         header[3 : 3 + tensor.ndim] = torch.tensor(tensor.shape)
-        self._post(header.to(self.device), tensor.contiguous())
+        self._post(header.to(self.device), tensor.to(self.device).contiguous(), keep=self.depth)
 
     def close(self) -> None:
         """Tell the peer the stream ended, then wait for every send to finish."""
-        self._post(torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device), None)
-        while self._pending:
-            for w in self._pending.popleft()[0]:
-                w.wait()
+        self._post(torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device), None, keep=0)
 
 
 class Receiver:
@@ -143,18 +228,27 @@ class Receiver:
         self.peer, self.device = peer, device
         self.bytes_received = 0
 
-    def __iter__(self):
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-        work = dist.irecv(header, self.peer)
-        while True:
+    def _next(self, pending: tuple[dist.Work, torch.Tensor]) -> tuple[torch.Tensor | None, tuple]:
+        work, header = pending
+        with talking_to(self.peer):
             work.wait()
             h = header.tolist()
             if h[0] == _KIND_END:
-                return
-            shape = h[3 : 3 + h[2]]
-            payload = torch.empty(shape, dtype=_DTYPES[h[1]], device=self.device)
-            dist.recv(payload, self.peer)
+                return None, ()
+            payload = torch.empty(h[3 : 3 + h[2]], dtype=_DTYPES[h[1]], device=self.device)
+            dist.irecv(payload, self.peer).wait()
             self.bytes_received += payload.numel() * payload.element_size() + header.numel() * 8
-            header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-            work = dist.irecv(header, self.peer)  # the next header arrives while we compute
+            return payload, self._post_header()  # the next header arrives while we compute
+
+    def _post_header(self) -> tuple[dist.Work, torch.Tensor]:
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+        with talking_to(self.peer):
+            return dist.irecv(header, self.peer), header
+
+    def __iter__(self):
+        pending = self._post_header()
+        while True:
+            payload, pending = self._next(pending)
+            if payload is None:
+                return
             yield payload

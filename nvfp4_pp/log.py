@@ -31,6 +31,7 @@ class Progress:
         self.done += 1
         self.tokens += tokens
         now = time.perf_counter()
+        logger.debug("%s micro-batch %d/%d done", self.what, self.done, self.total)
         if now - self._last >= self.every_s or self.done == self.total:
             self._last = now
             logger.info(

@@ -26,6 +26,13 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def copy_side_files(source: Path, target: Path) -> list[str]:
     """Tokenizer, chat template, generation config, license: every non-weight file but config.json."""
     copied = []
@@ -46,9 +53,9 @@ def assemble(
 ) -> Path:
     """Move every rank's shards into a temp dir with final names, add metadata, rename to `output`."""
     output = Path(output)
+    for stale in output.parent.glob(f".{output.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # an earlier assembly that was cut off
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     shards = [(m["rank"], s) for m in manifests for s in m["shards"]]
     weight_map: dict[str, str] = {}
@@ -61,7 +68,7 @@ def assemble(
                 "on a filesystem every rank shares"
             )
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(src, tmp / name)
+        link_or_copy(src, tmp / name)  # the work dir keeps its copy until the output is in place
         for tensor in shard["tensors"]:
             if tensor in weight_map:
                 raise AssembleError(f"tensor {tensor!r} was written twice ({weight_map[tensor]}, {name})")

@@ -1,14 +1,20 @@
-"""Entry point: `torchrun ... -m nvfp4_pp.run CONFIG.yaml [--set key=value ...] [--overwrite]`.
+"""Entry point: `torchrun ... -m nvfp4_pp.run CONFIG.yaml [--set key=value ...] [--overwrite] [--fresh]`.
 
-Phases: plan -> load stage -> calibrate (pipeline) -> export -> assemble (rank 0) -> report.
+Phases: check -> load stage -> calibrate (pipeline) -> export -> assemble (rank 0) -> report.
+Calibration and export results are recorded in the output's work directory; running the same
+command again continues from the last phase every rank completed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
+import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import dist
+from . import __version__, dist
 from .arch import UnsupportedArchitecture, architecture_of
 from .calib import CalibrationDataError, load_samples, micro_batches
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, config_to_dict, load_config
 from .export import export_stage
 from .formats import get_format
 from .log import logger, setup
@@ -27,16 +33,22 @@ from .merge import AssembleError, assemble
 from .pipeline import run_pipeline
 from .plan import PlanError, owner_of, split_layers
 from .quantize import calibrate, calibration_health
+from .resume import StaleWorkState, WorkState, sha256_of
 from .source import SourceCheckpoint, SourceError
 from .stage import build_stage
 from .writer import ExportWriteError, ShardWriter
 
 USER_ERRORS = (ConfigError, SourceError, PlanError, UnsupportedArchitecture, CalibrationDataError,
-               AssembleError, ExportWriteError)
+               AssembleError, ExportWriteError, StaleWorkState, dist.DeviceError)
+PHASES = ("calibrate", "export")
 
 
 class RunError(RuntimeError):
-    """A problem every rank agreed on (raised identically everywhere, so no rank waits forever)."""
+    """A problem every rank agreed on; rank 0 reports it, the others exit quietly."""
+
+
+class Stopped(RuntimeError):
+    """SIGTERM/SIGINT: torchrun stops the remaining ranks when one of them fails."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,11 +57,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set calibration.samples=64 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--fresh", action="store_true", help="discard saved progress in the work directory")
+    p.add_argument("--stop-after", choices=PHASES, help="stop once this phase is recorded (resume later)")
     return p.parse_args(argv)
 
 
+def everywhere(info: dist.RankInfo, fn):
+    """Run `fn` on every rank; if any rank fails with a user error, every rank raises it."""
+    error = None
+    try:
+        result = fn()
+    except USER_ERRORS as e:
+        result, error = None, str(e)
+    errors = dist.all_gather_objects(error, info.world_size)
+    failed = {e: r for r, e in reversed(list(enumerate(errors))) if e is not None}
+    if failed:
+        raise RunError("\n".join(e if len(failed) == 1 and error else f"rank {r}: {e}" for e, r in failed.items()))
+    return result
+
+
 def agreed(info: dist.RankInfo, fn):
-    """Run `fn` on rank 0 only and hand its result (or its error message) to every rank."""
+    """Run `fn` on rank 0 only and hand its result (or its error) to every rank."""
     result, error = None, None
     if info.is_first:
         try:
@@ -85,66 +113,134 @@ def check_output(cfg: RunConfig, overwrite: bool) -> None:
         raise ConfigError(f"output {output} already exists; pass --overwrite to replace it or choose another 'output'")
 
 
-def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
+def fingerprint(cfg: RunConfig, source: SourceCheckpoint, info: dist.RankInfo, layers: tuple[int, int],
+                samples_sha256: str) -> dict:
+    """Everything that shapes this rank's result; saved progress is reused only when all of it matches."""
+    import modelopt
+    import transformers
+
+    return {
+        "versions": {"nvfp4_pp": __version__, "modelopt": modelopt.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "model": str(source.path.resolve()),
+        "model_config": hashlib.sha256((source.path / "config.json").read_bytes()).hexdigest(),
+        "model_files": {f: (source.path / f).stat().st_size for f in sorted(set(source.weight_map.values()))},
+        "format": cfg.format,
+        "calibration": config_to_dict(cfg)["calibration"],
+        "samples_sha256": samples_sha256,
+        "world_size": info.world_size,
+        "layers": list(layers),
+        "device_type": info.device.type,
+    }
+
+
+def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     phases: dict[str, float] = {}
 
     @contextlib.contextmanager
     def phase(name: str):
+        dist.set_phase(name)
         t0 = time.perf_counter()
         yield
         phases[name] = time.perf_counter() - t0
         logger.info("%s done in %.1f s", name, phases[name])
 
-    fmt = get_format(cfg.format)
-    source = SourceCheckpoint(cfg.model)
-    arch = architecture_of(source.config)
-    if "num_hidden_layers" not in source.config:
-        raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
-    ranges = split_layers(source.config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
+    def prepare() -> tuple:
+        source = SourceCheckpoint(cfg.model)
+        arch = architecture_of(source.config)
+        if "num_hidden_layers" not in source.config:
+            raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
+        return get_format(cfg.format), source, arch, split_layers(
+            source.config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
+
+    dist.set_phase("startup checks")
+    fmt, source, arch, ranges = everywhere(info, prepare)
     start, stop = ranges[info.rank]
     logger.info("plan: %s", ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(ranges)))
+    agreed(info, lambda: check_output(cfg, args.overwrite))
 
-    agreed(info, lambda: check_output(cfg, overwrite))
     batches: list[torch.Tensor] | None = None
 
-    def prepare_samples() -> tuple[int, int, int]:
+    def prepare_samples() -> tuple[int, int, int, str]:
         nonlocal batches  # token ids exist on the first rank only; the others get hidden states
         samples = load_samples(cfg.calibration, cfg.model)
+        limit = source.config.get("max_position_embeddings")
+        longest = max(map(len, samples))
+        if limit and longest > limit:
+            raise CalibrationDataError(
+                f"a calibration sample has {longest} tokens but the model's max_position_embeddings is "
+                f"{limit}; set calibration.max_length <= {limit}")
         batches = micro_batches(samples, cfg.calibration.batch_size)
-        return len(samples), sum(map(len, samples)), len(batches)
+        digest = hashlib.sha256(json.dumps(samples).encode()).hexdigest()
+        return len(samples), sum(map(len, samples)), len(batches), digest
 
-    num_samples, num_tokens, num_batches = agreed(info, prepare_samples)
+    num_samples, num_tokens, num_batches, samples_sha = agreed(info, prepare_samples)
     logger.info("calibration: %d samples, %d tokens, %d micro-batches", num_samples, num_tokens, num_batches)
-
-    with phase("load"):
-        stage = build_stage(source, arch, start, stop, info.device)
-    traffic: dict[str, int] = {}
-    with phase("calibrate"):
-        calibrate(stage, lambda model: traffic.update(run_pipeline(model, info, batches, num_batches)))
-    health = calibration_health(stage)
-    if health["zero"] or health["nan"]:
-        logger.warning("calibration health: %s (quantizers without a usable amax)", health)
 
     output = Path(cfg.output)
     work_dir = work_dir_of(output)
-    owned = [n for n in source.weight_map if owner_of(n, arch, ranges) == info.rank]
-    writer = ShardWriter(work_dir / f"rank{info.rank}", prefix=f"rank{info.rank:03d}")
-    with phase("export"):
-        result = export_stage(stage, owned, source, fmt, writer)
+    rank_dir = work_dir / f"rank{info.rank}"
+    state = everywhere(info, lambda: WorkState(
+        rank_dir, fingerprint(cfg, source, info, (start, stop), samples_sha), fresh=args.fresh))
+
+    with phase("load"):
+        stage = build_stage(source, arch, start, stop, info.device)
+
+    traffic: dict[str, int] = {}
+    if all(dist.all_gather_objects(state.done("calibrate"), info.world_size)):
+        with phase("calibrate"):
+            state.restore_quantizers(stage)
+            logger.info("calibration: reusing the state every rank saved in %s", work_dir)
+    else:
+        with phase("calibrate"):
+            state.forget("calibrate", "export")
+            calibrate(stage, lambda model: traffic.update(run_pipeline(model, info, batches, num_batches)))
+            state.save_quantizers(stage)
+            state.record("calibrate", {"traffic": traffic})
+    health = calibration_health(stage)
+    if health["zero"] or health["nan"]:
+        logger.warning("calibration health: %s (quantizers without a usable amax)", health)
+    if args.stop_after == "calibrate":
+        return stopped_after("calibrate", info)
+
+    if state.done("export") and state.shards_intact(rank_dir):
+        with phase("export"):
+            logger.info("export: reusing the shards this rank wrote before")
+    else:
+        with phase("export"):
+            owned = [n for n in source.weight_map if owner_of(n, arch, ranges) == info.rank]
+            writer = ShardWriter(rank_dir, prefix=f"rank{info.rank:03d}")
+            result = export_stage(stage, owned, source, fmt, writer)
+            shards = [{**s, "sha256": sha256_of(rank_dir / s["file"])} for s in writer.shards]
+            state.record("export", {"shards": shards, "excluded": excluded_modules(
+                stage, result["quantized"], arch.lm_head, info.is_last)})
+    del stage
+    if args.stop_after == "export":
+        return stopped_after("export", info)
+
+    exported = state.phases["export"]
     manifest = {
         "rank": info.rank, "host": info.host, "device": str(info.device), "layers": [start, stop],
-        "shards": writer.shards, "excluded": excluded_modules(stage, result["quantized"], arch.lm_head, info.is_last),
-        "phases": phases, "peak_gb": peak_memory_gb(info.device), "health": health, "traffic": traffic,
+        "shards": exported["shards"], "excluded": exported["excluded"],
+        "phases": phases, "peak_gb": peak_memory_gb(info.device), "health": health,
+        "traffic": state.phases["calibrate"].get("traffic", {}),
     }
-    del stage
-    manifests = dist.all_gather_objects(manifest, info.world_size)
-    if info.is_first:
+    dist.set_phase("assembly")
+    manifests = dist.gather_to_first(manifest, info)
+
+    def finish() -> None:
         t0 = time.perf_counter()
-        assemble(output, work_dir, manifests, source, fmt, overwrite)
+        assemble(output, work_dir, manifests, source, fmt, args.overwrite)
         shutil.rmtree(work_dir, ignore_errors=True)
         logger.info("assembled %s in %.1f s", output, time.perf_counter() - t0)
         report(manifests)
+
+    agreed(info, finish)
+
+
+def stopped_after(phase_name: str, info: dist.RankInfo) -> None:
     dist.barrier()
+    logger.info("stopped after %s as asked; run the same command without --stop-after to continue", phase_name)
 
 
 def report(manifests: list[dict]) -> None:
@@ -154,25 +250,35 @@ def report(manifests: list[dict]) -> None:
         p, h = m["phases"], m["health"]
         logger.info("%-5d %-12s %-8s %-9s %8.1f %10.1f %8.1f %9.2f  %d/%d/%d", m["rank"], m["host"][:12],
                     m["device"], f"{m['layers'][0]}-{m['layers'][1] - 1}", p["load"], p["calibrate"],
-                    p["export"], m["peak_gb"], h["good"], h["zero"], h["nan"])
+                    p.get("export", 0.0), m["peak_gb"], h["good"], h["zero"], h["nan"])
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(f"stopped by signal {signal.Signals(signum).name} during {dist.current_phase()} "
+                  "(torchrun stops the other ranks when one fails: see the first error above)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"nvfp4_pp: error: {e}", file=sys.stderr)
+        if rank == 0:  # every rank reads the same file: say it once
+            print(f"nvfp4_pp: error: {e}", file=sys.stderr)
         return 2
-    info = None
+    signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         info = dist.init(cfg.pipeline.backend, cfg.pipeline.device, cfg.pipeline.timeout_s)
         setup(info.rank)
-        run(cfg, info, args.overwrite)
+        run(cfg, info, args)
         return 0
-    except (RunError, *USER_ERRORS) as e:
-        if info is None or info.is_first or not isinstance(e, RunError):
+    except RunError as e:
+        if rank == 0:
             print(f"nvfp4_pp: error: {e}", file=sys.stderr)
+        return 1
+    except (dist.PeerLost, Stopped, *USER_ERRORS) as e:
+        print(f"nvfp4_pp: error (rank {rank}): {e}", file=sys.stderr)
         return 1
     finally:
         dist.shutdown()

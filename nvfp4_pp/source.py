@@ -56,8 +56,10 @@ class SourceCheckpoint:
         if not config_path.is_file():
             raise SourceError(f"{config_path} is missing; 'model' must be a Hugging Face checkpoint directory")
         self.config: dict = json.loads(config_path.read_text())
-        self.weight_map = self._read_weight_map()
         self._headers: dict[str, dict] = {}
+        self.weight_map = self._read_weight_map()
+        for file in sorted(set(self.weight_map.values())):
+            self.header(file)  # a truncated or corrupt shard is named now, before any rank loads
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -73,7 +75,7 @@ class SourceCheckpoint:
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise SourceError(f"no *.safetensors files in {self.path}; only safetensors sources are supported")
-        return {name: f.name for f in files for name in read_safetensors_header(f)}
+        return {name: f.name for f in files for name in self.header(f.name)}
 
     def header(self, file: str) -> dict:
         if file not in self._headers:
