@@ -13,6 +13,7 @@ from pathlib import Path
 from . import __version__
 from .formats import CheckpointFormat
 from .source import SourceCheckpoint
+from .writer import write_errors_named
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json", ".msgpack", ".h5")
 PRODUCER = {"name": "nvfp4_pp", "version": __version__}
@@ -57,32 +58,37 @@ def assemble(
         shutil.rmtree(stale, ignore_errors=True)  # an earlier assembly that was cut off
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
-    shards = [(m["rank"], s) for m in manifests for s in m["shards"]]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, (rank, shard) in enumerate(shards, 1):
-        src = work_dir / f"rank{rank}" / shard["file"]
-        if not src.is_file():
-            raise AssembleError(
-                f"rank {rank}'s shard {src} is not visible from rank 0; the output directory must be "
-                "on a filesystem every rank shares"
-            )
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        link_or_copy(src, tmp / name)  # the work dir keeps its copy until the output is in place
-        for tensor in shard["tensors"]:
-            if tensor in weight_map:
-                raise AssembleError(f"tensor {tensor!r} was written twice ({weight_map[tensor]}, {name})")
-            weight_map[tensor] = name
-        total += shard["bytes"]
-    exclude = sorted({name for m in manifests for name in m["excluded"]})
-    config = dict(source.config)
-    config["quantization_config"] = fmt.quantization_config(exclude, PRODUCER)
-    _write_json(tmp / "config.json", config)
-    for name, content in fmt.extra_files(exclude, PRODUCER).items():
-        _write_json(tmp / name, content)
-    copy_side_files(source.path, tmp)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(tmp / "model.safetensors.index.json", index)
+    try:
+        with write_errors_named(tmp, 0):
+            shards = [(m["rank"], s) for m in manifests for s in m["shards"]]
+            weight_map: dict[str, str] = {}
+            total = 0
+            for i, (rank, shard) in enumerate(shards, 1):
+                src = work_dir / f"rank{rank}" / shard["file"]
+                if not src.is_file():
+                    raise AssembleError(
+                        f"rank {rank}'s shard {src} is not visible from rank 0; the output directory must be "
+                        "on a filesystem every rank shares"
+                    )
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                link_or_copy(src, tmp / name)  # the work dir keeps its copy until the output is in place
+                for tensor in shard["tensors"]:
+                    if tensor in weight_map:
+                        raise AssembleError(f"tensor {tensor!r} was written twice ({weight_map[tensor]}, {name})")
+                    weight_map[tensor] = name
+                total += shard["bytes"]
+            exclude = sorted({name for m in manifests for name in m["excluded"]})
+            config = dict(source.config)
+            config["quantization_config"] = fmt.quantization_config(exclude, PRODUCER)
+            _write_json(tmp / "config.json", config)
+            for name, content in fmt.extra_files(exclude, PRODUCER).items():
+                _write_json(tmp / name, content)
+            copy_side_files(source.path, tmp)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            _write_json(tmp / "model.safetensors.index.json", index)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-assembled directory behind
+        raise
     if output.exists():
         if not overwrite:
             raise AssembleError(f"output {output} appeared during the run; rerun with --overwrite")

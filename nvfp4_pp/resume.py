@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .writer import write_errors_named
+
 STATE_FILE = "state.json"
 QUANTIZER_FILE = "quantizers.pt"
 
@@ -34,8 +36,10 @@ def sha256_of(path: Path) -> str:
 
 def _atomic_write_json(path: Path, content: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    text = json.dumps(content, indent=2, sort_keys=True)
+    with write_errors_named(path, len(text)):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 class WorkState:
@@ -86,8 +90,9 @@ class WorkState:
             "quantizers": {k: v.cpu() for k, v in stage.state_dict().items() if "_quantizer." in k},
         }
         tmp = self.directory / f".{QUANTIZER_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.directory / QUANTIZER_FILE)
+        with write_errors_named(self.directory / QUANTIZER_FILE, 0):
+            torch.save(state, tmp)
+            os.replace(tmp, self.directory / QUANTIZER_FILE)
 
     def restore_quantizers(self, stage: torch.nn.Module) -> None:
         """Re-insert the quantizers and load the saved amaxes: the stage is as calibration left it."""

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:  # every rank reads the same file: say it once
             print(f"nvfp4_pp: error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_stopped)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         info = dist.init(cfg.pipeline.backend, cfg.pipeline.device, cfg.pipeline.timeout_s)
         setup(info.rank)
@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         dist.shutdown()
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -14,6 +15,24 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 class ExportWriteError(OSError):
     pass
+
+
+@contextlib.contextmanager
+def write_errors_named(path: Path, nbytes: int):
+    """A failed write becomes one ExportWriteError naming the file, the size and the fix."""
+    try:
+        yield
+    except ExportWriteError:
+        raise
+    except Exception as e:  # safetensors raises its own error type, with the OS message inside
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            raise ExportWriteError(
+                errno.ENOSPC, f"disk full while writing {path} ({nbytes / 1e9:.2f} GB); free space on "
+                f"{path.parent} (or point 'output' elsewhere) and rerun the same command to resume"
+            ) from None
+        if isinstance(e, OSError):
+            raise ExportWriteError(e.errno, f"cannot write {path}: {e.strerror}") from None
+        raise
 
 
 class ShardWriter:
@@ -41,16 +60,11 @@ class ShardWriter:
         name = f"{self.prefix}-{len(self.shards) + 1:05d}.safetensors"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
-        try:
-            save_file(self._buffer, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, final)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            if e.errno == errno.ENOSPC:
-                raise ExportWriteError(
-                    e.errno, f"disk full while writing {final} ({self._buffered / 1e9:.2f} GB); "
-                    f"free space on {self.directory} and run again"
-                ) from e
-            raise ExportWriteError(e.errno, f"cannot write {final}: {e.strerror}") from e
+        with write_errors_named(final, self._buffered):
+            try:
+                save_file(self._buffer, str(tmp), metadata={"format": "pt"})
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
         self.shards.append({"file": name, "tensors": sorted(self._buffer), "bytes": self._buffered})
         self._buffer, self._buffered = {}, 0

@@ -1,0 +1,178 @@
+"""Bad input: each case gets one clear line naming the problem and the fix (the README table's rows)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_nvfp4_pp, write_config
+from nvfp4_pp.run import main
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (no tokenizer): enough for every error raised before weights load."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=32)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _run(tmp_path: Path, capsys, model: Path, *args: str, **overrides) -> tuple[int, str]:
+    sections = {"model": str(model), "output": str(tmp_path / "out"), "format": "modelopt",
+                "calibration": {"dataset": "builtin:pydoc", "samples": 2, "max_length": 16}}
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            sections.setdefault(section, {})[name] = value
+        else:
+            sections[section] = value
+    config = write_config(tmp_path / "run.yaml", **sections)
+    code = main([str(config), *args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _one_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("nvfp4_pp: error")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_model_dir_missing(tmp_path, capsys):
+    code, err = _run(tmp_path, capsys, tmp_path / "nowhere")
+    assert code == 1
+    assert f"model directory '{tmp_path / 'nowhere'}' does not exist; check config key 'model'" in _one_error(err)
+
+
+def test_config_json_missing(tmp_path, capsys, tiny_llama):
+    model = _copy(tiny_llama, tmp_path / "m")
+    (model / "config.json").unlink()
+    code, err = _run(tmp_path, capsys, model)
+    assert code == 1 and "config.json is missing; 'model' must be a Hugging Face checkpoint directory" in _one_error(err)
+
+
+def test_config_without_num_hidden_layers(tmp_path, capsys, tiny_llama):
+    model = _copy(tiny_llama, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (model / "config.json").write_text(json.dumps(config))
+    code, err = _run(tmp_path, capsys, model)
+    assert code == 1 and "has no num_hidden_layers; is it a decoder LLM?" in _one_error(err)
+
+
+def test_unsupported_architecture(tmp_path, capsys, tiny_llama):
+    model = _copy(tiny_llama, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["MixtralForCausalLM"]
+    (model / "config.json").write_text(json.dumps(config))
+    code, err = _run(tmp_path, capsys, model)
+    line = _one_error(err)
+    assert code == 1 and "MixtralForCausalLM" in line and "is not supported; supported:" in line
+    assert "LlamaForCausalLM" in line
+
+
+def test_index_names_missing_shard(tmp_path, capsys, tiny_llama):
+    model = _copy(tiny_llama, tmp_path / "m")
+    (model / "model.safetensors").rename(model / "model-00001-of-00002.safetensors")
+    weight_map = {"model.norm.weight": "model-00002-of-00002.safetensors"}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    code, err = _run(tmp_path, capsys, model)
+    assert code == 1 and "names shard 'model-00002-of-00002.safetensors', which is missing" in _one_error(err)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "is truncated: its header promises"),
+    ("garbage", "is not a safetensors file"),
+])
+def test_damaged_safetensors(tmp_path, capsys, tiny_llama, damage, message):
+    model = _copy(tiny_llama, tmp_path / "m")
+    shard = model / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
+    code, err = _run(tmp_path, capsys, model)
+    line = _one_error(err)
+    assert code == 1 and message in line and "model.safetensors" in line
+
+
+def test_layer_counts_do_not_sum(tmp_path, capsys, tiny_llama):
+    code, err = _run(tmp_path, capsys, tiny_llama, pipeline__layers=[3])
+    assert code == 1
+    assert "pipeline.layers = [3] sums to 3 but the model has 2 decoder layers; make the counts sum to 2" in _one_error(err)
+
+
+def test_rank_with_zero_layers(tmp_path, capsys, tiny_llama):
+    code, err = _run(tmp_path, capsys, tiny_llama, pipeline__layers=[2, 0])
+    assert code == 2 and "every rank needs at least one layer" in _one_error(err)
+
+
+def test_more_ranks_than_layers_one_line(tmp_path, tiny_llama):
+    config = write_config(tmp_path / "run.yaml", model=str(tiny_llama), output=str(tmp_path / "out"))
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode != 0
+    assert _one_error(result.stderr) == (
+        "nvfp4_pp: error: 3 ranks but the model has only 2 decoder layers; use at most 2 ranks")
+
+
+def test_output_exists_without_overwrite(tmp_path, capsys, tiny_llama):
+    (tmp_path / "out").mkdir()
+    code, err = _run(tmp_path, capsys, tiny_llama)
+    assert code == 1 and f"output {tmp_path / 'out'} already exists; pass --overwrite" in _one_error(err)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "holds no samples"),
+    ("{\"input_ids\": [1, 2\n", "calib.jsonl:1 is not valid JSON"),
+])
+def test_bad_calibration_file(tmp_path, capsys, tiny_llama, content, message):
+    (tmp_path / "calib.jsonl").write_text(content)
+    code, err = _run(tmp_path, capsys, tiny_llama, calibration__dataset=str(tmp_path / "calib.jsonl"))
+    assert code == 1 and message in _one_error(err)
+
+
+def test_samples_longer_than_max_position_embeddings(tmp_path, capsys, tiny_llama):
+    (tmp_path / "calib.jsonl").write_text(json.dumps({"input_ids": list(range(40))}) + "\n")
+    code, err = _run(tmp_path, capsys, tiny_llama, calibration__dataset=str(tmp_path / "calib.jsonl"),
+                     calibration__max_length=64)
+    assert code == 1
+    assert ("a calibration sample has 40 tokens but the model's max_position_embeddings is 32; "
+            "set calibration.max_length <= 32") in _one_error(err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_device(tmp_path, capsys, tiny_llama):
+    code, err = _run(tmp_path, capsys, tiny_llama, pipeline__device="cuda")
+    assert code == 1
+    assert (f"pipeline.device is 'cuda' but rank 0 on host {socket.gethostname()} sees no CUDA device; "
+            "set pipeline.device: cpu") in _one_error(err)
+
+
+def test_disk_full_during_export(tmp_path, capsys, smol_dir, token_file):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        config = write_config(tmp_path / "run.yaml", model=str(smol_dir), output=str(disk / "out"),
+                              format="modelopt", calibration={"dataset": str(token_file), "samples": 1})
+        code = main([str(config)])
+        line = _one_error(capsys.readouterr().err)
+        assert code == 1 and "disk full while writing" in line and "free space on" in line
+        assert not (disk / "out").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
