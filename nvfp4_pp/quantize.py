@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -34,7 +35,65 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
     """
     import modelopt.torch.quantization as mtq
 
-    mtq.quantize(stage, modelopt_config(), forward_loop)
+    def loop(model: torch.nn.Module) -> None:
+        with running_max_collection(model):
+            forward_loop(model)
+
+    mtq.quantize(stage, modelopt_config(), loop)
+
+
+@contextlib.contextmanager
+def running_max_collection(model: torch.nn.Module):
+    """Collect per-tensor input amaxes on the device without syncs; hand modelopt the same values.
+
+    During modelopt's max calibration every forward re-reduces each weight (already reduced once
+    by modelopt before the loop) and each input quantizer checks its amax for NaN/inf, which
+    blocks the host three times per quantizer per micro-batch. Here weight quantizers skip the
+    repeat, and each eligible input quantizer's running max(|x|) stays on the device; at the end
+    it is given to the quantizer's own calibrator once. Max is exact, so the amaxes (and every
+    exported byte) equal modelopt's; quantizers of other kinds keep modelopt's own collection.
+    """
+    from modelopt.torch.quantization.calib import MaxCalibrator
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    paused: list[TensorQuantizer] = []
+    running: dict[TensorQuantizer, list[torch.Tensor | None]] = {}
+    hooks = []
+    for module in model.modules():
+        weight_q = getattr(module, "weight_quantizer", None)
+        input_q = getattr(module, "input_quantizer", None)
+        if isinstance(weight_q, TensorQuantizer) and weight_q._if_calib and not weight_q._disabled:
+            weight_q.disable_calib()  # its amax was collected from the weight before the loop
+            paused.append(weight_q)
+        if (isinstance(input_q, TensorQuantizer) and input_q._if_calib and not input_q._disabled
+                and type(input_q._calibrator) is MaxCalibrator and input_q._calibrator._axis is None
+                and not input_q.is_static_block_quant and input_q.pre_quant_scale is None
+                and not input_q.rotate_is_enabled):
+            input_q.disable_calib()
+            paused.append(input_q)
+            box: list[torch.Tensor | None] = [None]
+            running[input_q] = box
+            hooks.append(module.register_forward_pre_hook(_make_max_hook(box)))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for quantizer in paused:
+            quantizer.enable_calib()
+        for quantizer, (amax,) in running.items():
+            if amax is not None:
+                quantizer._calibrator.collect(amax)
+
+
+def _make_max_hook(box: list):
+    def hook(module, args):
+        x = args[0]
+        if x.numel():
+            amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"))
+            box[0] = amax if box[0] is None else torch.maximum(box[0], amax)
+
+    return hook
 
 
 def calibration_health(stage: torch.nn.Module) -> dict[str, int]:
