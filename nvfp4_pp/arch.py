@@ -101,8 +101,15 @@ def architecture_of(hf_config: dict) -> Architecture:
     for name in names:
         if name in SUPPORTED:
             return SUPPORTED[name]
+    if "vision_config" in hf_config or "audio_config" in hf_config:
+        kind = "a multimodal model; quantizing its language model alone is not implemented yet"
+    elif any(hf_config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        kind = "a mixture-of-experts model"
+    elif hf_config.get("is_encoder_decoder"):
+        kind = "an encoder-decoder model"
+    else:
+        kind = "not a decoder nvfp4_pp knows"
     raise UnsupportedArchitecture(
-        f"architecture {names or '(none in config.json)'} is not supported: nvfp4_pp quantizes dense "
-        f"decoder-only text models (no mixture-of-experts, encoder-decoder or vision towers); "
-        f"supported: {', '.join(sorted(SUPPORTED))}"
+        f"architecture {names or '(none in config.json)'} is not supported ({kind}); nvfp4_pp quantizes "
+        f"dense decoder-only text models: {', '.join(sorted(SUPPORTED))}"
     )

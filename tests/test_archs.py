@@ -107,15 +107,20 @@ def test_three_ranks_identical_to_single_process_modelopt(arch, tiny_models, tin
     assert reference_excluded <= excluded and excluded - reference_excluded <= {"model.embed_tokens"}
 
 
-@pytest.mark.parametrize("architectures", [
-    ["MixtralForCausalLM"], ["Qwen3MoeForCausalLM"], ["T5ForConditionalGeneration"],
-    ["LlavaForConditionalGeneration"], ["Gemma3ForConditionalGeneration"], [],
+@pytest.mark.parametrize("config,kind", [
+    ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 8}, "mixture-of-experts"),
+    ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128}, "mixture-of-experts"),
+    ({"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}, "encoder-decoder"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {}}, "multimodal"),
+    ({"architectures": ["LlavaForConditionalGeneration"], "vision_config": {}}, "multimodal"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "not a decoder nvfp4_pp knows"),
+    ({}, "not a decoder nvfp4_pp knows"),
 ])
-def test_unsupported_architectures_are_refused(architectures):
+def test_unsupported_architectures_are_refused(config, kind):
     with pytest.raises(UnsupportedArchitecture) as e:
-        architecture_of({"architectures": architectures})
+        architecture_of(config)
     message = str(e.value)
-    assert "is not supported" in message and all(name in message for name in SUPPORTED)
+    assert "is not supported" in message and kind in message and all(name in message for name in SUPPORTED)
 
 
 def test_refusal_from_the_command_line(tmp_path):
