@@ -1,41 +1,93 @@
 """What nvfp4_pp knows about each supported decoder architecture, in one place.
 
-An architecture is described by where its pieces live inside the transformers model; the stage
-forward (stage.py) is the same loop the model's own forward runs, so adding a Llama-like
-architecture is one entry here.
+An entry says where the pieces of one transformers causal-LM class live and which conventions its
+decoder forward follows (per-layer attention type -> mask, rotary tables per layer type or shared,
+attention implementation). stage.py runs the same loop the model's own forward runs from these
+facts, so adding a dense decoder whose forward follows one of these conventions is one entry here.
+Everything is looked up by the exact class name the checkpoint's config.json declares.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+def all_full_attention(config) -> list[str]:
+    """Llama: one causal mask for every layer."""
+    return [FULL] * config.num_hidden_layers
+
+
+def sliding_if_window_set(config) -> list[str]:
+    """Mistral: one mask for every layer, sliding-window whenever `config.sliding_window` is set."""
+    return [FULL if config.sliding_window is None else SLIDING] * config.num_hidden_layers
+
+
+def configured_layer_types(config) -> list[str]:
+    """Qwen2/3, Cohere2, Gemma2/3: layer i uses the mask (and rope) of `config.layer_types[i]`."""
+    return list(config.layer_types)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Architecture:
-    """Module paths of one causal-LM class (relative to the top-level model)."""
+    """Module paths (relative to the top-level model) and forward conventions of one causal-LM class."""
 
     name: str
+    """The transformers class, exactly as config.json's `architectures` names it."""
+    layer_types: Callable[[object], list[str]] = all_full_attention
+    """Attention type of every global layer index; each type gets its own mask (stage.MASKS)."""
+    rope_per_layer_type: bool = False
+    """The rotary module takes the layer type and returns separate local/global tables (Gemma3)."""
+    attn_implementation: str = "sdpa"
+    """What transformers picks by default on CPU/GPU without flash-attn (eager where sdpa is unsupported)."""
+    embedding_scale: str | None = None
+    """Scaling applied to the embeddings; part of the embedding module, so it runs on the first stage only."""
+    logits: str | None = None
+    """What the model does after lm_head (soft-capping, scaling): never run here, no stage computes logits."""
     decoder: str = "model"
-    """Path of the decoder module holding embed_tokens, layers, norm and rotary_emb."""
+    """Path of the decoder module holding the embeddings, layers, final norm and rotary module."""
+    embeddings: str = "embed_tokens"
+    layers: str = "layers"
+    final_norm: str = "norm"
+    rotary: str = "rotary_emb"
     lm_head: str = "lm_head"
 
     def layer_prefix(self, index: int) -> str:
-        return f"{self.decoder}.layers.{index}."
+        return f"{self.decoder}.{self.layers}.{index}."
 
     def layer_of(self, tensor_name: str) -> int | None:
         """Decoder-layer index of a tensor name, or None for embeddings, norm, lm_head."""
-        m = re.match(re.escape(self.decoder) + r"\.layers\.(\d+)\.", tensor_name)
+        m = re.match(re.escape(f"{self.decoder}.{self.layers}.") + r"(\d+)\.", tensor_name)
         return int(m.group(1)) if m else None
 
     def on_last_stage(self, tensor_name: str) -> bool:
         """Tensors outside the decoder layers that belong after the last layer."""
-        return tensor_name.startswith((f"{self.decoder}.norm.", f"{self.lm_head}."))
+        return tensor_name.startswith((f"{self.decoder}.{self.final_norm}.", f"{self.lm_head}."))
 
 
-SUPPORTED = {
-    name: Architecture(name)
-    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_GEMMA_EMBEDDING = "x sqrt(hidden_size), inside embed_tokens (ScaledWordEmbedding)"
+
+SUPPORTED: dict[str, Architecture] = {
+    a.name: a
+    for a in (
+        Architecture("LlamaForCausalLM"),
+        Architecture("MistralForCausalLM", layer_types=sliding_if_window_set),
+        Architecture("Qwen2ForCausalLM", layer_types=configured_layer_types),
+        Architecture("Qwen3ForCausalLM", layer_types=configured_layer_types),
+        Architecture("Cohere2ForCausalLM", layer_types=configured_layer_types, logits="x logit_scale"),
+        Architecture(
+            "Gemma2ForCausalLM", layer_types=configured_layer_types, attn_implementation="eager",
+            embedding_scale=_GEMMA_EMBEDDING, logits="final_logit_softcapping",
+        ),
+        Architecture(
+            "Gemma3ForCausalLM", layer_types=configured_layer_types, rope_per_layer_type=True,
+            embedding_scale=_GEMMA_EMBEDDING, logits="final_logit_softcapping",
+        ),
+    )
 }
 
 
@@ -49,7 +101,15 @@ def architecture_of(hf_config: dict) -> Architecture:
     for name in names:
         if name in SUPPORTED:
             return SUPPORTED[name]
+    if "vision_config" in hf_config or "audio_config" in hf_config:
+        kind = "a multimodal model; quantizing its language model alone is not implemented yet"
+    elif any(hf_config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        kind = "a mixture-of-experts model"
+    elif hf_config.get("is_encoder_decoder"):
+        kind = "an encoder-decoder model"
+    else:
+        kind = "not a decoder nvfp4_pp knows"
     raise UnsupportedArchitecture(
-        f"architecture {names or '(none in config.json)'} is not supported; "
-        f"supported: {', '.join(sorted(SUPPORTED))}"
+        f"architecture {names or '(none in config.json)'} is not supported ({kind}); nvfp4_pp quantizes "
+        f"dense decoder-only text models: {', '.join(sorted(SUPPORTED))}"
     )

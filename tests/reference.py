@@ -1,9 +1,10 @@
 """The independent reference: modelopt's own single-process quantization and export.
 
-`python tests/reference.py MODEL_DIR TOKENS_JSONL OUT_DIR` loads the whole model in one process,
-runs `mtq.quantize(model, NVFP4_DEFAULT_CFG, loop)` over the samples in file order (batch 1) and
-writes `export_hf_checkpoint`. Run as its own process so modelopt's global patches stay out of
-the test process.
+`python tests/reference.py MODEL_DIR TOKENS_JSONL OUT_DIR [ATTN_IMPLEMENTATION]` loads the whole
+model in one process, runs `mtq.quantize(model, NVFP4_DEFAULT_CFG, loop)` over the samples in file
+order (batch 1) and writes `export_hf_checkpoint`. Several models: repeat the four arguments
+(`MODEL_DIR TOKENS_JSONL OUT_DIR ATTN ...`); each gets its own model and `mtq.quantize`, only the
+imports are shared. Run as its own process so modelopt's global patches stay out of the test process.
 """
 
 import json
@@ -12,12 +13,13 @@ import sys
 import torch
 
 
-def main(model_dir: str, tokens: str, out_dir: str) -> None:
+def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implementation: str = "sdpa") -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                 attn_implementation=attn_implementation)
     model.eval()
     with open(tokens) as f:
         samples = [torch.tensor([json.loads(line)["input_ids"]]) for line in f if line.strip()]
@@ -30,5 +32,15 @@ def main(model_dir: str, tokens: str, out_dir: str) -> None:
     export_hf_checkpoint(model, export_dir=out_dir)
 
 
+def main(args: list[str]) -> None:
+    if len(args) == 3:
+        quantize_reference(*args)
+        return
+    if not args or len(args) % 4:
+        raise SystemExit(__doc__)
+    for i in range(0, len(args), 4):
+        quantize_reference(*args[i : i + 4])
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:])

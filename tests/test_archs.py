@@ -1,0 +1,139 @@
+"""Every supported architecture: stages compute the model's own forward, and 3 ranks give modelopt's export.
+
+Tiny random-weight models (tests/tiny_models.py) cover what differs between architectures: rope
+scaling, biases, q/k norms, sliding-window layers interleaved across stage boundaries, parallel
+blocks, embedding scaling, separate local/global rope, eager-only attention.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
+from tiny_models import TINY, tiny_config, write_tiny_model, write_token_file
+
+from nvfp4_pp.arch import SUPPORTED, UnsupportedArchitecture, architecture_of
+
+ARCHS = sorted(TINY)
+SPLIT = [(0, 2), (2, 4), (4, 6)]
+LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
+
+
+def test_every_supported_architecture_is_tested():
+    assert ARCHS == sorted(SUPPORTED)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tmp_path_factory):
+    return write_token_file(tmp_path_factory.mktemp("tiny-data") / "tokens.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: write_tiny_model(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_references(tiny_models, tiny_tokens, tmp_path_factory) -> dict:
+    """modelopt's single-process export of every tiny model, in one process (imports paid once)."""
+    root = tmp_path_factory.mktemp("tiny-references")
+    refs = {arch: root / arch for arch in ARCHS}
+    args = [str(a) for arch in ARCHS
+            for a in (tiny_models[arch], tiny_tokens, refs[arch], SUPPORTED[arch].attn_implementation)]
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return refs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stages_compute_the_models_forward(arch, tiny_models):
+    """Hidden states after each stage equal the full model's after the same layer, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from nvfp4_pp.source import SourceCheckpoint
+    from nvfp4_pp.stage import build_stage
+
+    spec = SUPPORTED[arch]
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.bfloat16,
+                                                 attn_implementation=spec.attn_implementation).eval()
+    assert type(model).__name__ == arch
+    after_layer = {}
+    for i, layer in enumerate(model.get_submodule(f"{spec.decoder}.{spec.layers}")):
+        layer.register_forward_hook(lambda m, args, out, i=i: after_layer.__setitem__(i, out))
+    ids = torch.arange(3, 43).unsqueeze(0)  # 40 tokens > sliding window
+    with torch.no_grad():
+        model(ids)
+        source, x = SourceCheckpoint(tiny_models[arch]), ids
+        for start, stop in SPLIT:
+            x = build_stage(source, spec, start, stop, torch.device("cpu"))(x)
+            assert torch.equal(x, after_layer[stop - 1]), f"{arch}: stage {start}-{stop - 1} differs"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_three_ranks_identical_to_single_process_modelopt(arch, tiny_models, tiny_tokens, tiny_references, tmp_path):
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "run.yaml", model=str(tiny_models[arch]), output=str(out), format="modelopt",
+        calibration={"dataset": str(tiny_tokens), "samples": 16, "max_length": 64, "batch_size": 1},
+    )
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    ours, theirs = load_tensors(out), load_tensors(tiny_references[arch])
+    assert tensor_differences(ours, theirs) == []
+    input_scales = [float(v) for k, v in ours.items() if k.endswith(".input_scale")]
+    assert len(input_scales) == tiny_config(arch).num_hidden_layers * LINEARS_PER_LAYER
+    assert all(0 < s < float("inf") and s != 1.0 for s in input_scales)
+    # Biases, norms, embeddings (everything but the quantized weights) are the BF16 source bits.
+    source = load_tensors(tiny_models[arch])
+    quantized = {k for k in source if k.removesuffix(".weight") + ".weight_scale" in ours}
+    assert len(quantized) == len(input_scales)
+    assert all(torch.equal(ours[k], source[k]) for k in set(source) - quantized)
+
+    config_json = read_json(out / "config.json")
+    assert {k: v for k, v in config_json.items() if k != "quantization_config"} == read_json(
+        tiny_models[arch] / "config.json")
+    # Same exclude list as modelopt, except that we also list Gemma's scaled embedding: modelopt
+    # only lists modules it gave a (disabled) quantizer, and its registry matches nn.Embedding
+    # exactly, not subclasses such as Gemma3TextScaledWordEmbedding. Either way it stays BF16.
+    excluded = set(config_json["quantization_config"]["exclude_modules"])
+    reference_excluded = set(read_json(tiny_references[arch] / "hf_quant_config.json")["quantization"]["exclude_modules"])
+    assert reference_excluded <= excluded and excluded - reference_excluded <= {"model.embed_tokens"}
+
+
+@pytest.mark.parametrize("config,kind", [
+    ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 8}, "mixture-of-experts"),
+    ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128}, "mixture-of-experts"),
+    ({"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}, "encoder-decoder"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {}}, "multimodal"),
+    ({"architectures": ["LlavaForConditionalGeneration"], "vision_config": {}}, "multimodal"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "not a decoder nvfp4_pp knows"),
+    ({}, "not a decoder nvfp4_pp knows"),
+])
+def test_unsupported_architectures_are_refused(config, kind):
+    with pytest.raises(UnsupportedArchitecture) as e:
+        architecture_of(config)
+    message = str(e.value)
+    assert "is not supported" in message and kind in message and all(name in message for name in SUPPORTED)
+
+
+def test_refusal_from_the_command_line(tmp_path):
+    """A MoE checkpoint stops before anything is loaded, with one line naming what is supported."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    model_dir = tmp_path / "mixtral"
+    MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     num_key_value_heads=1, num_local_experts=2, vocab_size=64)).save_pretrained(model_dir)
+    config = write_config(tmp_path / "run.yaml", model=str(model_dir), output=str(tmp_path / "out"))
+    result = subprocess.run([sys.executable, "-m", "nvfp4_pp.run", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nvfp4_pp: error:")]
+    assert len(errors) == 1 and "['MixtralForCausalLM'] is not supported" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
