@@ -78,11 +78,12 @@ def test_config_without_num_hidden_layers(tmp_path, capsys, tiny_llama):
 def test_unsupported_architecture(tmp_path, capsys, tiny_llama):
     model = _copy(tiny_llama, tmp_path / "m")
     config = json.loads((model / "config.json").read_text())
-    config["architectures"] = ["MixtralForCausalLM"]
+    config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=8)
     (model / "config.json").write_text(json.dumps(config))
     code, err = _run(tmp_path, capsys, model)
     line = _one_error(err)
-    assert code == 1 and "MixtralForCausalLM" in line and "is not supported; supported:" in line
+    assert code == 1
+    assert "architecture ['MixtralForCausalLM'] is not supported (a mixture-of-experts model)" in line
     assert "LlamaForCausalLM" in line
 
 
