@@ -38,13 +38,16 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 
 def assemble(
     output: Path,
-    work_dir: Path,
+    shard_dirs: dict[int, Path],
     manifests: list[dict],
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     overwrite: bool,
 ) -> Path:
-    """Move every rank's shards into a temp dir with final names, add metadata, rename to `output`."""
+    """Move every rank's shards into a temp dir with final names, add metadata, rename to `output`.
+
+    `shard_dirs` maps each rank to the directory on this host holding its shards (see gather.py).
+    """
     output = Path(output)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -54,14 +57,14 @@ def assemble(
     weight_map: dict[str, str] = {}
     total = 0
     for i, (rank, shard) in enumerate(shards, 1):
-        src = work_dir / f"rank{rank}" / shard["file"]
+        src = Path(shard_dirs[rank]) / shard["file"]
         if not src.is_file():
             raise AssembleError(
-                f"rank {rank}'s shard {src} is not visible from rank 0; the output directory must be "
-                "on a filesystem every rank shares"
+                f"rank {rank}'s shard {src} is missing on rank 0 after gathering; was the work "
+                "directory changed during the run? Rerun (gathered files are reused)"
             )
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(src, tmp / name)
+        shutil.move(src, tmp / name)  # a rename, or a copy when the work dir is on another filesystem
         for tensor in shard["tensors"]:
             if tensor in weight_map:
                 raise AssembleError(f"tensor {tensor!r} was written twice ({weight_map[tensor]}, {name})")

@@ -22,6 +22,7 @@ from .calib import CalibrationDataError, load_samples, micro_batches
 from .config import ConfigError, RunConfig, load_config
 from .export import export_stage
 from .formats import get_format
+from .gather import GatherError, gather
 from .log import logger, setup
 from .merge import AssembleError, assemble
 from .pipeline import run_pipeline
@@ -32,7 +33,7 @@ from .stage import build_stage
 from .writer import ExportWriteError, ShardWriter
 
 USER_ERRORS = (ConfigError, SourceError, PlanError, UnsupportedArchitecture, CalibrationDataError,
-               AssembleError, ExportWriteError)
+               AssembleError, ExportWriteError, GatherError)
 
 
 class RunError(RuntimeError):
@@ -62,7 +63,11 @@ def agreed(info: dist.RankInfo, fn):
     return result
 
 
-def work_dir_of(output: Path) -> Path:
+def work_dir_of(cfg: RunConfig) -> Path:
+    """This host's scratch directory for exported shards (gather.work_dir, else next to the output)."""
+    if cfg.gather.work_dir:
+        return Path(cfg.gather.work_dir)
+    output = Path(cfg.output)
     return output.parent / f"{output.name}.nvfp4_pp-work"
 
 
@@ -126,7 +131,7 @@ def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
         logger.warning("calibration health: %s (quantizers without a usable amax)", health)
 
     output = Path(cfg.output)
-    work_dir = work_dir_of(output)
+    work_dir = work_dir_of(cfg)
     owned = [n for n in source.weight_map if owner_of(n, arch, ranges) == info.rank]
     writer = ShardWriter(work_dir / f"rank{info.rank}", prefix=f"rank{info.rank:03d}")
     with phase("export"):
@@ -138,13 +143,24 @@ def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
     }
     del stage
     manifests = dist.all_gather_objects(manifest, info.world_size)
-    if info.is_first:
+    gathered = gather(cfg.gather, info, writer.directory, [s["file"] for s in writer.shards])
+
+    def assemble_here() -> None:
         t0 = time.perf_counter()
-        assemble(output, work_dir, manifests, source, fmt, overwrite)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        assemble(output, gathered.dirs, manifests, source, fmt, overwrite)
         logger.info("assembled %s in %.1f s", output, time.perf_counter() - t0)
         report(manifests)
-    dist.barrier()
+
+    agreed(info, assemble_here)  # every rank waits for the outcome, and fails with it
+    remove_work_dir(work_dir, info)
+
+
+def remove_work_dir(work_dir: Path, info: dist.RankInfo) -> None:
+    """Each rank removes its own exports (rank 0 also the copies it received), then the dir if empty."""
+    for r in range(info.world_size) if info.is_first else [info.rank]:
+        shutil.rmtree(work_dir / f"rank{r}", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()
 
 
 def report(manifests: list[dict]) -> None:
