@@ -9,6 +9,7 @@ and the checkpoint must equal modelopt's single-process reference tensor for ten
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,15 +53,16 @@ def test_three_hosts_without_shared_output(transfer, hosts, smol_dir, token_file
         argv = [str(REPO / "launch" / "multinode.sh"), str(config), "3", f"{names[0]}:{RDZV_PORT}"]
         binds = [(host_dir, local), (etc_hosts, Path("/etc/hosts"))]
         procs.append(subprocess.Popen(hosts.command(i, argv, binds=binds, hostname=names[i]), cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
     logs = []
     try:
         for p in procs:
             logs.append(p.communicate(timeout=600)[0])
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            if p.poll() is None:  # torchrun and its workers: the process group we started
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0, 0], "\n\n".join(log[-3000:] for log in logs)
 

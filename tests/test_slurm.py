@@ -75,6 +75,13 @@ class SlurmCluster:
         ))
         self.etc_hosts = hosts.hosts_file(self.base, NODES)
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        try:
+            self._start_daemons(munge, key)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_daemons(self, munge: Path, key: Path) -> None:
         self._start(["munged", "-F", f"--socket={munge / 'socket'}", f"--key-file={key}",
                      f"--pid-file={munge / 'pid'}", f"--seed-file={munge / 'seed'}", f"--log-file={munge / 'log'}"])
         self._start(self.on(0, ["slurmctld", "-D", "-c"]))
@@ -87,9 +94,9 @@ class SlurmCluster:
         return self.hosts.command(i, argv, binds=[(self.etc_hosts, Path("/etc/hosts"))], hostname=NODES[i])
 
     def _start(self, argv: list[str]) -> None:
-        log = open(self.base / f"{Path(argv[0]).name}-{len(self.procs)}.out", "w")
-        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+        with open(self.base / f"daemon-{len(self.procs)}.out", "w") as log:
+            self.procs.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
 
     def _wait_idle(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
