@@ -162,7 +162,12 @@ def _transfer_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _pull_process_group(cfg, info, shard_dir, digests, result: Gathered, chunk_bytes: int) -> None:
+Digests = list[list[tuple[str, int, str]]]
+"""Per rank: (file, size, sha256) of each shard it exported (empty for rank 0)."""
+
+
+def _pull_process_group(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path, digests: Digests,
+                        result: Gathered, chunk_bytes: int) -> None:
     """Round 1 sends what rank 0 lacks, round 2 re-sends files whose sha256 failed, then one outcome.
 
     Rank 0 decides each round and broadcasts (requests, error), so every rank leaves together.
@@ -351,8 +356,12 @@ class _RsyncDaemon:
         self.scratch.rmdir()
 
 
-def _pull_rsync(cfg: GatherConfig, info, shard_dir, digests, result: Gathered, chunk_bytes: int) -> None:
-    """Each sending rank serves its directory; rank 0 pulls all of them at once, then checks sha256."""
+def _pull_rsync(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path, digests: Digests,
+                result: Gathered, chunk_bytes: int) -> None:
+    """Each sending rank serves its directory; rank 0 pulls all of them at once, then checks sha256.
+
+    rsync picks its own block sizes (`chunk_bytes` is for the process-group transfer only).
+    """
     secret = dist.broadcast_object(secrets.token_hex(24) if info.is_first else None)
     daemon, problem, endpoint = None, None, None
     if not info.is_first and digests[info.rank]:
@@ -366,7 +375,7 @@ def _pull_rsync(cfg: GatherConfig, info, shard_dir, digests, result: Gathered, c
     error = next((f"rank {r}: {p}" for r, (_, p) in enumerate(served) if p), None)
     try:
         if info.is_first and error is None:
-            error = _rsync_all(served, digests, result, secret, cfg)
+            error = _rsync_all(served, digests, result, secret)
         error = dist.broadcast_object(error if info.is_first else None)
     finally:
         if daemon is not None:
@@ -375,7 +384,8 @@ def _pull_rsync(cfg: GatherConfig, info, shard_dir, digests, result: Gathered, c
         raise GatherError(error)
 
 
-def _rsync_all(served, digests, result: Gathered, secret: str, cfg: GatherConfig) -> str | None:
+def _rsync_all(served: list, digests: Digests, result: Gathered, secret: str) -> str | None:
+    """Rank 0: one `rsync` per sending rank, all at once; the first problem as a message, else None."""
     env = {**os.environ, "RSYNC_PASSWORD": secret}
     runs = {}
     for r in range(1, len(served)):
