@@ -1,11 +1,20 @@
 # Fresh machine: `make demo` (quantize the built-in SmolLM2-135M with 3 local ranks), `make test`.
+# Seed models: `make behemoth MODEL_DIR=... OUT=... RDZV=node0:29500`, the same command on every node
+# (NNODES per model below; one host with several GPUs: NNODES=1 NPROC_PER_NODE=<GPUs>).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 3
 DEMO_MODEL ?= models/SmolLM2-135M
 
-.PHONY: install demo test lint
+SEED_MODELS := behemoth behemoth-t1 anubis-pro llama-3.3-70b deepseek-r1-distill-llama-70b
+NPROC_PER_NODE ?= 1
+RDZV ?= localhost:29500
+TORCHRUN ?= $(if $(wildcard $(VENV)/bin/torchrun),$(VENV)/bin/torchrun,torchrun)
+behemoth behemoth-t1 anubis-pro: NNODES ?= 3
+llama-3.3-70b deepseek-r1-distill-llama-70b: NNODES ?= 2
+
+.PHONY: install demo test lint $(SEED_MODELS)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg setup.py constraints.txt
@@ -24,3 +33,7 @@ test: install
 
 lint: install
 	$(PY) -m compileall -q nvfp4_pp tests benchmarks
+
+$(SEED_MODELS):
+	$(if $(and $(MODEL_DIR),$(OUT)),,$(error usage: make $@ MODEL_DIR=/path/to/bf16-model OUT=/path/to/output [RDZV=node0:29500] [NNODES=n] [NPROC_PER_NODE=g]))
+	$(TORCHRUN) --nnodes $(NNODES) --nproc-per-node $(NPROC_PER_NODE) --rdzv-backend c10d --rdzv-endpoint $(RDZV) --rdzv-id nvfp4_pp-$@ -m nvfp4_pp.run configs/$@.yaml --set model=$(MODEL_DIR) --set output=$(OUT)

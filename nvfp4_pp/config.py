@@ -71,6 +71,24 @@ class PipelineConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GatherConfig:
+    """How rank 0 collects the shards every rank exported into its own host's work directory."""
+
+    shared: Union[Literal["auto"], bool] = "auto"
+    """Whether rank 0 sees the other ranks' work directories: `auto` checks at run time (marker files)."""
+    transfer: Literal["process_group", "rsync"] = "process_group"
+    """How files move when not shared: chunks over the run's process group, or `rsync` from a daemon."""
+    work_dir: str = ""
+    """This host's scratch directory for exported shards; empty: `<output>.nvfp4_pp-work` next to output."""
+    rsync_port: int = 29510
+    """Port (+ LOCAL_RANK) of the short-lived rsync daemon each sending rank serves (transfer: rsync)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rsync_port <= 65535 - 64:
+            raise ConfigError(f"config key 'gather.rsync_port' must be a TCP port below 65471, got {self.rsync_port}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     """One quantization run: source model, output, on-disk format, calibration and pipeline."""
 
@@ -82,6 +100,7 @@ class RunConfig:
     """On-disk layout of the quantized checkpoint."""
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+    gather: GatherConfig = dataclasses.field(default_factory=GatherConfig)
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -46,13 +46,17 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 
 def assemble(
     output: Path,
-    work_dir: Path,
+    shard_dirs: dict[int, Path],
     manifests: list[dict],
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     overwrite: bool,
 ) -> Path:
-    """Move every rank's shards into a temp dir with final names, add metadata, rename to `output`."""
+    """Link every rank's shards into a temp dir with final names, add metadata, rename to `output`.
+
+    `shard_dirs` maps each rank to the directory on this host holding its shards (see gather.py).
+    The work directory keeps its files until the output is in place, so a cut-off assembly resumes.
+    """
     output = Path(output)
     for stale in output.parent.glob(f".{output.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # an earlier assembly that was cut off
@@ -64,11 +68,11 @@ def assemble(
             weight_map: dict[str, str] = {}
             total = 0
             for i, (rank, shard) in enumerate(shards, 1):
-                src = work_dir / f"rank{rank}" / shard["file"]
+                src = Path(shard_dirs[rank]) / shard["file"]
                 if not src.is_file():
                     raise AssembleError(
-                        f"rank {rank}'s shard {src} is not visible from rank 0; the output directory must be "
-                        "on a filesystem every rank shares"
+                        f"rank {rank}'s shard {src} is missing on rank 0 after gathering; was the work "
+                        "directory changed during the run? Rerun (gathered files are reused)"
                     )
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 link_or_copy(src, tmp / name)  # the work dir keeps its copy until the output is in place

@@ -8,7 +8,6 @@ which field changed (`--fresh` discards them).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .writer import write_errors_named
+from .writer import sha256_of, write_errors_named
 
 STATE_FILE = "state.json"
 QUANTIZER_FILE = "quantizers.pt"
@@ -24,14 +23,6 @@ QUANTIZER_FILE = "quantizers.pt"
 
 class StaleWorkState(RuntimeError):
     pass
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write_json(path: Path, content: dict) -> None:

@@ -28,18 +28,19 @@ from .calib import CalibrationDataError, load_samples, micro_batches
 from .config import ConfigError, RunConfig, config_to_dict, load_config
 from .export import export_stage
 from .formats import get_format
+from .gather import GatherError, gather
 from .log import logger, setup
 from .merge import AssembleError, assemble
 from .pipeline import run_pipeline
 from .plan import PlanError, owner_of, split_layers
 from .quantize import calibrate, calibration_health
-from .resume import StaleWorkState, WorkState, sha256_of
+from .resume import StaleWorkState, WorkState
 from .source import SourceCheckpoint, SourceError
 from .stage import build_stage
-from .writer import ExportWriteError, ShardWriter
+from .writer import ExportWriteError, ShardWriter, sha256_of
 
 USER_ERRORS = (ConfigError, SourceError, PlanError, UnsupportedArchitecture, CalibrationDataError,
-               AssembleError, ExportWriteError, StaleWorkState, dist.DeviceError)
+               AssembleError, ExportWriteError, StaleWorkState, dist.DeviceError, GatherError)
 PHASES = ("calibrate", "export")
 
 
@@ -90,7 +91,11 @@ def agreed(info: dist.RankInfo, fn):
     return result
 
 
-def work_dir_of(output: Path) -> Path:
+def work_dir_of(cfg: RunConfig) -> Path:
+    """This host's scratch directory for exported shards (gather.work_dir, else next to the output)."""
+    if cfg.gather.work_dir:
+        return Path(cfg.gather.work_dir)
+    output = Path(cfg.output)
     return output.parent / f"{output.name}.nvfp4_pp-work"
 
 
@@ -178,7 +183,7 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     logger.info("calibration: %d samples, %d tokens, %d micro-batches", num_samples, num_tokens, num_batches)
 
     output = Path(cfg.output)
-    work_dir = work_dir_of(output)
+    work_dir = work_dir_of(cfg)
     rank_dir = work_dir / f"rank{info.rank}"
     state = everywhere(info, lambda: WorkState(
         rank_dir, fingerprint(cfg, source, info, (start, stop), samples_sha), fresh=args.fresh))
@@ -227,15 +232,24 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     }
     dist.set_phase("assembly")
     manifests = dist.gather_to_first(manifest, info)
+    gathered = gather(cfg.gather, info, rank_dir, [s["file"] for s in exported["shards"]])
 
     def finish() -> None:
         t0 = time.perf_counter()
-        assemble(output, work_dir, manifests, source, fmt, args.overwrite)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        assemble(output, gathered.dirs, manifests, source, fmt, args.overwrite)
         logger.info("assembled %s in %.1f s", output, time.perf_counter() - t0)
         report(manifests)
 
-    agreed(info, finish)
+    agreed(info, finish)  # every rank waits for the outcome, and fails with it
+    remove_work_dir(work_dir, info)
+
+
+def remove_work_dir(work_dir: Path, info: dist.RankInfo) -> None:
+    """Each rank removes its own exports (rank 0 also the copies it received), then the dir if empty."""
+    for r in range(info.world_size) if info.is_first else [info.rank]:
+        shutil.rmtree(work_dir / f"rank{r}", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()
 
 
 def stopped_after(phase_name: str, info: dist.RankInfo) -> None:

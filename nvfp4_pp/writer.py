@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 from pathlib import Path
 
@@ -11,6 +12,15 @@ import torch
 from safetensors.torch import save_file
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def sha256_of(path: Path) -> str:
+    """Checksum of a written file (resume and transfers trust a shard only when it matches)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 * 1024**2):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ExportWriteError(OSError):

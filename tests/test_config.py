@@ -14,6 +14,7 @@ def test_config_keys_are_pinned():
         "model", "output", "format",
         "calibration.dataset", "calibration.samples", "calibration.max_length", "calibration.batch_size",
         "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.timeout_s",
+        "gather.shared", "gather.transfer", "gather.work_dir", "gather.rsync_port",
     ]
 
 
@@ -38,6 +39,9 @@ def test_defaults():
     ({**BASE, "pipeline": {"backend": "mpi"}}, "config key 'pipeline.backend' must be one of 'auto', 'gloo', 'nccl'"),
     ({**BASE, "calibration": {"dataset": "data.csv"}}, "is not a known form"),
     ({**BASE, "pipeline": 3}, "section 'pipeline' of the config must be a mapping"),
+    ({**BASE, "gather": {"shared": "yes"}}, "config key 'gather.shared' must be one of 'auto' or true or false"),
+    ({**BASE, "gather": {"transfer": "scp"}},
+     "config key 'gather.transfer' must be one of 'process_group', 'rsync', got 'scp'"),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:

@@ -1,0 +1,133 @@
+"""Seed model configs: valid against a config.json of each model's real shape, and `make -n <model>`.
+
+The checkpoints are synthetic: the real config.json fields and safetensors shards whose headers
+declare every tensor with its real name, dtype and shape (sparse files, no bytes on disk), so
+validation, architecture lookup, the layer split and per-rank sizes run exactly as on the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+from nvfp4_pp.arch import architecture_of
+from nvfp4_pp.config import load_config
+from nvfp4_pp.plan import owner_of, split_layers
+from nvfp4_pp.source import SourceCheckpoint
+
+# Facts from the models' config.json files (Mistral-Large-Instruct-2411 and Llama-3.3-70B-Instruct
+# families; the finetunes keep their base model's shape).
+MISTRAL_LARGE = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 12288,
+    "intermediate_size": 28672, "num_hidden_layers": 88, "num_attention_heads": 96, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 32768, "max_position_embeddings": 131072, "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-05, "sliding_window": None, "hidden_act": "silu", "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+}
+LLAMA_33_70B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+    "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+    "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rms_norm_eps": 1e-05, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "torch_dtype": "bfloat16",
+}
+
+# config name -> (config.json, published parameter count in billions)
+SEEDS = {
+    "behemoth": (MISTRAL_LARGE, 122.6),                                              # Behemoth-X-123B v2.2
+    "behemoth-t1": (MISTRAL_LARGE, 122.6),                                           # Behemoth-T1-123B
+    "anubis-pro": ({**LLAMA_33_70B, "num_hidden_layers": 120}, 104.8),               # Llama-3.3, 1.5x layers
+    "llama-3.3-70b": (LLAMA_33_70B, 70.6),
+    "deepseek-r1-distill-llama-70b": ({**LLAMA_33_70B, "eos_token_id": 128001}, 70.6),
+}
+
+
+def tensor_shapes(cfg: dict) -> dict[str, list[int]]:
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    head_dim = cfg.get("head_dim", h // cfg["num_attention_heads"])
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h], "lm_head.weight": [vocab, h]}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h],
+            p + "self_attn.q_proj.weight": [q, h], p + "self_attn.k_proj.weight": [kv, h],
+            p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, q],
+            p + "mlp.gate_proj.weight": [inter, h], p + "mlp.up_proj.weight": [inter, h],
+            p + "mlp.down_proj.weight": [h, inter],
+        }
+    return shapes
+
+
+def write_synthetic_checkpoint(directory: Path, cfg: dict, layers_per_shard: int = 20) -> None:
+    """config.json, an index, and BF16 shards that are all header (sparse to their full size)."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    groups: dict[str, dict[str, list[int]]] = {}
+    for name, shape in tensor_shapes(cfg).items():
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        groups.setdefault(f"part{int(m.group(1)) // layers_per_shard if m else 0}", {})[name] = shape
+    weight_map = {}
+    for k, (part, tensors) in enumerate(sorted(groups.items())):
+        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, offset = {}, 0
+        for name, shape in tensors.items():
+            nbytes = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = file
+        raw = json.dumps(header).encode()
+        with open(directory / file, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + offset)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def make_dry_run(target: str, *args: str) -> str:
+    result = subprocess.run(["make", "-n", target, *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("name", sorted(SEEDS))
+def test_seed_config_is_valid_for_the_real_model_shape(name, tmp_path):
+    hf_config, billions = SEEDS[name]
+    model = tmp_path / "model"
+    write_synthetic_checkpoint(model, hf_config)
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"model={model}", f"output={tmp_path / 'out'}"])
+
+    command = make_dry_run(name, f"MODEL_DIR={model}", f"OUT={tmp_path / 'out'}")
+    nnodes = int(re.search(r"--nnodes (\d+)", command).group(1))
+    torchrun = ".venv/bin/torchrun" if (REPO / ".venv" / "bin" / "torchrun").exists() else "torchrun"
+    assert command == (
+        f"{torchrun} --nnodes {nnodes} --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint localhost:29500 "
+        f"--rdzv-id nvfp4_pp-{name} -m nvfp4_pp.run configs/{name}.yaml --set model={model} "
+        f"--set output={tmp_path / 'out'}"
+    )
+
+    source = SourceCheckpoint(cfg.model)
+    arch = architecture_of(source.config)
+    ranges = split_layers(source.config["num_hidden_layers"], nnodes, cfg.pipeline.layers)
+    per_rank = [0] * nnodes
+    for tensor, file in source.weight_map.items():
+        meta = source.header(file)[tensor]
+        per_rank[owner_of(tensor, arch, ranges)] += meta["data_offsets"][1] - meta["data_offsets"][0]
+    assert sum(per_rank) / 2e9 == pytest.approx(billions, rel=0.005)  # the published parameter count
+    if cfg.pipeline.layers != "auto":  # the small last node (a 24 GB RTX 3090) gets a slice that fits
+        assert per_rank[-1] < 20e9 and max(per_rank) < 120e9, per_rank
+
+
+def test_make_overrides_and_usage_error():
+    command = make_dry_run("llama-3.3-70b", "MODEL_DIR=/m", "OUT=/o", "NNODES=1", "NPROC_PER_NODE=2", "RDZV=n0:29511")
+    assert command.split(" ", 1)[1].startswith("--nnodes 1 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint n0:29511 ")
+    result = subprocess.run(["make", "-n", "behemoth"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and "usage: make behemoth MODEL_DIR=" in result.stderr
