@@ -17,6 +17,8 @@ from .writer import write_errors_named
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json", ".msgpack", ".h5")
 PRODUCER = {"name": "nvfp4_pp", "version": __version__}
+RUN_REPORT = "nvfp4_pp_run.json"
+"""Plan, per-rank phase times, peak memory, calibration health and traffic of the run that wrote the checkpoint."""
 
 
 class AssembleError(RuntimeError):
@@ -51,6 +53,7 @@ def assemble(
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     overwrite: bool,
+    run_report: dict,
 ) -> Path:
     """Link every rank's shards into a temp dir with final names, add metadata, rename to `output`.
 
@@ -88,6 +91,7 @@ def assemble(
             for name, content in fmt.extra_files(exclude, PRODUCER).items():
                 _write_json(tmp / name, content)
             copy_side_files(source.path, tmp)
+            _write_json(tmp / RUN_REPORT, run_report)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             _write_json(tmp / "model.safetensors.index.json", index)
     except BaseException:

@@ -236,7 +236,10 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
 
     def finish() -> None:
         t0 = time.perf_counter()
-        assemble(output, gathered.dirs, manifests, source, fmt, args.overwrite)
+        run_report = {"config": config_to_dict(cfg), "world_size": info.world_size, "ranks": manifests,
+                      "calibration": {"samples": num_samples, "tokens": num_tokens,
+                                      "micro_batches": num_batches, "samples_sha256": samples_sha}}
+        assemble(output, gathered.dirs, manifests, source, fmt, args.overwrite, run_report)
         logger.info("assembled %s in %.1f s", output, time.perf_counter() - t0)
         report(manifests)
 
