@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -43,8 +44,13 @@ def assemble(
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     overwrite: bool,
+    finalize: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Move every rank's shards into a temp dir with final names, add metadata, rename to `output`."""
+    """Move every rank's shards into a temp dir with final names, add metadata, rename to `output`.
+
+    `finalize(tmp)` runs on the complete temp dir just before the rename (model card, verification);
+    if it raises, `output` is left untouched.
+    """
     output = Path(output)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -76,6 +82,8 @@ def assemble(
     copy_side_files(source.path, tmp)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(tmp / "model.safetensors.index.json", index)
+    if finalize is not None:
+        finalize(tmp)
     if output.exists():
         if not overwrite:
             raise AssembleError(f"output {output} appeared during the run; rerun with --overwrite")

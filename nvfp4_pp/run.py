@@ -18,21 +18,28 @@ from torch import nn
 
 from . import dist
 from .arch import UnsupportedArchitecture, architecture_of
+from .card import write_card, write_record
 from .calib import CalibrationDataError, load_samples, micro_batches
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, config_to_dict, load_config
 from .export import export_stage
 from .formats import get_format
 from .log import logger, setup
-from .merge import AssembleError, assemble
+from .merge import PRODUCER, AssembleError, assemble
 from .pipeline import run_pipeline
 from .plan import PlanError, owner_of, split_layers
 from .quantize import calibrate, calibration_health
 from .source import SourceCheckpoint, SourceError
 from .stage import build_stage
+from .verify import verify
 from .writer import ExportWriteError, ShardWriter
 
+
+class VerificationError(RuntimeError):
+    """The assembled checkpoint breaks vLLM's loader contract; the output was not written."""
+
+
 USER_ERRORS = (ConfigError, SourceError, PlanError, UnsupportedArchitecture, CalibrationDataError,
-               AssembleError, ExportWriteError)
+               AssembleError, ExportWriteError, VerificationError)
 
 
 class RunError(RuntimeError):
@@ -86,6 +93,7 @@ def check_output(cfg: RunConfig, overwrite: bool) -> None:
 
 
 def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
+    started = time.perf_counter()
     phases: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -122,8 +130,10 @@ def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
     with phase("calibrate"):
         calibrate(stage, lambda model: traffic.update(run_pipeline(model, info, batches, num_batches)))
     health = calibration_health(stage)
+    logger.info("calibration health: %d good, %d zero, %d NaN amax", health["good"], health["zero"], health["nan"])
     if health["zero"] or health["nan"]:
-        logger.warning("calibration health: %s (quantizers without a usable amax)", health)
+        logger.warning("calibration health: %d zero and %d NaN amax, e.g. %s", health["zero"], health["nan"],
+                       ", ".join(health["bad"][:5]))
 
     output = Path(cfg.output)
     work_dir = work_dir_of(output)
@@ -138,13 +148,45 @@ def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
     }
     del stage
     manifests = dist.all_gather_objects(manifest, info.world_size)
-    if info.is_first:
+    calibration = {**config_to_dict(cfg)["calibration"], "samples": num_samples, "tokens": num_tokens}
+
+    def finish() -> None:
         t0 = time.perf_counter()
-        assemble(output, work_dir, manifests, source, fmt, overwrite)
+
+        def seal(tmp: Path) -> None:
+            problems = verify(tmp, source.path)
+            record = run_record(cfg, source, manifests, calibration, time.perf_counter() - started,
+                                time.perf_counter() - t0, problems)
+            write_record(tmp, record)
+            write_card(tmp, record, output.name)
+            if problems:
+                shown = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
+                raise VerificationError(f"the assembled checkpoint fails verification ({len(problems)} problems); "
+                                        f"{output} was not written, the rejected files are in {tmp}:\n  {shown}")
+
+        assemble(output, work_dir, manifests, source, fmt, overwrite, finalize=seal)
         shutil.rmtree(work_dir, ignore_errors=True)
-        logger.info("assembled %s in %.1f s", output, time.perf_counter() - t0)
+        logger.info("assembled and verified %s in %.1f s", output, time.perf_counter() - t0)
         report(manifests)
-    dist.barrier()
+
+    agreed(info, finish)
+
+
+def run_record(cfg: RunConfig, source: SourceCheckpoint, manifests: list[dict], calibration: dict,
+               wall_s: float, assemble_s: float, problems: list[str]) -> dict:
+    """What the output's nvfp4_pp.json and model card say about this run."""
+    import torch.distributed as torch_dist
+    from modelopt import __version__ as modelopt_version
+
+    return {
+        "producer": PRODUCER, "modelopt_version": modelopt_version, "config": config_to_dict(cfg),
+        "base_model": source.config.get("_name_or_path") or source.path.name,
+        "backend": torch_dist.get_backend() if torch_dist.is_initialized() else "single process",
+        "calibration": calibration, "ranks": [{k: v for k, v in m.items() if k != "shards"} for m in manifests],
+        "kept_bf16": sorted({n for m in manifests for n in m["excluded"]}),
+        "wall_s": wall_s, "assemble_s": assemble_s,
+        "verification": f"{len(problems)} problem(s)" if problems else "passed",
+    }
 
 
 def report(manifests: list[dict]) -> None:
