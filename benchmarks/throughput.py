@@ -139,7 +139,7 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, ranks: int, samples: 
     if proc.returncode != 0:
         raise SystemExit(f"nvfp4_pp with {ranks} ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     print(proc.stdout[-2500:], flush=True)
-    report = json.loads((out / "nvfp4_pp_run.json").read_text())
+    report = json.loads((out / "nvfp4_pp.json").read_text())
     ranks_info = report["ranks"]
     tokens_total = report["calibration"]["tokens"]
     calib = max(r["phases"]["calibrate"] for r in ranks_info)

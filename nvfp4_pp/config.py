@@ -96,8 +96,8 @@ class RunConfig:
     """Directory of the BF16 Hugging Face checkpoint (config.json, *.safetensors, tokenizer)."""
     output: str
     """Directory the quantized checkpoint is written to (created atomically at the end)."""
-    format: Literal["modelopt"] = "modelopt"
-    """On-disk layout of the quantized checkpoint."""
+    format: Literal["compressed-tensors", "modelopt"] = "compressed-tensors"
+    """On-disk layout: `compressed-tensors` (vLLM and transformers read it) or `modelopt`."""
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     gather: GatherConfig = dataclasses.field(default_factory=GatherConfig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
@@ -17,8 +18,6 @@ from .writer import write_errors_named
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json", ".msgpack", ".h5")
 PRODUCER = {"name": "nvfp4_pp", "version": __version__}
-RUN_REPORT = "nvfp4_pp_run.json"
-"""Plan, per-rank phase times, peak memory, calibration health and traffic of the run that wrote the checkpoint."""
 
 
 class AssembleError(RuntimeError):
@@ -53,12 +52,14 @@ def assemble(
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     overwrite: bool,
-    run_report: dict,
+    finalize: Callable[[Path], None] | None = None,
 ) -> Path:
     """Link every rank's shards into a temp dir with final names, add metadata, rename to `output`.
 
     `shard_dirs` maps each rank to the directory on this host holding its shards (see gather.py).
     The work directory keeps its files until the output is in place, so a cut-off assembly resumes.
+    `finalize(tmp)` runs on the complete temp dir just before the rename (verification, model card);
+    if it raises, `output` is left untouched.
     """
     output = Path(output)
     for stale in output.parent.glob(f".{output.name}.tmp-*"):
@@ -91,9 +92,10 @@ def assemble(
             for name, content in fmt.extra_files(exclude, PRODUCER).items():
                 _write_json(tmp / name, content)
             copy_side_files(source.path, tmp)
-            _write_json(tmp / RUN_REPORT, run_report)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             _write_json(tmp / "model.safetensors.index.json", index)
+            if finalize is not None:
+                finalize(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-assembled directory behind
         raise

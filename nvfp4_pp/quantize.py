@@ -96,18 +96,22 @@ def _make_max_hook(box: list):
     return hook
 
 
-def calibration_health(stage: torch.nn.Module) -> dict[str, int]:
-    """Enabled quantizers with a usable amax, with none/zero, and with a NaN/inf amax."""
+def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> dict:
+    """Counts of enabled static quantizers with a usable amax ("good"), none or zero ("zero"), NaN/inf
+    ("nan"), and the names of the first `max_named` unusable ones ("bad")."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    health = {"good": 0, "zero": 0, "nan": 0}
-    for module in stage.modules():
+    health: dict = {"good": 0, "zero": 0, "nan": 0, "bad": []}
+    for name, module in stage.named_modules():
         if isinstance(module, TensorQuantizer) and module.is_enabled and not module._dynamic:
             amax = getattr(module, "_amax", None)
             if amax is None or bool((amax == 0).all()):
-                health["zero"] += 1
+                kind = "zero"
             elif not bool(torch.isfinite(amax).all()):
-                health["nan"] += 1
+                kind = "nan"
             else:
-                health["good"] += 1
+                kind = "good"
+            health[kind] += 1
+            if kind != "good" and len(health["bad"]) < max_named:
+                health["bad"].append(name)
     return health

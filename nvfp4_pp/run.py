@@ -24,23 +24,30 @@ from torch import nn
 
 from . import __version__, dist
 from .arch import UnsupportedArchitecture, architecture_of
+from .card import write_card, write_record
 from .calib import CalibrationDataError, load_samples, micro_batches
 from .config import ConfigError, RunConfig, config_to_dict, load_config
 from .export import export_stage
 from .formats import get_format
 from .gather import GatherError, gather
 from .log import logger, setup
-from .merge import AssembleError, assemble
+from .merge import PRODUCER, AssembleError, assemble
 from .pipeline import run_pipeline
 from .plan import PlanError, owner_of, split_layers
 from .quantize import calibrate, calibration_health
 from .resume import StaleWorkState, WorkState
 from .source import SourceCheckpoint, SourceError
 from .stage import build_stage
+from .verify import verify
 from .writer import ExportWriteError, ShardWriter, sha256_of
 
+class VerificationError(RuntimeError):
+    """The assembled checkpoint breaks vLLM's loader contract; the output was not written."""
+
+
 USER_ERRORS = (ConfigError, SourceError, PlanError, UnsupportedArchitecture, CalibrationDataError,
-               AssembleError, ExportWriteError, StaleWorkState, dist.DeviceError, GatherError)
+               AssembleError, ExportWriteError, StaleWorkState, dist.DeviceError, GatherError,
+               VerificationError)
 PHASES = ("calibrate", "export")
 
 
@@ -140,6 +147,7 @@ def fingerprint(cfg: RunConfig, source: SourceCheckpoint, info: dist.RankInfo, l
 
 
 def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
+    started = time.perf_counter()
     phases: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -155,8 +163,9 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
         arch = architecture_of(source.config)
         if "num_hidden_layers" not in source.config:
             raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
-        return get_format(cfg.format), source, arch, split_layers(
-            source.config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
+        ranges = split_layers(source.config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
+        source.require_tokenizer()  # checked now: verification would refuse the output at the very end
+        return get_format(cfg.format), source, arch, ranges
 
     dist.set_phase("startup checks")
     fmt, source, arch, ranges = everywhere(info, prepare)
@@ -203,8 +212,10 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
             state.save_quantizers(stage)
             state.record("calibrate", {"traffic": traffic})
     health = calibration_health(stage)
+    logger.info("calibration health: %d good, %d zero, %d NaN amax", health["good"], health["zero"], health["nan"])
     if health["zero"] or health["nan"]:
-        logger.warning("calibration health: %s (quantizers without a usable amax)", health)
+        logger.warning("calibration health: %d zero and %d NaN amax, e.g. %s", health["zero"], health["nan"],
+                       ", ".join(health["bad"][:5]))
     if args.stop_after == "calibrate":
         return stopped_after("calibrate", info)
 
@@ -234,13 +245,25 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     manifests = dist.gather_to_first(manifest, info)
     gathered = gather(cfg.gather, info, rank_dir, [s["file"] for s in exported["shards"]])
 
+    calibration = {**config_to_dict(cfg)["calibration"], "samples": num_samples, "tokens": num_tokens,
+                   "micro_batches": num_batches, "samples_sha256": samples_sha}
+
     def finish() -> None:
         t0 = time.perf_counter()
-        run_report = {"config": config_to_dict(cfg), "world_size": info.world_size, "ranks": manifests,
-                      "calibration": {"samples": num_samples, "tokens": num_tokens,
-                                      "micro_batches": num_batches, "samples_sha256": samples_sha}}
-        assemble(output, gathered.dirs, manifests, source, fmt, args.overwrite, run_report)
-        logger.info("assembled %s in %.1f s", output, time.perf_counter() - t0)
+
+        def seal(tmp: Path) -> None:
+            problems = verify(tmp, source.path)
+            record = run_record(cfg, source, manifests, calibration, time.perf_counter() - started,
+                                time.perf_counter() - t0, problems)
+            write_record(tmp, record)
+            write_card(tmp, record, output.name)
+            if problems:
+                shown = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
+                raise VerificationError(f"the assembled checkpoint fails verification ({len(problems)} problems); "
+                                        f"{output} was not written:\n  {shown}")
+
+        assemble(output, gathered.dirs, manifests, source, fmt, args.overwrite, finalize=seal)
+        logger.info("assembled and verified %s in %.1f s", output, time.perf_counter() - t0)
         report(manifests)
 
     agreed(info, finish)  # every rank waits for the outcome, and fails with it
@@ -253,6 +276,23 @@ def remove_work_dir(work_dir: Path, info: dist.RankInfo) -> None:
         shutil.rmtree(work_dir / f"rank{r}", ignore_errors=True)
     with contextlib.suppress(OSError):
         work_dir.rmdir()
+
+
+def run_record(cfg: RunConfig, source: SourceCheckpoint, manifests: list[dict], calibration: dict,
+               wall_s: float, assemble_s: float, problems: list[str]) -> dict:
+    """What the output's nvfp4_pp.json and model card say about this run."""
+    import torch.distributed as torch_dist
+    from modelopt import __version__ as modelopt_version
+
+    return {
+        "producer": PRODUCER, "modelopt_version": modelopt_version, "config": config_to_dict(cfg),
+        "base_model": source.config.get("_name_or_path") or source.path.name,
+        "backend": torch_dist.get_backend() if torch_dist.is_initialized() else "single process",
+        "calibration": calibration, "ranks": [{k: v for k, v in m.items() if k != "shards"} for m in manifests],
+        "kept_bf16": sorted({n for m in manifests for n in m["excluded"]}),
+        "wall_s": wall_s, "assemble_s": assemble_s,
+        "verification": f"{len(problems)} problem(s)" if problems else "passed",
+    }
 
 
 def stopped_after(phase_name: str, info: dist.RankInfo) -> None:

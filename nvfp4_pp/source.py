@@ -77,6 +77,15 @@ class SourceCheckpoint:
             raise SourceError(f"no *.safetensors files in {self.path}; only safetensors sources are supported")
         return {name: f.name for f in files for name in self.header(f.name)}
 
+    def require_tokenizer(self) -> None:
+        """vLLM cannot serve a checkpoint without its tokenizer; say so before any work is done."""
+        has_config = (self.path / "tokenizer_config.json").is_file()
+        if not (has_config and any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))):
+            raise SourceError(
+                f"{self.path} has no tokenizer (tokenizer_config.json and tokenizer.json or tokenizer.model); "
+                "copy the tokenizer files of the base model into it"
+            )
+
     def header(self, file: str) -> dict:
         if file not in self._headers:
             self._headers[file] = read_safetensors_header(self.path / file)

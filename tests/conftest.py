@@ -46,3 +46,27 @@ def reference(smol_dir, token_file, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), str(smol_dir), str(token_file), str(out)],
                    check=True, capture_output=True, text=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def ct_output(smol_dir, token_file, tmp_path_factory) -> Path:
+    """Our compressed-tensors checkpoint of SmolLM2 (2 ranks, the reference's samples), made once per run."""
+    from helpers import run_nvfp4_pp, write_config
+
+    work = tmp_path_factory.mktemp("ct")
+    out = work / "smol-nvfp4-ct"
+    config = write_config(
+        work / "run.yaml", model=str(smol_dir), output=str(out), format="compressed-tensors",
+        calibration={"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1},
+    )
+    result = run_nvfp4_pp(config, 2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_ids(smol_dir) -> list[list[int]]:
+    """A few short held-out samples (the end of the built-in corpus; calibration reads its start)."""
+    from nvfp4_pp.evaluate import eval_samples
+
+    return eval_samples("builtin:pydoc", 4, 96, smol_dir)

@@ -13,6 +13,7 @@ import torch
 
 from helpers import run_nvfp4_pp, write_config
 from nvfp4_pp.run import main
+from tiny_models import write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def tiny_llama(tmp_path_factory) -> Path:
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=32)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    write_tiny_tokenizer(path, config.vocab_size)
     return path
 
 
@@ -127,6 +129,14 @@ def test_more_ranks_than_layers_one_line(tmp_path, tiny_llama):
     assert result.returncode != 0
     assert _one_error(result.stderr) == (
         "nvfp4_pp: error: 3 ranks but the model has only 2 decoder layers; use at most 2 ranks")
+
+
+def test_source_without_tokenizer(tmp_path, capsys, tiny_llama):
+    model = _copy(tiny_llama, tmp_path / "m")
+    (model / "tokenizer.json").unlink()
+    code, err = _run(tmp_path, capsys, model)
+    assert code == 1
+    assert "has no tokenizer (tokenizer_config.json and tokenizer.json or tokenizer.model)" in _one_error(err)
 
 
 def test_output_exists_without_overwrite(tmp_path, capsys, tiny_llama):

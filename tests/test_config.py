@@ -20,7 +20,7 @@ def test_config_keys_are_pinned():
 
 def test_defaults():
     cfg = config_from_dict(BASE)
-    assert cfg.format == "modelopt" and cfg.pipeline.layers == "auto"
+    assert cfg.format == "compressed-tensors" and cfg.pipeline.layers == "auto"
     assert cfg.calibration.dataset == "builtin:pydoc" and cfg.calibration.batch_size == 1
 
 
@@ -35,7 +35,7 @@ def test_defaults():
     ({**BASE, "pipeline": {"layers": "even"}},
      "config key 'pipeline.layers' must be one of 'auto' or a list of integers, got 'even'"),
     ({**BASE, "pipeline": {"layers": [10, 0, 20]}}, "every rank needs at least one layer"),
-    ({**BASE, "format": "gguf"}, "config key 'format' must be one of 'modelopt', got 'gguf'"),
+    ({**BASE, "format": "gguf"}, "config key 'format' must be one of 'compressed-tensors', 'modelopt', got 'gguf'"),
     ({**BASE, "pipeline": {"backend": "mpi"}}, "config key 'pipeline.backend' must be one of 'auto', 'gloo', 'nccl'"),
     ({**BASE, "calibration": {"dataset": "data.csv"}}, "is not a known form"),
     ({**BASE, "pipeline": 3}, "section 'pipeline' of the config must be a mapping"),

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from helpers import REPO, run_nvfp4_pp, write_config
-from nvfp4_pp.merge import RUN_REPORT
+from nvfp4_pp.card import RECORD
 
 TIMEOUT_S = 60
 
@@ -28,8 +28,8 @@ def _config(tmp: Path, smol_dir: Path, output: Path, samples: int = 24) -> Path:
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    """Every file of the checkpoint, byte for byte (the run report holds this run's timings)."""
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != RUN_REPORT}
+    """Every file of the checkpoint, byte for byte (the run record and model card hold this run's timings)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name not in (RECORD, "README.md")}
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,19 @@ def write_tiny_model(arch: str, target: Path, seed: int = 0) -> Path:
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(target)
+    write_tiny_tokenizer(target, model.config.vocab_size)
     return target
+
+
+def write_tiny_tokenizer(target: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over `vocab_size` made-up words: every servable checkpoint needs one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(target)
 
 
 def write_token_file(path: Path, vocab_size: int = COMMON["vocab_size"], seed: int = 0) -> Path:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from .base import CheckpointFormat, QuantizedLinear
+from .compressed_tensors import CompressedTensorsFormat
 from .modelopt import ModeloptFormat
 
-FORMATS: dict[str, type[CheckpointFormat]] = {ModeloptFormat.name: ModeloptFormat}
+FORMATS: dict[str, type[CheckpointFormat]] = {
+    CompressedTensorsFormat.name: CompressedTensorsFormat,
+    ModeloptFormat.name: ModeloptFormat,
+}
 
 
 def get_format(name: str) -> CheckpointFormat:

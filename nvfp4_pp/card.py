@@ -1,0 +1,106 @@
+"""The output's own record: `nvfp4_pp.json` (what ran, where, how long, calibration health) and a
+README.md model card rendered from it; `evaluate --update-card` fills in the quality section later."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RECORD = "nvfp4_pp.json"
+CARD = "README.md"
+QUALITY_START, QUALITY_END = "<!-- nvfp4_pp:quality -->", "<!-- /nvfp4_pp:quality -->"
+
+
+def write_record(directory: Path, record: dict) -> None:
+    (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _pipeline_rows(manifests: list[dict]) -> list[str]:
+    rows = ["| rank | host | device | layers | load s | calibrate s | export s | peak GB | quantizers good / zero / NaN |",
+            "|---:|---|---|---|---:|---:|---:|---:|---|"]
+    for m in manifests:
+        p, h = m["phases"], m["health"]
+        rows.append(f"| {m['rank']} | {m['host']} | {m['device']} | {m['layers'][0]}-{m['layers'][1] - 1} | "
+                    f"{p['load']:.1f} | {p['calibrate']:.1f} | {p['export']:.1f} | {m['peak_gb']:.2f} | "
+                    f"{h['good']} / {h['zero']} / {h['nan']} |")
+    return rows
+
+
+def render_card(record: dict, output_name: str) -> str:
+    """Markdown model card: base model, recipe, calibration, stage split, timings, health, serving."""
+    cfg, cal = record["config"], record["calibration"]
+    base = record["base_model"]
+    unhealthy = [f"rank {m['rank']}: {', '.join(m['health'].get('bad', []))}" for m in record["ranks"]
+                 if m["health"]["zero"] or m["health"]["nan"]]
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "tags: [nvfp4, fp4, vllm, " + cfg["format"] + "]",
+        "---",
+        f"# {output_name}",
+        "",
+        f"NVFP4 quantization of `{base}` (source: `{cfg['model']}`), written by nvfp4_pp {record['producer']['version']} "
+        f"with nvidia-modelopt {record['modelopt_version']} in the `{cfg['format']}` layout.",
+        "",
+        "## Recipe",
+        "- Every decoder Linear: FP4 E2M1 weights and activations (W4A4), FP8 E4M3 scales per block of 16, "
+        "FP32 per-tensor scales; q/k/v and gate/up share their per-tensor scales (vLLM fuses them).",
+        "- Weights: modelopt's NVFP4 max calibration. Activations: static per-tensor input scales calibrated "
+        "on the data below (modelopt max calibration, no cross-rank amax sync), dynamic block scales at run time.",
+        f"- Kept in BF16: {', '.join(f'`{n}`' for n in record['kept_bf16']) or 'nothing'} (plus norms).",
+        "",
+        "## Calibration",
+        f"- Data: `{cal['dataset']}`, {cal['samples']} samples, {cal['tokens']} tokens "
+        f"(at most {cal['max_length']} tokens each), micro-batches of up to {cal['batch_size']}.",
+        "- Health (quantizers with a usable / zero or missing / NaN amax, per rank): "
+        + "; ".join(f"rank {m['rank']} {m['health']['good']} / {m['health']['zero']} / {m['health']['nan']}"
+                    for m in record["ranks"]) + ".",
+    ]
+    if unhealthy:
+        lines.append("- Quantizers without a usable amax: " + "; ".join(unhealthy))
+    lines += [
+        "",
+        "## Pipeline",
+        f"{len(record['ranks'])} rank(s), torch.distributed pipeline ({record['backend']}); "
+        f"wall time {record['wall_s']:.1f} s, assembly and verification {record['assemble_s']:.1f} s.",
+        "",
+        *_pipeline_rows(record["ranks"]),
+        "",
+        "## Verification",
+        f"`python -m nvfp4_pp.verify` against vLLM's loader contract for this layout: {record['verification']}.",
+        "",
+        "## Quality",
+        QUALITY_START,
+        "Not measured by the run. Measure it (weights decoded from these files, W4A16 and emulated W4A4) with:",
+        "",
+        "```bash",
+        f"python -m nvfp4_pp.evaluate --source {cfg['model']} --quantized {cfg['output']} --input-scale-one --update-card",
+        "```",
+        QUALITY_END,
+        "",
+        "## Serving",
+        "```bash",
+        f"vllm serve {cfg['output']}",
+        "```",
+        "vLLM reads the quantization from `config.json`. Native W4A4 kernels need Blackwell (SM100+); "
+        "on Hopper and Ampere vLLM runs the weights through a weight-only FP4 kernel (Marlin).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(directory: Path, record: dict, output_name: str) -> None:
+    (directory / CARD).write_text(render_card(record, output_name))
+
+
+def update_quality(directory: Path, what: str, table: list[str]) -> None:
+    """Replace the card's quality section with measured numbers (appended if the card has none)."""
+    path = Path(directory) / CARD
+    text = path.read_text() if path.is_file() else ""
+    section = "\n".join([QUALITY_START, f"Measured by `python -m nvfp4_pp.evaluate` on {what}:", "", *table, QUALITY_END])
+    if QUALITY_START in text and QUALITY_END in text:
+        head, rest = text.split(QUALITY_START, 1)
+        text = head + section + rest.split(QUALITY_END, 1)[1]
+    else:
+        text += "\n## Quality\n" + section + "\n"
+    path.write_text(text)

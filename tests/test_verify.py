@@ -1,0 +1,121 @@
+"""verify passes good checkpoints and names the tensor or field of each deliberately broken one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import run_nvfp4_pp, write_config
+from nvfp4_pp.verify import main, verify
+
+INDEX = "model.safetensors.index.json"
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """Shards hard-linked (edits replace them, never write through), small files copied."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (os.link if f.suffix == ".safetensors" else shutil.copy)(f, dst / f.name)
+    return dst
+
+
+def edit_tensor(directory: Path, name: str, new: torch.Tensor | None) -> None:
+    """Replace (or, with None, delete from shard and index) one tensor."""
+    index = json.loads((directory / INDEX).read_text())
+    file = directory / index["weight_map"][name]
+    tensors = load_file(file)
+    if new is None:
+        del tensors[name], index["weight_map"][name]
+        (directory / INDEX).write_text(json.dumps(index))
+    else:
+        tensors[name] = new
+    save_file(tensors, str(file) + ".tmp", metadata={"format": "pt"})
+    os.replace(str(file) + ".tmp", file)
+
+
+def edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def edit_quant_config(directory: Path, key: str, value) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"][key] = value
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+L = "model.layers"
+BREAKAGES = {
+    "missing-input-scale": (lambda d: edit_tensor(d, f"{L}.3.self_attn.k_proj.input_global_scale", None),
+                            f"{L}.3.self_attn.k_proj.input_global_scale: missing"),
+    "fused-scales-differ": (lambda d: edit_tensor(d, f"{L}.5.mlp.up_proj.weight_global_scale",
+                                                  load_file_tensor(d, f"{L}.5.mlp.up_proj.weight_global_scale") * 2),
+                            f"{L}.5.mlp.gate_up_proj.weight_global_scale: parts differ"),
+    "nan-scale": (lambda d: edit_tensor(d, f"{L}.7.self_attn.o_proj.weight_global_scale", torch.tensor([float("nan")])),
+                  f"{L}.7.self_attn.o_proj.weight_global_scale: [nan] is not a finite positive scale"),
+    "uncalibrated-input-scale": (lambda d: edit_tensor(d, f"{L}.9.mlp.down_proj.input_global_scale", torch.ones(1)),
+                                 f"{L}.9.mlp.down_proj.input_global_scale: exactly 1.0, the uncalibrated placeholder"),
+    "dropped-shard": (lambda d: (d / "model-00002-of-00002.safetensors").unlink(),
+                      "model-00002-of-00002.safetensors: named by the index but missing"),
+    "num-hidden-layers": (lambda d: edit_config(d, num_hidden_layers=29),
+                          "config.json num_hidden_layers: 29, the source has 30"),
+    "ignored-but-quantized": (lambda d: edit_quant_config(d, "ignore", ["lm_head", f"{L}.0.mlp.down_proj"]),
+                              f"{L}.0.mlp.down_proj: listed in ignore but has quantized tensors"),
+    "no-tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: in the source but missing"),
+}
+
+
+def load_file_tensor(directory: Path, name: str) -> torch.Tensor:
+    index = json.loads((directory / INDEX).read_text())
+    return load_file(directory / index["weight_map"][name])[name]
+
+
+def test_good_checkpoint_passes(ct_output, smol_dir, capsys):
+    assert verify(ct_output, smol_dir) == []
+    assert main([str(ct_output), "--source", str(smol_dir)]) == 0
+    assert capsys.readouterr().out.strip().endswith(": OK")
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_broken_checkpoint_is_named(breakage, ct_output, smol_dir, tmp_path):
+    broken = copy_checkpoint(ct_output, tmp_path / "broken")
+    damage, expected = BREAKAGES[breakage]
+    damage(broken)
+    problems = verify(broken, smol_dir)
+    assert any(p.startswith(expected) for p in problems), problems
+    assert verify(ct_output, smol_dir) == []  # the original is untouched
+
+
+def test_layer_count_change_is_caught_without_source(ct_output, tmp_path, capsys):
+    broken = copy_checkpoint(ct_output, tmp_path / "broken")
+    edit_config(broken, num_hidden_layers=29)
+    assert main([str(broken)]) == 1
+    out = capsys.readouterr().out
+    assert f"{L}.29.self_attn.q_proj.weight_packed: not a parameter of the model config.json describes" in out
+
+
+def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_path):
+    """A source without tokenizer files quantizes fine, but its output would not serve: no output appears."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    source = tmp_path / "tiny"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(source)
+    tokens = tmp_path / "t.jsonl"
+    tokens.write_text("".join(json.dumps({"input_ids": list(range(i, i + 16))}) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    run_config = write_config(tmp_path / "run.yaml", model=str(source), output=str(out),
+                              calibration={"dataset": str(tokens), "samples": 2, "max_length": 16})
+    result = run_nvfp4_pp(run_config, 1)
+    assert result.returncode == 1
+    assert "fails verification" in result.stderr and "tokenizer" in result.stderr, result.stderr[-2000:]
+    assert not out.exists()
