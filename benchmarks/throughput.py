@@ -132,7 +132,8 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, ranks: int, samples: 
         "model": str(model_dir), "output": str(out), "format": "modelopt",
         "calibration": {"dataset": str(tokens), "samples": samples, "max_length": seq, "batch_size": 1},
         "pipeline": {"layers": "auto"}}))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if DEV == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(ranks)))
     t0 = time.perf_counter()
