@@ -13,7 +13,8 @@ def test_config_keys_are_pinned():
     assert config_keys() == [
         "model", "output", "format",
         "calibration.dataset", "calibration.samples", "calibration.max_length", "calibration.batch_size",
-        "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.timeout_s",
+        "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.memory_limit_gb",
+        "pipeline.reserve_gb", "pipeline.timeout_s",
     ]
 
 
@@ -21,6 +22,14 @@ def test_defaults():
     cfg = config_from_dict(BASE)
     assert cfg.format == "modelopt" and cfg.pipeline.layers == "auto"
     assert cfg.calibration.dataset == "builtin:pydoc" and cfg.calibration.batch_size == 1
+    assert cfg.pipeline.memory_limit_gb is None and cfg.pipeline.reserve_gb == 2.0
+
+
+def test_per_rank_and_per_host_pipeline_keys():
+    pipeline = {"device": ["cuda", "cuda", "cpu"], "memory_limit_gb": {"spark1": 110, "desktop": 22.5}}
+    cfg = config_from_dict({**BASE, "pipeline": pipeline})
+    assert cfg.pipeline.device == ["cuda", "cuda", "cpu"] and cfg.pipeline.memory_limit_gb["desktop"] == 22.5
+    assert config_from_dict({**BASE, "pipeline": {"memory_limit_gb": [100, 100, 20]}}).pipeline.memory_limit_gb[2] == 20
 
 
 @pytest.mark.parametrize("data,message", [
@@ -38,6 +47,11 @@ def test_defaults():
     ({**BASE, "pipeline": {"backend": "mpi"}}, "config key 'pipeline.backend' must be one of 'auto', 'gloo', 'nccl'"),
     ({**BASE, "calibration": {"dataset": "data.csv"}}, "is not a known form"),
     ({**BASE, "pipeline": 3}, "section 'pipeline' of the config must be a mapping"),
+    ({**BASE, "pipeline": {"device": ["cuda", "gpu"]}}, "config key 'pipeline.device' must be one of 'auto', 'cpu'"),
+    ({**BASE, "pipeline": {"memory_limit_gb": "lots"}},
+     "config key 'pipeline.memory_limit_gb' must be null or a number or a list of numbers or a mapping to numbers"),
+    ({**BASE, "pipeline": {"memory_limit_gb": {"spark1": 0}}}, "limits must be > 0 GB"),
+    ({**BASE, "pipeline": {"reserve_gb": -1}}, "config key 'pipeline.reserve_gb' must be >= 0, got -1"),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
