@@ -1,13 +1,12 @@
-"""Entry point: `torchrun ... -m nvfp4_pp.run CONFIG.yaml [--set key=value ...] [--overwrite]`.
+"""Entry point: `torchrun ... -m nvfp4_pp.run CONFIG.yaml [--set key=value ...] [--overwrite] [--plan]`.
 
-Phases: plan -> load stage -> calibrate (pipeline) -> export -> assemble (rank 0) -> report.
+Phases: budgets -> plan -> load stage -> calibrate (pipeline) -> export -> assemble (rank 0) -> report.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import shutil
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import dist
+from . import budget, dist
 from .arch import UnsupportedArchitecture, architecture_of
 from .calib import CalibrationDataError, load_samples, micro_batches
 from .config import ConfigError, RunConfig, load_config
@@ -25,14 +24,15 @@ from .formats import get_format
 from .log import logger, setup
 from .merge import AssembleError, assemble
 from .pipeline import run_pipeline
-from .plan import PlanError, owner_of, split_layers
+from .memory import ModelSizes, Workload
+from .plan import PlanError, StagePlan, describe, owner_of, plan_stages
 from .quantize import calibrate, calibration_health
 from .source import SourceCheckpoint, SourceError
 from .stage import build_stage
 from .writer import ExportWriteError, ShardWriter
 
 USER_ERRORS = (ConfigError, SourceError, PlanError, UnsupportedArchitecture, CalibrationDataError,
-               AssembleError, ExportWriteError)
+               AssembleError, ExportWriteError, dist.DeviceError)
 
 
 class RunError(RuntimeError):
@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set calibration.samples=64 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--plan", action="store_true",
+                   help="measure every rank's memory, print the stage plan and exit without loading weights")
     return p.parse_args(argv)
 
 
@@ -66,10 +68,23 @@ def work_dir_of(output: Path) -> Path:
     return output.parent / f"{output.name}.nvfp4_pp-work"
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+def measured_peak(kind: str) -> dict[str, int]:
+    """This rank's measured peak bytes per pool, to set beside the plan's prediction."""
+    host = budget.peak_rss()
+    if kind == "cpu":
+        return {"host": host}
+    device = torch.cuda.max_memory_allocated()
+    return {"host": host + device} if kind == "unified" else {"device": device, "host": host}
+
+
+def plan_run(cfg: RunConfig, info: dist.RankInfo, source: SourceCheckpoint, arch) -> list[StagePlan]:
+    """Every rank measures its budget, all share them, and each computes the same plan."""
+    facts = budget.measure(info.rank, info.host, info.device)
+    budgets = budget.budgets(dist.all_gather_objects(facts, info.world_size),
+                             cfg.pipeline.memory_limit_gb, cfg.pipeline.reserve_gb)
+    workload = Workload(cfg.calibration.batch_size, cfg.calibration.max_length)
+    wire_on_host = info.wire_device.type == "cpu"
+    return plan_stages(ModelSizes.from_source(source, arch), budgets, cfg.pipeline.layers, workload, wire_on_host)
 
 
 def excluded_modules(stage: nn.Module, quantized: list[str], lm_head: str, is_last: bool) -> list[str]:
@@ -85,7 +100,7 @@ def check_output(cfg: RunConfig, overwrite: bool) -> None:
         raise ConfigError(f"output {output} already exists; pass --overwrite to replace it or choose another 'output'")
 
 
-def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
+def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool, plan_only: bool = False) -> None:
     phases: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -100,11 +115,8 @@ def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
     arch = architecture_of(source.config)
     if "num_hidden_layers" not in source.config:
         raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
-    ranges = split_layers(source.config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
-    start, stop = ranges[info.rank]
-    logger.info("plan: %s", ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(ranges)))
-
-    agreed(info, lambda: check_output(cfg, overwrite))
+    if not plan_only:
+        agreed(info, lambda: check_output(cfg, overwrite))
     batches: list[torch.Tensor] | None = None
 
     def prepare_samples() -> tuple[int, int, int]:
@@ -115,6 +127,14 @@ def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
 
     num_samples, num_tokens, num_batches = agreed(info, prepare_samples)
     logger.info("calibration: %d samples, %d tokens, %d micro-batches", num_samples, num_tokens, num_batches)
+
+    plans = plan_run(cfg, info, source, arch)  # after the samples: their memory is part of the baseline
+    for line in describe(plans):
+        logger.info("%s", line)
+    if plan_only:
+        return
+    ranges = [(p.start, p.stop) for p in plans]
+    start, stop = ranges[info.rank]
 
     with phase("load"):
         stage = build_stage(source, arch, start, stop, info.device)
@@ -134,7 +154,9 @@ def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
     manifest = {
         "rank": info.rank, "host": info.host, "device": str(info.device), "layers": [start, stop],
         "shards": writer.shards, "excluded": excluded_modules(stage, result["quantized"], arch.lm_head, info.is_last),
-        "phases": phases, "peak_gb": peak_memory_gb(info.device), "health": health, "traffic": traffic,
+        "phases": phases, "health": health, "traffic": traffic, "kind": plans[info.rank].budget.kind,
+        "predicted": {"host": plans[info.rank].need.host, "device": plans[info.rank].need.device},
+        "measured": measured_peak(plans[info.rank].budget.kind),
     }
     del stage
     manifests = dist.all_gather_objects(manifest, info.world_size)
@@ -148,13 +170,16 @@ def run(cfg: RunConfig, info: dist.RankInfo, overwrite: bool) -> None:
 
 
 def report(manifests: list[dict]) -> None:
-    logger.info("%-5s %-12s %-8s %-9s %8s %10s %8s %9s  %s", "rank", "host", "device", "layers",
-                "load s", "calib s", "export s", "peak GB", "quantizers good/zero/nan")
+    """Per-rank phase times, calibration health, and measured peak memory beside the prediction."""
+    logger.info("%-5s %-12s %-8s %-9s %8s %10s %8s  %-26s %s", "rank", "host", "device", "layers", "load s",
+                "calib s", "export s", "peak GB measured/predicted", "quantizers good/zero/nan")
     for m in manifests:
         p, h = m["phases"], m["health"]
-        logger.info("%-5d %-12s %-8s %-9s %8.1f %10.1f %8.1f %9.2f  %d/%d/%d", m["rank"], m["host"][:12],
+        peaks = " ".join(f"{pool} {m['measured'][pool] / budget.GB:.2f}/{m['predicted'][pool] / budget.GB:.2f}"
+                         for pool in sorted(m["measured"]))
+        logger.info("%-5d %-12s %-8s %-9s %8.1f %10.1f %8.1f  %-26s %d/%d/%d", m["rank"], m["host"][:12],
                     m["device"], f"{m['layers'][0]}-{m['layers'][1] - 1}", p["load"], p["calibrate"],
-                    p["export"], m["peak_gb"], h["good"], h["zero"], h["nan"])
+                    p["export"], peaks, h["good"], h["zero"], h["nan"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = dist.init(cfg.pipeline.backend, cfg.pipeline.device, cfg.pipeline.timeout_s)
         setup(info.rank)
-        run(cfg, info, args.overwrite)
+        run(cfg, info, args.overwrite, plan_only=args.plan)
         return 0
     except (RunError, *USER_ERRORS) as e:
         if info is None or info.is_first or not isinstance(e, RunError):
