@@ -1,6 +1,6 @@
 """The independent reference: modelopt's own single-process quantization and export.
 
-`python tests/reference.py MODEL_DIR TOKENS_JSONL OUT_DIR` loads the whole model in one process,
+`python tests/reference.py MODEL_DIR TOKENS_JSONL OUT_DIR [DEVICE]` loads the whole model in one process,
 runs `mtq.quantize(model, NVFP4_DEFAULT_CFG, loop)` over the samples in file order (batch 1) and
 writes `export_hf_checkpoint`. Run as its own process so modelopt's global patches stay out of
 the test process.
@@ -12,15 +12,15 @@ import sys
 import torch
 
 
-def main(model_dir: str, tokens: str, out_dir: str) -> None:
+def main(model_dir: str, tokens: str, out_dir: str, device: str = "cpu") -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.eval()
+    model.eval().to(device)
     with open(tokens) as f:
-        samples = [torch.tensor([json.loads(line)["input_ids"]]) for line in f if line.strip()]
+        samples = [torch.tensor([json.loads(line)["input_ids"]], device=device) for line in f if line.strip()]
 
     def loop(m):
         for s in samples:
