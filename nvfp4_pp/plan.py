@@ -115,7 +115,7 @@ class _Problem:
         return high
 
 
-def even_counts(num_layers: int, world_size: int) -> list[int]:
+def _even_counts(num_layers: int, world_size: int) -> list[int]:
     base, extra = divmod(num_layers, world_size)
     return [base + (1 if r >= world_size - extra else 0) for r in range(world_size)]
 
@@ -187,7 +187,7 @@ def _auto_hint(problem: _Problem) -> str:
 def _does_not_fit(problem: _Problem) -> str:
     """Where the model overflows when load is spread to fill every rank equally."""
     even, start = [], 0
-    for rank, c in enumerate(even_counts(problem.n, problem.world)):
+    for rank, c in enumerate(_even_counts(problem.n, problem.world)):
         even.append(problem.stage(rank, start, start + c))
         start += c
     fill = problem.smallest_fill(float("inf"), max(p.fill for p in even))

@@ -22,9 +22,9 @@ from .config import ConfigError, RunConfig, load_config
 from .export import export_stage
 from .formats import get_format
 from .log import logger, setup
+from .memory import ModelSizes, Workload
 from .merge import AssembleError, assemble
 from .pipeline import run_pipeline
-from .memory import ModelSizes, Workload
 from .plan import PlanError, StagePlan, describe, owner_of, plan_stages
 from .quantize import calibrate, calibration_health
 from .source import SourceCheckpoint, SourceError
