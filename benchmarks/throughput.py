@@ -151,7 +151,7 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, ranks: int, samples: 
     return {
         "wall": wall, "load": max(r["phases"]["load"] for r in ranks_info), "calibrate": calib,
         "export": max(r["phases"]["export"] for r in ranks_info), "tokens_per_s": tokens_total / calib,
-        "peaks": [r["peak_gb"] for r in ranks_info],
+        "peaks": [r["measured"].get("device", r["measured"]["host"]) / 1e9 for r in ranks_info],
         "bytes_per_token": max(r["traffic"].get("bytes_sent", 0) for r in ranks_info) / tokens_total,
         "layers": [r["layers"] for r in ranks_info],
     }

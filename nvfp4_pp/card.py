@@ -15,13 +15,20 @@ def write_record(directory: Path, record: dict) -> None:
     (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def peaks_text(manifest: dict) -> str:
+    """A rank's measured peak beside the planner's prediction, per memory pool: 'host 1.20/1.50'."""
+    measured, predicted = manifest["measured"], manifest["predicted"]
+    return " ".join(f"{pool} {measured[pool] / 1e9:.2f}/{predicted[pool] / 1e9:.2f}" for pool in sorted(measured))
+
+
 def _pipeline_rows(manifests: list[dict]) -> list[str]:
-    rows = ["| rank | host | device | layers | load s | calibrate s | export s | peak GB | quantizers good / zero / NaN |",
+    rows = ["| rank | host | device | layers | load s | calibrate s | export s | peak GB measured / predicted "
+            "| quantizers good / zero / NaN |",
             "|---:|---|---|---|---:|---:|---:|---:|---|"]
     for m in manifests:
         p, h = m["phases"], m["health"]
         rows.append(f"| {m['rank']} | {m['host']} | {m['device']} | {m['layers'][0]}-{m['layers'][1] - 1} | "
-                    f"{p['load']:.1f} | {p['calibrate']:.1f} | {p['export']:.1f} | {m['peak_gb']:.2f} | "
+                    f"{p['load']:.1f} | {p['calibrate']:.1f} | {p['export']:.1f} | {peaks_text(m)} | "
                     f"{h['good']} / {h['zero']} / {h['nan']} |")
     return rows
 

@@ -54,9 +54,13 @@ class PipelineConfig:
     layers: Union[Literal["auto"], list[int]] = "auto"
     """`auto`, or one decoder-layer count per rank, e.g. [41, 41, 6]."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Process-group backend: `auto` picks NCCL when this rank has CUDA, else gloo."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where this rank's stage runs: `auto` is cuda:LOCAL_RANK when CUDA exists, else CPU."""
+    """Hidden-state transport: `auto` is NCCL when every rank's stage is on CUDA, else gloo."""
+    device: Union[Literal["auto", "cpu", "cuda"], list[Literal["auto", "cpu", "cuda"]]] = "auto"
+    """Where stages run (one value, or one per rank): `auto` is cuda:LOCAL_RANK when CUDA exists, else CPU."""
+    memory_limit_gb: Union[None, float, list[float], dict[str, float]] = None
+    """Cap on measured budgets in GB: a number for every rank, a per-rank list, or host -> GB shared by its ranks."""
+    reserve_gb: float = 2.0
+    """GB of host RAM left untouched on each host (budgets of CPU and unified-memory ranks)."""
     timeout_s: int = 1800
     """Seconds any collective or send/recv may wait before the run fails."""
 
@@ -66,6 +70,15 @@ class PipelineConfig:
                 f"config key 'pipeline.layers' = {self.layers}: every rank needs at least one "
                 "layer; remove the zero entries or use fewer ranks"
             )
+        limits = self.memory_limit_gb
+        values = limits.values() if isinstance(limits, dict) else limits if isinstance(limits, list) else [limits]
+        if limits is not None and any(v <= 0 for v in values):
+            raise ConfigError(
+                f"config key 'pipeline.memory_limit_gb' = {limits!r}: limits must be > 0 GB; "
+                "leave the key out to use the measured memory"
+            )
+        if self.reserve_gb < 0:
+            raise ConfigError(f"config key 'pipeline.reserve_gb' must be >= 0, got {self.reserve_gb}")
         if self.timeout_s < 1:
             raise ConfigError(f"config key 'pipeline.timeout_s' must be >= 1, got {self.timeout_s}")
 
@@ -117,8 +130,10 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         item = get_args(tp)[0]
-        return "a list of " + {int: "integers", str: "strings"}.get(item, _type_name(item))
-    return {int: "an integer", str: "a string", bool: "true or false", float: "a number"}.get(
+        return "a list of " + {int: "integers", str: "strings", float: "numbers"}.get(item, _type_name(item))
+    if origin is dict:
+        return "a mapping to " + {float: "numbers"}.get(get_args(tp)[1], _type_name(get_args(tp)[1]))
+    return {int: "an integer", str: "a string", bool: "true or false", float: "a number", type(None): "null"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
@@ -131,6 +146,9 @@ def _matches(value: Any, tp: Any) -> bool:
         return any(_matches(value, a) for a in get_args(tp))
     if origin is list:
         return isinstance(value, list) and all(_matches(v, get_args(tp)[0]) for v in value)
+    if origin is dict:
+        key, item = get_args(tp)
+        return isinstance(value, dict) and all(_matches(k, key) and _matches(v, item) for k, v in value.items())
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:

@@ -5,6 +5,11 @@ payload, so variable sequence lengths need no prior agreement between stages.
 
 Every wait is bounded by the process group's timeout. A peer that dies or hangs surfaces as one
 `PeerLost` error naming that rank, its host and the phase, never as a hang or a gloo traceback.
+
+The default process group is always gloo, which every rank can join whatever its device: it
+carries the small object collectives (budgets, manifests) and lets ranks agree on the wire for
+hidden states. That wire is an NCCL group over CUDA tensors when every rank's stage is on CUDA,
+else the gloo group over CPU tensors (a CUDA stage copies to and from the host around it).
 """
 
 from __future__ import annotations
@@ -78,7 +83,13 @@ class RankInfo:
     local_rank: int
     host: str
     device: torch.device
+    """Where this rank's stage runs."""
     hosts: tuple[str, ...] = ()
+    """Every rank's host name, in rank order."""
+    wire_device: torch.device = torch.device("cpu")
+    """Where hidden states sent to and received from neighbours live (CPU for gloo)."""
+    wire_group: dist.ProcessGroup | None = None
+    """Process group of the hidden-state stream (None: the default gloo group)."""
 
     @property
     def is_first(self) -> bool:
@@ -90,7 +101,19 @@ class RankInfo:
 
 
 class DeviceError(RuntimeError):
-    """This rank cannot have the device the config asks for."""
+    """A rank's device request cannot be met; the message says which rank and the fix."""
+
+
+def requested_device(device: str | list[str], rank: int, world_size: int) -> str:
+    """This rank's entry of `pipeline.device` (one value for all ranks, or one per rank)."""
+    if isinstance(device, str):
+        return device
+    if len(device) != world_size:
+        raise DeviceError(
+            f"pipeline.device has {len(device)} entries but {world_size} ranks are running; "
+            "give one per rank or a single value for all"
+        )
+    return device[rank]
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -112,25 +135,42 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init(backend: str, device_request: str, timeout_s: int) -> RankInfo:
+def wire_backend(requested: str, device_types: list[str]) -> str:
+    """The hidden-state backend every rank agrees on, from every rank's stage device type."""
+    on_cpu = [r for r, t in enumerate(device_types) if t != "cuda"]
+    if requested == "nccl" and on_cpu:
+        raise DeviceError(
+            f"pipeline.backend is 'nccl' but rank(s) {on_cpu} run on CPU; "
+            "use backend: auto (gloo for mixed ranks) or put every stage on CUDA"
+        )
+    if requested == "auto":
+        return "gloo" if on_cpu else "nccl"
+    return requested
+
+
+def init(backend: str, device_request: str | list[str], timeout_s: int) -> RankInfo:
     """Join the process group torchrun describes (or act alone when started as one process)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     global _timeout_s
     _timeout_s = timeout_s
-    device = pick_device(device_request, local_rank)
+    device = pick_device(requested_device(device_request, rank, world_size), local_rank)
     host = socket.gethostname()
-    if world_size > 1:
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if backend == "nccl" else None,
-        )
-    hosts = tuple(all_gather_objects(host, world_size))
+    if world_size == 1:
+        _hosts[:] = [host]
+        return RankInfo(rank, world_size, local_rank, host, device, (host,), wire_device=device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend="gloo", timeout=timeout)
+    facts = all_gather_objects((host, device.type), world_size)
+    hosts = tuple(h for h, _ in facts)
     _hosts[:] = hosts
+    wire = wire_backend(backend, [t for _, t in facts])
+    if wire == "nccl":
+        with talking_to(None):
+            group = dist.new_group(backend="nccl", timeout=timeout, device_id=device)
+        return RankInfo(rank, world_size, local_rank, host, device, hosts,
+                        wire_device=device, wire_group=group)
     return RankInfo(rank, world_size, local_rank, host, device, hosts)
 
 
@@ -171,37 +211,35 @@ def gather_to_first(obj: object, info: RankInfo) -> list | None:
     if info.world_size == 1:
         return [obj]
     if info.is_first:
-        out = [obj]
-        for peer in range(1, info.world_size):
-            out.append(_recv_object(peer, info.device))
-        return out
-    _send_object(obj, 0, info.device)
+        return [obj] + [_recv_object(peer) for peer in range(1, info.world_size)]
+    _send_object(obj, 0)
     return None
 
 
-def _send_object(obj: object, peer: int, device: torch.device) -> None:
-    sender = Sender(peer, device)
+def _send_object(obj: object, peer: int) -> None:
+    """Pickled `obj` to `peer` over the default (gloo) group, so it travels as a CPU tensor."""
+    sender = Sender(peer, torch.device("cpu"))
     sender.send(torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8))
     sender.close()
 
 
-def _recv_object(peer: int, device: torch.device) -> object:
-    payloads = list(Receiver(peer, device))
-    return pickle.loads(payloads[0].cpu().numpy().tobytes())
+def _recv_object(peer: int) -> object:
+    payloads = list(Receiver(peer, torch.device("cpu")))
+    return pickle.loads(payloads[0].numpy().tobytes())
 
 
 class Sender:
     """Sends tensors to one peer without blocking compute; keeps at most `depth` sends in flight."""
 
-    def __init__(self, peer: int, device: torch.device, depth: int = 2):
-        self.peer, self.device, self.depth = peer, device, depth
+    def __init__(self, peer: int, device: torch.device, group=None, depth: int = 2):
+        self.peer, self.device, self.group, self.depth = peer, device, group, depth
         self._pending: deque[tuple[list[dist.Work], tuple[torch.Tensor, ...]]] = deque()
         self.bytes_sent = 0
 
     def _post(self, header: torch.Tensor, payload: torch.Tensor | None, keep: int) -> None:
         tensors = (header,) if payload is None else (header, payload)
         with talking_to(self.peer):
-            works = [dist.isend(t, self.peer) for t in tensors]
+            works = [dist.isend(t, self.peer, group=self.group) for t in tensors]
             self._pending.append((works, tensors))  # keep buffers alive until sent
             self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
             while len(self._pending) > keep:
@@ -224,8 +262,8 @@ class Sender:
 class Receiver:
     """Iterates over the tensors one peer sends until it closes its stream."""
 
-    def __init__(self, peer: int, device: torch.device):
-        self.peer, self.device = peer, device
+    def __init__(self, peer: int, device: torch.device, group=None):
+        self.peer, self.device, self.group = peer, device, group
         self.bytes_received = 0
 
     def _next(self, pending: tuple[dist.Work, torch.Tensor]) -> tuple[torch.Tensor | None, tuple]:
@@ -236,14 +274,14 @@ class Receiver:
             if h[0] == _KIND_END:
                 return None, ()
             payload = torch.empty(h[3 : 3 + h[2]], dtype=_DTYPES[h[1]], device=self.device)
-            dist.irecv(payload, self.peer).wait()
+            dist.irecv(payload, self.peer, group=self.group).wait()
             self.bytes_received += payload.numel() * payload.element_size() + header.numel() * 8
             return payload, self._post_header()  # the next header arrives while we compute
 
     def _post_header(self) -> tuple[dist.Work, torch.Tensor]:
         header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
         with talking_to(self.peer):
-            return dist.irecv(header, self.peer), header
+            return dist.irecv(header, self.peer, group=self.group), header
 
     def __iter__(self):
         pending = self._post_header()

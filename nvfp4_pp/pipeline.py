@@ -22,14 +22,17 @@ def run_pipeline(
     num_batches: int,
 ) -> dict[str, int]:
     """This rank's side of one pass over the calibration set; returns traffic counters."""
-    inputs: Iterable[torch.Tensor] = batches if info.is_first else dist.Receiver(info.rank - 1, info.device)
-    sender = None if info.is_last else dist.Sender(info.rank + 1, info.device)
+    wire = info.wire_device  # CPU when gloo carries the stream, even for a CUDA stage
+    inputs: Iterable[torch.Tensor] = (
+        batches if info.is_first else dist.Receiver(info.rank - 1, wire, info.wire_group)
+    )
+    sender = None if info.is_last else dist.Sender(info.rank + 1, wire, info.wire_group)
     progress = Progress("calibration", num_batches)
     with torch.no_grad():
         for x in inputs:
             hidden = stage(x.to(info.device))
             if sender is not None:
-                sender.send(hidden)
+                sender.send(hidden.to(wire))
             progress.step(tokens=x.shape[0] * x.shape[1])
         if sender is not None:
             sender.close()

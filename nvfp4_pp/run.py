@@ -1,8 +1,8 @@
-"""Entry point: `torchrun ... -m nvfp4_pp.run CONFIG.yaml [--set key=value ...] [--overwrite] [--fresh]`.
+"""Entry point: `torchrun ... -m nvfp4_pp.run CONFIG.yaml [--set key=value ...] [--overwrite] [--fresh] [--plan]`.
 
-Phases: check -> load stage -> calibrate (pipeline) -> export -> assemble (rank 0) -> report.
-Calibration and export results are recorded in the output's work directory; running the same
-command again continues from the last phase every rank completed.
+Phases: check -> budgets -> plan -> load stage -> calibrate (pipeline) -> export -> assemble (rank 0)
+-> report. Calibration and export results are recorded in the output's work directory; running the
+same command again continues from the last phase every rank completed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -22,18 +21,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__, dist
+from . import __version__, budget, dist
 from .arch import UnsupportedArchitecture, architecture_of
-from .card import write_card, write_record
+from .card import peaks_text, write_card, write_record
 from .calib import CalibrationDataError, load_samples, micro_batches
 from .config import ConfigError, RunConfig, config_to_dict, load_config
 from .export import export_stage
 from .formats import get_format
 from .gather import GatherError, gather
 from .log import logger, setup
+from .memory import ModelSizes, Workload
 from .merge import PRODUCER, AssembleError, assemble
 from .pipeline import run_pipeline
-from .plan import PlanError, owner_of, split_layers
+from .plan import PlanError, StagePlan, check_split, describe, owner_of, plan_stages
 from .quantize import calibrate, calibration_health
 from .resume import StaleWorkState, WorkState
 from .source import SourceCheckpoint, SourceError
@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--fresh", action="store_true", help="discard saved progress in the work directory")
     p.add_argument("--stop-after", choices=PHASES, help="stop once this phase is recorded (resume later)")
+    p.add_argument("--plan", action="store_true",
+                   help="measure every rank's memory, print the stage plan and exit without loading weights")
     return p.parse_args(argv)
 
 
@@ -106,10 +108,30 @@ def work_dir_of(cfg: RunConfig) -> Path:
     return output.parent / f"{output.name}.nvfp4_pp-work"
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+def measured_peak(kind: str) -> dict[str, int]:
+    """This rank's measured peak bytes per pool, to set beside the plan's prediction."""
+    host = budget.peak_rss()
+    if kind == "cpu":
+        return {"host": host}
+    device = torch.cuda.max_memory_allocated()
+    return {"host": host + device} if kind == "unified" else {"device": device, "host": host}
+
+
+def plan_run(cfg: RunConfig, info: dist.RankInfo, source: SourceCheckpoint, arch) -> list[StagePlan]:
+    """Every rank measures its budget, all share them, and each computes the same plan.
+
+    The plan is a pure function of the shared facts, so a bad plan fails on every rank alike.
+    """
+    facts = dist.all_gather_objects(budget.measure(info.rank, info.host, info.device), info.world_size)
+    workload = Workload(cfg.calibration.batch_size, cfg.calibration.max_length)
+    wire_on_host = info.wire_device.type == "cpu"
+
+    def plan() -> list[StagePlan]:
+        budgets = budget.budgets(facts, cfg.pipeline.memory_limit_gb, cfg.pipeline.reserve_gb)
+        return plan_stages(ModelSizes.from_source(source, arch), budgets, cfg.pipeline.layers, workload,
+                           wire_on_host)
+
+    return everywhere(info, plan)
 
 
 def excluded_modules(stage: nn.Module, quantized: list[str], lm_head: str, is_last: bool) -> list[str]:
@@ -163,15 +185,14 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
         arch = architecture_of(source.config)
         if "num_hidden_layers" not in source.config:
             raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
-        ranges = split_layers(source.config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
+        check_split(source.config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
         source.require_tokenizer()  # checked now: verification would refuse the output at the very end
-        return get_format(cfg.format), source, arch, ranges
+        return get_format(cfg.format), source, arch
 
     dist.set_phase("startup checks")
-    fmt, source, arch, ranges = everywhere(info, prepare)
-    start, stop = ranges[info.rank]
-    logger.info("plan: %s", ", ".join(f"rank {r}: layers {a}-{b - 1}" for r, (a, b) in enumerate(ranges)))
-    agreed(info, lambda: check_output(cfg, args.overwrite))
+    fmt, source, arch = everywhere(info, prepare)
+    if not args.plan:
+        agreed(info, lambda: check_output(cfg, args.overwrite))
 
     batches: list[torch.Tensor] | None = None
 
@@ -190,6 +211,15 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
 
     num_samples, num_tokens, num_batches, samples_sha = agreed(info, prepare_samples)
     logger.info("calibration: %d samples, %d tokens, %d micro-batches", num_samples, num_tokens, num_batches)
+
+    dist.set_phase("planning")
+    plans = plan_run(cfg, info, source, arch)  # after the samples: their memory is part of the baseline
+    for line in describe(plans):
+        logger.info("%s", line)
+    if args.plan:
+        return
+    ranges = [(p.start, p.stop) for p in plans]
+    start, stop = ranges[info.rank]
 
     output = Path(cfg.output)
     work_dir = work_dir_of(cfg)
@@ -238,8 +268,10 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     manifest = {
         "rank": info.rank, "host": info.host, "device": str(info.device), "layers": [start, stop],
         "shards": exported["shards"], "excluded": exported["excluded"],
-        "phases": phases, "peak_gb": peak_memory_gb(info.device), "health": health,
-        "traffic": state.phases["calibrate"].get("traffic", {}),
+        "phases": phases, "health": health, "traffic": state.phases["calibrate"].get("traffic", {}),
+        "kind": plans[info.rank].budget.kind,
+        "predicted": {"host": plans[info.rank].need.host, "device": plans[info.rank].need.device},
+        "measured": measured_peak(plans[info.rank].budget.kind),
     }
     dist.set_phase("assembly")
     manifests = dist.gather_to_first(manifest, info)
@@ -254,7 +286,7 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
         def seal(tmp: Path) -> None:
             problems = verify(tmp, source.path)
             record = run_record(cfg, source, manifests, calibration, time.perf_counter() - started,
-                                time.perf_counter() - t0, problems)
+                                time.perf_counter() - t0, problems, wire_name(info))
             write_record(tmp, record)
             write_card(tmp, record, output.name)
             if problems:
@@ -279,20 +311,26 @@ def remove_work_dir(work_dir: Path, info: dist.RankInfo) -> None:
 
 
 def run_record(cfg: RunConfig, source: SourceCheckpoint, manifests: list[dict], calibration: dict,
-               wall_s: float, assemble_s: float, problems: list[str]) -> dict:
+               wall_s: float, assemble_s: float, problems: list[str], wire: str) -> dict:
     """What the output's nvfp4_pp.json and model card say about this run."""
-    import torch.distributed as torch_dist
     from modelopt import __version__ as modelopt_version
 
     return {
         "producer": PRODUCER, "modelopt_version": modelopt_version, "config": config_to_dict(cfg),
         "base_model": source.config.get("_name_or_path") or source.path.name,
-        "backend": torch_dist.get_backend() if torch_dist.is_initialized() else "single process",
+        "backend": wire,
         "calibration": calibration, "ranks": [{k: v for k, v in m.items() if k != "shards"} for m in manifests],
         "kept_bf16": sorted({n for m in manifests for n in m["excluded"]}),
         "wall_s": wall_s, "assemble_s": assemble_s,
         "verification": f"{len(problems)} problem(s)" if problems else "passed",
     }
+
+
+def wire_name(info: dist.RankInfo) -> str:
+    """What carried the hidden states between stages."""
+    if info.world_size == 1:
+        return "single process"
+    return "nccl" if info.wire_group is not None else "gloo"
 
 
 def stopped_after(phase_name: str, info: dist.RankInfo) -> None:
@@ -301,13 +339,14 @@ def stopped_after(phase_name: str, info: dist.RankInfo) -> None:
 
 
 def report(manifests: list[dict]) -> None:
-    logger.info("%-5s %-12s %-8s %-9s %8s %10s %8s %9s  %s", "rank", "host", "device", "layers",
-                "load s", "calib s", "export s", "peak GB", "quantizers good/zero/nan")
+    """Per-rank phase times, calibration health, and measured peak memory beside the prediction."""
+    logger.info("%-5s %-12s %-8s %-9s %8s %10s %8s  %-26s %s", "rank", "host", "device", "layers", "load s",
+                "calib s", "export s", "peak GB measured/predicted", "quantizers good/zero/nan")
     for m in manifests:
         p, h = m["phases"], m["health"]
-        logger.info("%-5d %-12s %-8s %-9s %8.1f %10.1f %8.1f %9.2f  %d/%d/%d", m["rank"], m["host"][:12],
+        logger.info("%-5d %-12s %-8s %-9s %8.1f %10.1f %8.1f  %-26s %d/%d/%d", m["rank"], m["host"][:12],
                     m["device"], f"{m['layers'][0]}-{m['layers'][1] - 1}", p["load"], p["calibrate"],
-                    p.get("export", 0.0), m["peak_gb"], h["good"], h["zero"], h["nan"])
+                    p.get("export", 0.0), peaks_text(m), h["good"], h["zero"], h["nan"])
 
 
 def _raise_stopped(signum, frame) -> None:

@@ -1,10 +1,11 @@
 """The independent reference: modelopt's own single-process quantization and export.
 
-`python tests/reference.py MODEL_DIR TOKENS_JSONL OUT_DIR [ATTN_IMPLEMENTATION]` loads the whole
-model in one process, runs `mtq.quantize(model, NVFP4_DEFAULT_CFG, loop)` over the samples in file
-order (batch 1) and writes `export_hf_checkpoint`. Several models: repeat the four arguments
-(`MODEL_DIR TOKENS_JSONL OUT_DIR ATTN ...`); each gets its own model and `mtq.quantize`, only the
-imports are shared. Run as its own process so modelopt's global patches stay out of the test process.
+`python tests/reference.py MODEL_DIR TOKENS_JSONL OUT_DIR [ATTN_IMPLEMENTATION [DEVICE]]` loads the
+whole model in one process (on DEVICE, default cpu), runs `mtq.quantize(model, NVFP4_DEFAULT_CFG,
+loop)` over the samples in file order (batch 1) and writes `export_hf_checkpoint`. Several models
+(on CPU): repeat the four arguments (`MODEL_DIR TOKENS_JSONL OUT_DIR ATTN ...`); each gets its own
+model and `mtq.quantize`, only the imports are shared. Run as its own process so modelopt's global
+patches stay out of the test process.
 """
 
 import json
@@ -13,16 +14,17 @@ import sys
 import torch
 
 
-def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implementation: str = "sdpa") -> None:
+def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implementation: str = "sdpa",
+                       device: str = "cpu") -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
                                                  attn_implementation=attn_implementation)
-    model.eval()
+    model.eval().to(device)
     with open(tokens) as f:
-        samples = [torch.tensor([json.loads(line)["input_ids"]]) for line in f if line.strip()]
+        samples = [torch.tensor([json.loads(line)["input_ids"]], device=device) for line in f if line.strip()]
 
     def loop(m):
         for s in samples:
@@ -33,7 +35,7 @@ def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implement
 
 
 def main(args: list[str]) -> None:
-    if len(args) == 3:
+    if len(args) in (3, 5):
         quantize_reference(*args)
         return
     if not args or len(args) % 4:

@@ -13,7 +13,8 @@ def test_config_keys_are_pinned():
     assert config_keys() == [
         "model", "output", "format",
         "calibration.dataset", "calibration.samples", "calibration.max_length", "calibration.batch_size",
-        "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.timeout_s",
+        "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.memory_limit_gb",
+        "pipeline.reserve_gb", "pipeline.timeout_s",
         "gather.shared", "gather.transfer", "gather.work_dir", "gather.rsync_port",
     ]
 
@@ -22,6 +23,14 @@ def test_defaults():
     cfg = config_from_dict(BASE)
     assert cfg.format == "compressed-tensors" and cfg.pipeline.layers == "auto"
     assert cfg.calibration.dataset == "builtin:pydoc" and cfg.calibration.batch_size == 1
+    assert cfg.pipeline.memory_limit_gb is None and cfg.pipeline.reserve_gb == 2.0
+
+
+def test_per_rank_and_per_host_pipeline_keys():
+    pipeline = {"device": ["cuda", "cuda", "cpu"], "memory_limit_gb": {"spark1": 110, "desktop": 22.5}}
+    cfg = config_from_dict({**BASE, "pipeline": pipeline})
+    assert cfg.pipeline.device == ["cuda", "cuda", "cpu"] and cfg.pipeline.memory_limit_gb["desktop"] == 22.5
+    assert config_from_dict({**BASE, "pipeline": {"memory_limit_gb": [100, 100, 20]}}).pipeline.memory_limit_gb[2] == 20
 
 
 @pytest.mark.parametrize("data,message", [
@@ -42,6 +51,11 @@ def test_defaults():
     ({**BASE, "gather": {"shared": "yes"}}, "config key 'gather.shared' must be one of 'auto' or true or false"),
     ({**BASE, "gather": {"transfer": "scp"}},
      "config key 'gather.transfer' must be one of 'process_group', 'rsync', got 'scp'"),
+    ({**BASE, "pipeline": {"device": ["cuda", "gpu"]}}, "config key 'pipeline.device' must be one of 'auto', 'cpu'"),
+    ({**BASE, "pipeline": {"memory_limit_gb": "lots"}},
+     "config key 'pipeline.memory_limit_gb' must be null or a number or a list of numbers or a mapping to numbers"),
+    ({**BASE, "pipeline": {"memory_limit_gb": {"spark1": 0}}}, "limits must be > 0 GB"),
+    ({**BASE, "pipeline": {"reserve_gb": -1}}, "config key 'pipeline.reserve_gb' must be >= 0, got -1"),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:

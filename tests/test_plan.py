@@ -1,36 +1,166 @@
-"""Layer splits: contiguous, complete, and refused with the numbers when they cannot work."""
+"""The stage planner on synthetic budgets: contiguous, complete, within every budget, refusals with numbers."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from nvfp4_pp.arch import SUPPORTED
-from nvfp4_pp.plan import PlanError, owner_of, split_layers
+from nvfp4_pp.arch import SUPPORTED, architecture_of
+from nvfp4_pp.budget import GB, RankFacts, budgets
+from nvfp4_pp.config import ConfigError
+from nvfp4_pp.dist import DeviceError, requested_device, wire_backend
+from nvfp4_pp.memory import ModelSizes, Workload
+from nvfp4_pp.plan import PlanError, owner_of, plan_stages
+from nvfp4_pp.source import SourceCheckpoint
+from sparse_checkpoint import BEHEMOTH_X_123B, write_sparse_checkpoint
+
+GiB = 2**30
+CALIBRATION = Workload(batch_size=1, max_length=1024)
 
 
-@pytest.mark.parametrize("layers,world,expected", [
-    (30, 1, [(0, 30)]),
-    (30, 3, [(0, 10), (10, 20), (20, 30)]),
-    (30, 4, [(0, 7), (7, 14), (14, 22), (22, 30)]),
-    (88, 3, [(0, 29), (29, 58), (58, 88)]),
-])
-def test_auto_split(layers, world, expected):
-    assert split_layers(layers, world, "auto") == expected
+@pytest.fixture(scope="module")
+def behemoth(tmp_path_factory) -> ModelSizes:
+    """Behemoth-X-123B's real tensor sizes, read from safetensors headers over sparse files."""
+    source = SourceCheckpoint(write_sparse_checkpoint(tmp_path_factory.mktemp("behemoth"), BEHEMOTH_X_123B))
+    return ModelSizes.from_source(source, architecture_of(source.config))
 
 
-def test_explicit_split():
-    assert split_layers(88, 3, [41, 41, 6]) == [(0, 41), (41, 82), (82, 88)]
+def spark(rank: int) -> RankFacts:
+    """A 128 GiB DGX Spark (GB10, unified memory): CUDA would claim terabytes; psutil says ~120 GiB free."""
+    return RankFacts(rank, f"spark{rank}", "cuda:0", "unified", device_free=5 * 10**12,
+                     host_available=120 * GiB, baseline=3 * GB)
 
 
-@pytest.mark.parametrize("args,message", [
-    ((30, 31, "auto"), "31 ranks but the model has only 30 decoder layers; use at most 30 ranks"),
-    ((30, 3, [10, 10]), "pipeline.layers has 2 entries but 3 ranks are running"),
-    ((30, 3, [10, 10, 11]), "sums to 31 but the model has 30 decoder layers; make the counts sum to 30"),
-    ((30, 3, [15, 0, 15]), "every rank needs at least one layer"),
-])
-def test_bad_splits(args, message):
+def rtx3090(rank: int) -> RankFacts:
+    """A 24 GiB RTX 3090 in a desktop: 23.5 GiB free after the CUDA context, 48 GiB host RAM free."""
+    return RankFacts(rank, "desktop", "cuda:0", "discrete", device_free=int(23.5 * GiB),
+                     host_available=48 * GiB, baseline=3 * GB)
+
+
+def cpu_ranks(n: int, available: int = 16 * GiB, host: str = "box") -> list[RankFacts]:
+    return [RankFacts(r, host, "cpu", "cpu", 0, available, GB // 2) for r in range(n)]
+
+
+def assert_within_budgets(plans) -> None:
+    for p in plans:
+        assert p.overflows() == []
+        if p.budget.shared:
+            assert p.need.host <= p.budget.pool
+        else:
+            assert p.need.device <= p.budget.pool and p.need.host <= p.budget.host_pool
+
+
+def test_sizes_come_from_headers(behemoth):
+    layer = 2 * (2 * 12288 * 12288 + 2 * 1024 * 12288 + 3 * 28672 * 12288 + 2 * 12288)
+    assert behemoth.layer_bytes == (layer,) * 88
+    assert behemoth.embed_bytes == 2 * 32768 * 12288
+    assert behemoth.head_bytes == 2 * 32768 * 12288 + 2 * 12288
+    assert behemoth.largest_linear == 2 * 28672 * 12288 and behemoth.layer_linears == 7
+
+
+def test_seed_case_two_sparks_and_a_3090(behemoth):
+    plans = plan_stages(behemoth, budgets([spark(0), spark(1), rtx3090(2)], reserve_gb=4), "auto", CALIBRATION)
+    counts = [p.layers for p in plans]
+    assert counts == [41, 41, 6]  # the split the seed's author found by hand after two OOM kills
+    assert [(p.start, p.stop) for p in plans] == [(0, 41), (41, 82), (82, 88)]
+    assert_within_budgets(plans)
+    # The Spark's budget is psutil's RAM less the reserve, never CUDA's 5 TB figure.
+    assert plans[0].budget.pool == 3 * GB + 120 * GiB - 4 * GB
+
+
+@pytest.mark.parametrize("batch_size,max_length", [(1, 512), (1, 2048), (4, 1024), (8, 2048), (1, 8192)])
+def test_seed_hardware_never_over_budget(behemoth, batch_size, max_length):
+    """Whatever the calibration shape, a plan fits every pool of every rank, or is refused."""
+    facts = [spark(0), spark(1), rtx3090(2)]
+    try:
+        plans = plan_stages(behemoth, budgets(facts, reserve_gb=4), "auto", Workload(batch_size, max_length))
+    except PlanError as e:
+        assert "GB missing" in str(e)
+        return
+    assert sum(p.layers for p in plans) == 88
+    assert_within_budgets(plans)
+
+
+def test_smallest_node_gets_smallest_slice_wherever_it_sits(behemoth):
+    for order in ([rtx3090, spark, spark], [spark, rtx3090, spark]):
+        plans = plan_stages(behemoth, budgets([f(r) for r, f in enumerate(order)], reserve_gb=4), "auto", CALIBRATION)
+        small = order.index(rtx3090)
+        assert plans[small].layers == min(p.layers for p in plans) <= 6
+        assert_within_budgets(plans)
+
+
+def test_impossible_model_is_refused_with_missing_amount(behemoth):
+    facts = [spark(0), rtx3090(1)]
     with pytest.raises(PlanError) as e:
-        split_layers(*args)
+        plan_stages(behemoth, budgets(facts, reserve_gb=4), "auto", CALIBRATION)
+    message = str(e.value)
+    total = float(re.search(r"(\d+\.\d+) GB missing in all", message).group(1))
+    weights = sum(behemoth.layer_bytes) / GB
+    assert weights - (120 * GiB + 23.5 * GiB) / GB < total < weights  # about a third of the model has no home
+    assert "GB missing on rank 0 (spark0, unified memory" in message
+    assert "GB missing on rank 1 (desktop, cuda:0 memory" in message
+
+
+def test_explicit_split_checked_against_budgets(behemoth):
+    b = budgets([spark(0), spark(1), rtx3090(2)], reserve_gb=4)
+    assert [p.layers for p in plan_stages(behemoth, b, [41, 41, 6], CALIBRATION)] == [41, 41, 6]
+    with pytest.raises(PlanError) as e:
+        plan_stages(behemoth, b, [29, 29, 30], CALIBRATION)
+    assert re.search(r"pipeline.layers = \[29, 29, 30\] does not fit: \d+\.\d\d GB missing on rank 2 "
+                     r"\(desktop, cuda:0 memory: needs \d+\.\d\d GB, budget 25\.23 GB\); "
+                     r"'auto' would fit, e\.g\. \[\d+, \d+, \d+\]", str(e.value)), str(e.value)
+
+
+def test_memory_limits_shape_the_split(behemoth):
+    even = plan_stages(behemoth, budgets([spark(0), spark(1), spark(2)]), "auto", CALIBRATION)
+    assert sorted(p.layers for p in even) == [29, 29, 30] and even[0].layers == 29  # rank 0 holds the embeddings
+    capped = plan_stages(behemoth, budgets([spark(0), spark(1), spark(2)], [120, 120, 60]), "auto", CALIBRATION)
+    assert [p.layers for p in capped][2] < 29 and capped[2].budget.capped and capped[2].peak <= 60 * GB
+    by_host = plan_stages(behemoth, budgets([spark(0), spark(1), spark(2)], {"spark0": 50, "spark1": 200,
+                                                                             "spark2": 200}), "auto", CALIBRATION)
+    assert by_host[0].layers < by_host[1].layers and by_host[0].peak <= 50 * GB
+
+
+def test_even_split_on_equal_ranks():
+    sizes = ModelSizes(layer_bytes=(10**8,) * 30, layer_linear_bytes=(9 * 10**7,) * 30, layer_linears=7,
+                       largest_linear=10**7, embed_bytes=10**8, head_bytes=10**8, hidden=1024,
+                       intermediate=4096, heads=16, kv_heads=4, head_dim=64)
+    for world, expected in [(1, [30]), (3, [10, 10, 10]), (4, [7, 7, 8, 8])]:
+        counts = [p.layers for p in plan_stages(sizes, budgets(cpu_ranks(world)), "auto", CALIBRATION)]
+        assert sorted(counts) == expected and counts[0] == min(counts)
+
+
+def test_ranks_on_one_host_share_its_memory():
+    b = budgets(cpu_ranks(4, available=18 * GB), reserve_gb=2)
+    assert [x.pool for x in b] == [GB // 2 + 4 * GB] * 4
+    mixed = budgets(cpu_ranks(2, host="a") + [RankFacts(2, "b", "cpu", "cpu", 0, 8 * GB, GB)], {"a": 6, "b": 100}, 2)
+    assert [x.pool for x in mixed] == [3 * GB, 3 * GB, GB + 8 * GB - 2 * GB]
+    assert [x.capped for x in mixed] == [True, True, False]
+
+
+@pytest.mark.parametrize("limit,message", [
+    ([10, 10], "pipeline.memory_limit_gb has 2 entries but 3 ranks are running"),
+    ({"other": 10}, "pipeline.memory_limit_gb has no entry for host 'box' (it has ['other'])"),
+])
+def test_bad_memory_limits(limit, message):
+    with pytest.raises(ConfigError) as e:
+        budgets(cpu_ranks(3), limit)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("layers,world,message", [
+    ("auto", 31, "31 ranks but the model has only 30 decoder layers; use at most 30 ranks"),
+    ([10, 10], 3, "pipeline.layers has 2 entries but 3 ranks are running"),
+    ([10, 10, 11], 3, "sums to 31 but the model has 30 decoder layers; make the counts sum to 30"),
+    ([15, 0, 15], 3, "every rank needs at least one layer"),
+])
+def test_bad_splits(layers, world, message):
+    sizes = ModelSizes(layer_bytes=(10**6,) * 30, layer_linear_bytes=(10**6,) * 30, layer_linears=7,
+                       largest_linear=10**5, embed_bytes=10**6, head_bytes=10**6, hidden=64,
+                       intermediate=256, heads=4, kv_heads=2, head_dim=16)
+    with pytest.raises(PlanError) as e:
+        plan_stages(sizes, budgets(cpu_ranks(world)), layers, CALIBRATION)
     assert message in str(e.value)
 
 
@@ -43,3 +173,14 @@ def test_tensor_owners():
     assert owner_of("model.layers.29.input_layernorm.weight", arch, ranges) == 2
     assert owner_of("model.norm.weight", arch, ranges) == 2
     assert owner_of("lm_head.weight", arch, ranges) == 2
+
+
+def test_ranks_agree_on_the_hidden_state_backend():
+    assert wire_backend("auto", ["cuda", "cuda"]) == "nccl"
+    assert wire_backend("auto", ["cuda", "cpu", "cuda"]) == "gloo"
+    assert wire_backend("gloo", ["cuda", "cuda"]) == "gloo"
+    with pytest.raises(DeviceError, match=r"pipeline.backend is 'nccl' but rank\(s\) \[1\] run on CPU"):
+        wire_backend("nccl", ["cuda", "cpu"])
+    assert requested_device(["cuda", "cpu"], 1, 2) == "cpu"
+    with pytest.raises(DeviceError, match="pipeline.device has 2 entries but 3 ranks are running"):
+        requested_device(["cuda", "cpu"], 0, 3)

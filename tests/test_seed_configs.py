@@ -17,8 +17,10 @@ import pytest
 
 from helpers import REPO
 from nvfp4_pp.arch import architecture_of
+from nvfp4_pp.budget import GB, RankFacts, budgets
 from nvfp4_pp.config import load_config
-from nvfp4_pp.plan import owner_of, split_layers
+from nvfp4_pp.memory import ModelSizes, Workload
+from nvfp4_pp.plan import owner_of, plan_stages
 from nvfp4_pp.source import SourceCheckpoint
 
 # Facts from the models' config.json files (Mistral-Large-Instruct-2411 and Llama-3.3-70B-Instruct
@@ -92,6 +94,15 @@ def write_synthetic_checkpoint(directory: Path, cfg: dict, layers_per_shard: int
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
+def target_hardware(nnodes: int, small_last: bool) -> list[RankFacts]:
+    """The seeds' nodes: 128 GiB DGX Sparks (unified memory), the last one a 24 GiB RTX 3090 when asked."""
+    gib = 2**30
+    facts = [RankFacts(r, f"spark{r}", "cuda:0", "unified", 5 * 10**12, 120 * gib, 3 * GB) for r in range(nnodes)]
+    if small_last:
+        facts[-1] = RankFacts(nnodes - 1, "desktop", "cuda:0", "discrete", int(23.5 * gib), 48 * gib, 3 * GB)
+    return facts
+
+
 def make_dry_run(target: str, *args: str) -> str:
     result = subprocess.run(["make", "-n", target, *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -116,7 +127,11 @@ def test_seed_config_is_valid_for_the_real_model_shape(name, tmp_path):
 
     source = SourceCheckpoint(cfg.model)
     arch = architecture_of(source.config)
-    ranges = split_layers(source.config["num_hidden_layers"], nnodes, cfg.pipeline.layers)
+    plans = plan_stages(ModelSizes.from_source(source, arch),
+                        budgets(target_hardware(nnodes, small_last=cfg.pipeline.layers != "auto"),
+                                cfg.pipeline.memory_limit_gb, cfg.pipeline.reserve_gb),
+                        cfg.pipeline.layers, Workload(cfg.calibration.batch_size, cfg.calibration.max_length))
+    ranges = [(p.start, p.stop) for p in plans]
     per_rank = [0] * nnodes
     for tensor, file in source.weight_map.items():
         meta = source.header(file)[tensor]

@@ -1,0 +1,186 @@
+"""Predicted peak memory of one stage, from safetensors headers and the calibration shape alone.
+
+Nothing here reads a weight or touches a device: the planner calls it thousands of times.
+Each term is an upper bound of something the run really holds (numbers checked against
+measured peaks by tests/test_budget_run.py on CPU):
+
+- weights: the stage's decoder layers (+ embeddings on the first rank), as stored (BF16).
+- activations for one micro-batch of T = batch_size x max_length tokens: the stage's input and
+  output, up to 3 hidden states in flight to the next rank (dist.Sender depth 2 + the newest),
+  and the larger of one layer's attention (q, k, v, rotary copies, fp32 scores of the math SDPA
+  path, causal mask) or MLP (gate, up, act, product) intermediates, plus an fp32 copy of the
+  widest Linear input while its quantizer takes the amax.
+- calibration transient: a weight quantizer's amax pass holds an fp32 copy of its Linear (2x the
+  BF16 bytes, largest Linear).
+- export transient: packing one Linear to NVFP4 (modelopt's NVFP4QTensor.quantize) holds about
+  13 bytes per weight element at once (fp32 scaled copy, int32 bucket index, 3 comparison bytes,
+  sign, codes): 7x that Linear's BF16 bytes, taken for the largest Linear.
+- export buffer: the ShardWriter holds packed tensors on the host until a shard is full
+  (`writer.DEFAULT_SHARD_BYTES`), so at most min(shard cap, everything the rank writes).
+  On a CUDA stage each Linear's BF16 weight is freed as it is packed, and the buffer grows by
+  at most 0.3 of what is freed: on a unified-memory device it therefore never raises the peak,
+  on a discrete GPU it lives in host RAM. On a CPU stage the weights are memory-mapped from the
+  shards, freeing one does not unmap the file, so the buffer adds on top.
+- quantizer state: a few scalars per quantized Linear (QUANTIZER_BYTES each).
+- runtime: RUNTIME_BYTES for what the libraries allocate lazily (modules, gloo/NCCL buffers,
+  allocator rounding), plus CUDA_FRAGMENTATION of device memory for the caching allocator.
+- baseline: the process's own measured RSS at start (budget.RankFacts.baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .arch import Architecture
+from .source import SourceCheckpoint
+from .writer import DEFAULT_SHARD_BYTES
+
+PACKED_PER_BF16_BYTE = 0.25 + 1 / 32
+"""NVFP4 bytes written per BF16 weight byte: 4-bit codes plus one FP8 scale per 16 values."""
+EXPORT_TRANSIENT_PER_BF16_BYTE = 7
+CALIBRATION_TRANSIENT_PER_BF16_BYTE = 2
+SENDS_IN_FLIGHT = 3
+QUANTIZER_BYTES = 4096
+RUNTIME_BYTES = 256 * 2**20
+CUDA_FRAGMENTATION = 0.02
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelSizes:
+    """Byte sizes and shapes of a checkpoint, as far as memory planning needs them."""
+
+    layer_bytes: tuple[int, ...]
+    """All tensors of each decoder layer."""
+    layer_linear_bytes: tuple[int, ...]
+    """The 2-D weights of each decoder layer (the Linears that are packed to NVFP4)."""
+    layer_linears: int
+    """Linears per decoder layer (each carries quantizers)."""
+    largest_linear: int
+    """Bytes of the largest 2-D weight inside any decoder layer."""
+    embed_bytes: int
+    head_bytes: int
+    """Final norm and lm_head: exported by the last rank, never on its device."""
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+    @classmethod
+    def from_source(cls, source: SourceCheckpoint, arch: Architecture) -> ModelSizes:
+        """Sizes from config.json and the safetensors headers (no tensor is read)."""
+        c = source.config
+        n = c["num_hidden_layers"]
+        layer_bytes, linear_bytes, linears = [0] * n, [0] * n, [0] * n
+        embed = head = largest = 0
+        for name, file in source.weight_map.items():
+            meta = source.header(file)[name]
+            nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
+            layer = arch.layer_of(name)
+            if layer is None:
+                if arch.on_last_stage(name):
+                    head += nbytes
+                else:
+                    embed += nbytes
+                continue
+            layer_bytes[layer] += nbytes
+            if len(meta["shape"]) == 2 and name.endswith(".weight"):
+                linear_bytes[layer] += nbytes
+                linears[layer] += 1
+                largest = max(largest, nbytes)
+        heads = c["num_attention_heads"]
+        return cls(
+            layer_bytes=tuple(layer_bytes), layer_linear_bytes=tuple(linear_bytes), layer_linears=max(linears),
+            largest_linear=largest, embed_bytes=embed, head_bytes=head, hidden=c["hidden_size"],
+            intermediate=c["intermediate_size"], heads=heads, kv_heads=c.get("num_key_value_heads", heads),
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Workload:
+    """The calibration shape that sizes activations."""
+
+    batch_size: int
+    max_length: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Need:
+    """Predicted peak bytes of one stage in each pool (baseline included)."""
+
+    device: int
+    """On the stage's device (for cpu ranks the same figure as `host`)."""
+    host: int
+    """Host RAM; for cpu and unified ranks this is the whole footprint (the one pool)."""
+    items: dict[str, int]
+
+    def peak(self, shared: bool) -> int:
+        """The figure compared with the rank's main budget pool."""
+        return self.host if shared else self.device
+
+
+def activation_bytes(s: ModelSizes, w: Workload, sends: bool) -> int:
+    """One micro-batch in flight through one stage (see the module docstring)."""
+    t, b = w.tokens, s.dtype_bytes
+    hidden = t * s.hidden * b
+    buffers = hidden * (2 + (SENDS_IN_FLIGHT if sends else 0))
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    scores = w.batch_size * s.heads * w.max_length**2 * 4 + w.batch_size * w.max_length**2
+    attention = t * (2 * s.hidden + q + 2 * kv + 2 * (q + kv) + q) * b + scores
+    mlp = t * (2 * s.hidden + 4 * s.intermediate) * b
+    amax_copy = t * max(s.hidden, s.intermediate, q) * 4
+    return buffers + max(attention, mlp) + amax_copy
+
+
+def stage_need(
+    s: ModelSizes,
+    kind: str,
+    baseline: int,
+    start: int,
+    stop: int,
+    first: bool,
+    last: bool,
+    workload: Workload,
+    wire_on_host: bool = False,
+) -> Need:
+    """Peak memory of the stage holding decoder layers [start, stop) on a rank of `kind`.
+
+    `wire_on_host`: hidden states cross to the next rank through host memory (gloo with a CUDA
+    stage), adding host copies of what is in flight.
+    """
+    layers = s.layer_bytes[start:stop]
+    linear = sum(s.layer_linear_bytes[start:stop])
+    weights = sum(layers) + (s.embed_bytes if first else 0)
+    quantizers = QUANTIZER_BYTES * s.layer_linears * len(layers)
+    activations = activation_bytes(s, workload, sends=not last)
+    transient = EXPORT_TRANSIENT_PER_BF16_BYTE * s.largest_linear
+    written = math.ceil(linear * PACKED_PER_BF16_BYTE) + (sum(layers) - linear)
+    written += (s.embed_bytes if first else 0) + (s.head_bytes if last else 0)
+    buffer = min(max(DEFAULT_SHARD_BYTES, s.embed_bytes, s.head_bytes), written)
+    wire = s.dtype_bytes * workload.tokens * s.hidden * (SENDS_IN_FLIGHT + 1) if wire_on_host else 0
+
+    # Calibration (activations + the weight quantizers' amax pass) and export never overlap.
+    calibrate = weights + quantizers + activations + CALIBRATION_TRANSIENT_PER_BF16_BYTE * s.largest_linear
+    export = weights + quantizers + transient
+    items = {"baseline": baseline, "weights": weights, "activations": activations,
+             "export transient": transient, "export buffer": buffer, "quantizers": quantizers,
+             "runtime": RUNTIME_BYTES, "wire copies": wire}
+    if kind == "cpu":
+        host = baseline + RUNTIME_BYTES + wire + max(calibrate, export + buffer)
+        return Need(device=host, host=host, items=items)
+    device = math.ceil(max(calibrate, export) * (1 + CUDA_FRAGMENTATION))
+    if kind == "unified":
+        host = baseline + RUNTIME_BYTES + wire + device
+        return Need(device=device, host=host, items=items)
+    return Need(device=device, host=baseline + RUNTIME_BYTES + buffer + wire, items=items)
