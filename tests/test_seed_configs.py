@@ -8,6 +8,7 @@ validation, architecture lookup, the layer split and per-rank sizes run exactly 
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -104,7 +105,9 @@ def target_hardware(nnodes: int, small_last: bool) -> list[RankFacts]:
 
 
 def make_dry_run(target: str, *args: str) -> str:
-    result = subprocess.run(["make", "-n", target, *args], cwd=REPO, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # under `make test`
+    result = subprocess.run(["make", "--no-print-directory", "-n", target, *args], cwd=REPO, env=env,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

@@ -101,21 +101,28 @@ def test_layer_count_change_is_caught_without_source(ct_output, tmp_path, capsys
     assert f"{L}.29.self_attn.q_proj.weight_packed: not a parameter of the model config.json describes" in out
 
 
-def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_path):
-    """A source without tokenizer files quantizes fine, but its output would not serve: no output appears."""
+def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_path, monkeypatch, capsys):
+    """A real run whose assembled checkpoint gets a problem from verify exits 1 and writes no output."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import nvfp4_pp.run as run_module
+    from tiny_models import write_tiny_tokenizer
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
     source = tmp_path / "tiny"
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(source)
+    write_tiny_tokenizer(source, config.vocab_size)
     tokens = tmp_path / "t.jsonl"
     tokens.write_text("".join(json.dumps({"input_ids": list(range(i, i + 16))}) + "\n" for i in range(2)))
     out = tmp_path / "out"
     run_config = write_config(tmp_path / "run.yaml", model=str(source), output=str(out),
                               calibration={"dataset": str(tokens), "samples": 2, "max_length": 16})
-    result = run_nvfp4_pp(run_config, 1)
-    assert result.returncode == 1
-    assert "fails verification" in result.stderr and "tokenizer" in result.stderr, result.stderr[-2000:]
-    assert not out.exists()
+    real_verify = run_module.verify
+    assert real_verify(source) != []  # a BF16 source is not a quantized checkpoint: verify says so
+    monkeypatch.setattr(run_module, "verify", lambda d, s: real_verify(d, s) + ["model.norm.weight: planted problem"])
+    assert run_module.main([str(run_config)]) == 1
+    err = capsys.readouterr().err
+    assert "fails verification (1 problems)" in err and "model.norm.weight: planted problem" in err, err[-2000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
