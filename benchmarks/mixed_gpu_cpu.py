@@ -16,7 +16,6 @@ identical packed bytes). The all-GPU run should equal the cuda:0 reference.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -28,25 +27,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from helpers import load_tensors, tensor_differences  # noqa: E402
+from helpers import load_tensors, tensor_differences, write_token_file  # noqa: E402
 
-TOKEN_LENGTHS = (64, 48, 96, 32)
 RUNS = {"mixed": (3, ["cuda", "cuda", "cpu"]), "gpu": (2, "cuda")}
-
-
-def token_file(model: Path, path: Path) -> Path:
-    """The test suite's calibration samples: real text, four lengths, used verbatim."""
-    from transformers import AutoTokenizer
-
-    from nvfp4_pp.calib import builtin_text
-
-    ids = AutoTokenizer.from_pretrained(model)(builtin_text("pydoc")[:20000])["input_ids"]
-    with open(path, "w") as f:
-        pos = 0
-        for n in TOKEN_LENGTHS:
-            f.write(json.dumps({"input_ids": ids[pos : pos + n]}) + "\n")
-            pos += n
-    return path
 
 
 def reference(model: Path, tokens: Path, out: Path, device: str) -> Path:
@@ -87,7 +70,7 @@ def main() -> int:
 
         write_demo_model(args.model)
     args.work.mkdir(parents=True, exist_ok=True)
-    tokens = token_file(args.model, args.work / "tokens.jsonl")
+    tokens = write_token_file(args.model, args.work / "tokens.jsonl")
     refs = {d: reference(args.model, tokens, args.work / f"reference-{d.replace(':', '')}", d) for d in ("cpu", "cuda:0")}
     ref_tensors = {d: load_tensors(path) for d, path in refs.items()}
     failed = 0

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO
-
-TOKEN_LENGTHS = (64, 48, 96, 32)
+from helpers import REPO, write_token_file
 
 
 @pytest.fixture(scope="session")
@@ -25,18 +22,7 @@ def smol_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def token_file(smol_dir, tmp_path_factory) -> Path:
     """A few real-text samples of different lengths as an input_ids JSONL (used verbatim)."""
-    from transformers import AutoTokenizer
-
-    from nvfp4_pp.calib import builtin_text
-
-    ids = AutoTokenizer.from_pretrained(smol_dir)(builtin_text("pydoc")[:20000])["input_ids"]
-    path = tmp_path_factory.mktemp("data") / "tokens.jsonl"
-    with open(path, "w") as f:
-        pos = 0
-        for n in TOKEN_LENGTHS:
-            f.write(json.dumps({"input_ids": ids[pos : pos + n]}) + "\n")
-            pos += n
-    return path
+    return write_token_file(smol_dir, tmp_path_factory.mktemp("data") / "tokens.jsonl")
 
 
 @pytest.fixture(scope="session")

@@ -54,5 +54,23 @@ def tensor_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return diffs
 
 
+TOKEN_LENGTHS = (64, 48, 96, 32)
+
+
+def write_token_file(model_dir: Path, path: Path, lengths: tuple[int, ...] = TOKEN_LENGTHS) -> Path:
+    """Real-text samples of different lengths (pydoc, the model's tokenizer) as an input_ids JSONL."""
+    from transformers import AutoTokenizer
+
+    from nvfp4_pp.calib import builtin_text
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(builtin_text("pydoc")[:20000])["input_ids"]
+    with open(path, "w") as f:
+        pos = 0
+        for n in lengths:
+            f.write(json.dumps({"input_ids": ids[pos : pos + n]}) + "\n")
+            pos += n
+    return path
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

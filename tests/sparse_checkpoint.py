@@ -21,8 +21,8 @@ BEHEMOTH_X_123B = {
 def llama_like_shapes(config: dict) -> dict[str, list[int]]:
     """Every tensor name and shape of a Llama/Mistral checkpoint with this config."""
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q = config["num_attention_heads"] * config["head_dim"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
     shapes = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h]}
     if not config.get("tie_word_embeddings"):
         shapes["lm_head.weight"] = [v, h]

@@ -7,16 +7,15 @@ validation, architecture lookup, the layer split and per-rank sizes run exactly 
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO
+from sparse_checkpoint import write_sparse_checkpoint
 from nvfp4_pp.arch import architecture_of
 from nvfp4_pp.budget import GB, RankFacts, budgets
 from nvfp4_pp.config import load_config
@@ -54,47 +53,6 @@ SEEDS = {
 }
 
 
-def tensor_shapes(cfg: dict) -> dict[str, list[int]]:
-    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    head_dim = cfg.get("head_dim", h // cfg["num_attention_heads"])
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
-    shapes = {"model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h], "lm_head.weight": [vocab, h]}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h],
-            p + "self_attn.q_proj.weight": [q, h], p + "self_attn.k_proj.weight": [kv, h],
-            p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, q],
-            p + "mlp.gate_proj.weight": [inter, h], p + "mlp.up_proj.weight": [inter, h],
-            p + "mlp.down_proj.weight": [h, inter],
-        }
-    return shapes
-
-
-def write_synthetic_checkpoint(directory: Path, cfg: dict, layers_per_shard: int = 20) -> None:
-    """config.json, an index, and BF16 shards that are all header (sparse to their full size)."""
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
-    groups: dict[str, dict[str, list[int]]] = {}
-    for name, shape in tensor_shapes(cfg).items():
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        groups.setdefault(f"part{int(m.group(1)) // layers_per_shard if m else 0}", {})[name] = shape
-    weight_map = {}
-    for k, (part, tensors) in enumerate(sorted(groups.items())):
-        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        header, offset = {}, 0
-        for name, shape in tensors.items():
-            nbytes = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
-            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file
-        raw = json.dumps(header).encode()
-        with open(directory / file, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            f.truncate(8 + len(raw) + offset)
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-
-
 def target_hardware(nnodes: int, small_last: bool) -> list[RankFacts]:
     """The seeds' nodes: 128 GiB DGX Sparks (unified memory), the last one a 24 GiB RTX 3090 when asked."""
     gib = 2**30
@@ -116,7 +74,7 @@ def make_dry_run(target: str, *args: str) -> str:
 def test_seed_config_is_valid_for_the_real_model_shape(name, tmp_path):
     hf_config, billions = SEEDS[name]
     model = tmp_path / "model"
-    write_synthetic_checkpoint(model, hf_config)
+    write_sparse_checkpoint(model, hf_config)
     cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"model={model}", f"output={tmp_path / 'out'}"])
 
     command = make_dry_run(name, f"MODEL_DIR={model}", f"OUT={tmp_path / 'out'}")
