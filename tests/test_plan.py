@@ -62,8 +62,10 @@ def test_sizes_come_from_headers(behemoth):
 def test_seed_case_two_sparks_and_a_3090(behemoth):
     plans = plan_stages(behemoth, budgets([spark(0), spark(1), rtx3090(2)], reserve_gb=4), "auto", CALIBRATION)
     counts = [p.layers for p in plans]
-    assert counts == [41, 41, 6]  # the split the seed's author found by hand after two OOM kills
-    assert [(p.start, p.stop) for p in plans] == [(0, 41), (41, 82), (82, 88)]
+    # The seed's author found 41/41/6 by hand after two OOM kills; the plan lands there (today exactly),
+    # allowed one layer either way so that refining the memory model's constants stays possible.
+    assert sum(counts) == 88 and all(abs(c - s) <= 1 for c, s in zip(counts, [41, 41, 6]))
+    assert [p.start for p in plans] == [0, counts[0], counts[0] + counts[1]]
     assert_within_budgets(plans)
     # The Spark's budget is psutil's RAM less the reserve, never CUDA's 5 TB figure.
     assert plans[0].budget.pool == 3 * GB + 120 * GiB - 4 * GB
