@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -55,6 +55,14 @@ class Architecture:
     final_norm: str = "norm"
     rotary: str = "rotary_emb"
     lm_head: str = "lm_head"
+    text: Architecture | None = None
+    """For a multimodal checkpoint (`name` is the image-text class): the causal-LM architecture of its
+    language model, which builds the stages; `decoder` and `lm_head` are then the checkpoint's paths."""
+
+    @property
+    def builder(self) -> Architecture:
+        """The architecture whose transformers class builds a stage's skeleton."""
+        return self.text or self
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.decoder}.{self.layers}.{index}."
@@ -95,14 +103,47 @@ class UnsupportedArchitecture(ValueError):
     pass
 
 
-def architecture_of(hf_config: dict) -> Architecture:
-    """The Architecture for a config.json, or one clear refusal listing what is supported."""
+LANGUAGE_MODEL_PATHS = (("language_model.model", "language_model.lm_head"), ("model.language_model", "lm_head"))
+"""Where image-text checkpoints keep the language model's decoder and head: the layout transformers
+writes (and vLLM names) first, then the one transformers 4.52-4.57 saved."""
+
+
+def _language_model(hf_config: dict) -> Architecture | None:
+    """The supported causal-LM architecture of a multimodal config's `text_config`, if any."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    text = hf_config.get("text_config")
+    if "vision_config" not in hf_config or not isinstance(text, dict):
+        return None
+    return SUPPORTED.get(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.get("model_type"), ""))
+
+
+def _multimodal(name: str, text: Architecture, tensor_names: Iterable[str]) -> Architecture:
+    """`text`, re-rooted at the checkpoint's language-model paths; vision tower and projector stay outside."""
+    names = set(tensor_names)
+    for decoder, lm_head in LANGUAGE_MODEL_PATHS:
+        if any(n.startswith(f"{decoder}.{text.layers}.") for n in names):
+            return dataclasses.replace(text, name=name, decoder=decoder, lm_head=lm_head, text=text)
+    raise UnsupportedArchitecture(
+        f"{name}: no language-model layers under {' or '.join(d + '.layers' for d, _ in LANGUAGE_MODEL_PATHS)} "
+        "in the checkpoint; is it a complete Hugging Face checkpoint?"
+    )
+
+
+def architecture_of(hf_config: dict, tensor_names: Iterable[str] = ()) -> Architecture:
+    """The Architecture for a config.json (and, for multimodal checkpoints, its tensor names), or one
+    clear refusal listing what is supported."""
     names = hf_config.get("architectures") or []
     for name in names:
         if name in SUPPORTED:
             return SUPPORTED[name]
+    text = _language_model(hf_config)
+    if text is not None and names:
+        return _multimodal(names[0], text, tensor_names)
     if "vision_config" in hf_config or "audio_config" in hf_config:
-        kind = "a multimodal model; quantizing its language model alone is not implemented yet"
+        text_type = (hf_config.get("text_config") or {}).get("model_type", "(none)")
+        kind = (f"a multimodal model whose language model ({text_type!r}) is not one of the supported "
+                "decoders; vision models are quantized through their language model only")
     elif any(hf_config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
         kind = "a mixture-of-experts model"
     elif hf_config.get("is_encoder_decoder"):
@@ -111,5 +152,6 @@ def architecture_of(hf_config: dict) -> Architecture:
         kind = "not a decoder nvfp4_pp knows"
     raise UnsupportedArchitecture(
         f"architecture {names or '(none in config.json)'} is not supported ({kind}); nvfp4_pp quantizes "
-        f"dense decoder-only text models: {', '.join(sorted(SUPPORTED))}"
+        f"dense decoder-only text models ({', '.join(sorted(SUPPORTED))}) and image-text models built "
+        "on one of them (their vision tower and projector stay BF16)"
     )

@@ -81,7 +81,7 @@ class ModelSizes:
     @classmethod
     def from_source(cls, source: SourceCheckpoint, arch: Architecture) -> ModelSizes:
         """Sizes from config.json and the safetensors headers (no tensor is read)."""
-        c = source.config
+        c = source.text_config
         n = c["num_hidden_layers"]
         layer_bytes, linear_bytes, linears = [0] * n, [0] * n, [0] * n
         embed = head = largest = 0

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import __version__, budget, dist
 from .arch import UnsupportedArchitecture, architecture_of
@@ -134,11 +133,13 @@ def plan_run(cfg: RunConfig, info: dist.RankInfo, source: SourceCheckpoint, arch
     return everywhere(info, plan)
 
 
-def excluded_modules(stage: nn.Module, quantized: list[str], lm_head: str, is_last: bool) -> list[str]:
-    """Linears and embeddings of this stage left in BF16 (lm_head always, on the last rank)."""
-    keep = {n for n, m in stage.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
-    out = sorted(keep - set(quantized))
-    return out + [lm_head] if is_last else out
+def excluded_modules(owned: list[str], source: SourceCheckpoint, quantized: list[str], lm_head: str,
+                     is_last: bool) -> list[str]:
+    """Modules this rank writes in BF16 that a loader could take for quantized Linears: every 2-D
+    weight it owns and did not quantize (embeddings; an image-text model's vision tower and
+    projector), and lm_head (tied or not) on the last rank."""
+    out = {n.removesuffix(".weight") for n in owned if n.endswith(".weight") and len(source.shape(n)) == 2}
+    return sorted((out - set(quantized)) | ({lm_head} if is_last else set()))
 
 
 def check_output(cfg: RunConfig, overwrite: bool) -> None:
@@ -182,10 +183,10 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
 
     def prepare() -> tuple:
         source = SourceCheckpoint(cfg.model)
-        arch = architecture_of(source.config)
-        if "num_hidden_layers" not in source.config:
+        arch = architecture_of(source.config, source.weight_map)
+        if "num_hidden_layers" not in source.text_config:
             raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
-        check_split(source.config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
+        check_split(source.text_config["num_hidden_layers"], info.world_size, cfg.pipeline.layers)
         source.require_tokenizer()  # checked now: verification would refuse the output at the very end
         return get_format(cfg.format), source, arch
 
@@ -199,7 +200,7 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     def prepare_samples() -> tuple[int, int, int, str]:
         nonlocal batches  # token ids exist on the first rank only; the others get hidden states
         samples = load_samples(cfg.calibration, cfg.model)
-        limit = source.config.get("max_position_embeddings")
+        limit = source.text_config.get("max_position_embeddings")
         longest = max(map(len, samples))
         if limit and longest > limit:
             raise CalibrationDataError(
@@ -259,7 +260,7 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
             result = export_stage(stage, owned, source, fmt, writer)
             shards = [{**s, "sha256": sha256_of(rank_dir / s["file"])} for s in writer.shards]
             state.record("export", {"shards": shards, "excluded": excluded_modules(
-                stage, result["quantized"], arch.lm_head, info.is_last)})
+                owned, source, result["quantized"], arch.lm_head, info.is_last)})
     del stage
     if args.stop_after == "export":
         return stopped_after("export", info)

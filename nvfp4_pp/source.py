@@ -5,6 +5,7 @@ Tensor sizes come from the safetensors headers, so planning never reads a weight
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -77,6 +78,17 @@ class SourceCheckpoint:
             raise SourceError(f"no *.safetensors files in {self.path}; only safetensors sources are supported")
         return {name: f.name for f in files for name in self.header(f.name)}
 
+    @functools.cached_property
+    def text_config(self) -> dict:
+        """The language model's config: config.json itself, or for an image-text checkpoint its
+        `text_config` completed by transformers (checkpoints omit fields left at their defaults, e.g.
+        Gemma-3's attention heads), since sizes and layer counts are read from it."""
+        if "text_config" not in self.config:
+            return self.config
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path).get_text_config().to_dict()
+
     def require_tokenizer(self) -> None:
         """vLLM cannot serve a checkpoint without its tokenizer; say so before any work is done."""
         has_config = (self.path / "tokenizer_config.json").is_file()
@@ -90,6 +102,9 @@ class SourceCheckpoint:
         if file not in self._headers:
             self._headers[file] = read_safetensors_header(self.path / file)
         return self._headers[file]
+
+    def shape(self, name: str) -> list[int]:
+        return self.header(self.weight_map[name])[name]["shape"]
 
     def nbytes(self, name: str) -> int:
         """Bytes of one tensor, from its shard's header."""

@@ -1,7 +1,8 @@
 """One rank's slice of the model: embeddings (first rank), its decoder layers, nothing else.
 
 The model skeleton is built on the meta device (no memory) from the checkpoint's own transformers
-class, the stage keeps only its own modules under their real global names (`model.layers.41...`),
+class (for an image-text checkpoint, its language model's causal-LM class), the stage keeps only its
+own modules under their real global names (`model.layers.41...`, `language_model.model.layers.41...`),
 and their tensors are streamed from the safetensors shards straight onto the stage's device.
 """
 
@@ -76,7 +77,8 @@ class Stage(nn.Module):
 
 
 def load_hf_config(source: SourceCheckpoint, arch: Architecture):
-    config = AutoConfig.from_pretrained(source.path)
+    """The language model's transformers config (an image-text checkpoint's `text_config`)."""
+    config = AutoConfig.from_pretrained(source.path).get_text_config()
     config._attn_implementation = arch.attn_implementation
     return config
 
@@ -103,10 +105,10 @@ def build_stage(
     """Build layers [start, stop) on `device`, reading only their tensors from disk."""
     hf_config = load_hf_config(source, arch)
     dtype = getattr(hf_config, "dtype", None) or torch.bfloat16
-    model_class = getattr(transformers, arch.name)
+    model_class = getattr(transformers, arch.builder.name)
     with torch.device("meta"):
         skeleton = model_class._from_config(hf_config, dtype=dtype, attn_implementation=arch.attn_implementation)
-    decoder = skeleton.get_submodule(arch.decoder)
+    decoder = skeleton.get_submodule(arch.builder.decoder)
     stage = Stage(hf_config, arch, decoder, start, stop)
     _materialize_non_persistent_buffers(stage, skeleton, device)
     names = list(stage.state_dict().keys())

@@ -146,25 +146,50 @@ def _schema_problems(qc: dict) -> list[str]:
     return []
 
 
-def _linear_modules(directory: Path, problems: list[str]) -> tuple[dict[str, tuple[int, int]], dict[str, tuple], set[str]] | None:
-    """(Linear name -> (out, in), parameter name -> shape, tied parameter names) from config.json, on meta."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _checkpoint_names(model: torch.nn.Module, stored: set[str]) -> dict[str, str]:
+    """In-memory parameter name -> the name a checkpoint stores it under.
+
+    transformers renames some models' weights on load (image-text models: `language_model.model.*`
+    on disk, `model.language_model.*` in memory) and back on save; checkpoints of either layout
+    exist, so the one sharing more names with `stored` is taken.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {n: torch.empty(0, device="meta") for n in model.state_dict(keep_vars=True)}
+    by_tensor = {id(t): n for n, t in state.items()}
+    try:
+        reverted = revert_weight_conversion(model, dict(state))
+    except Exception:  # conversions that need real tensors (fused experts): keep the in-memory names
+        return {n: n for n in state}
+    on_disk = {by_tensor[id(t)]: n for n, t in reverted.items() if id(t) in by_tensor}
+    if len(on_disk) != len(state) or len(set(on_disk.values()) & stored) <= len(set(state) & stored):
+        return {n: n for n in state}
+    return on_disk
+
+
+def _linear_modules(directory: Path, tensors: dict[str, dict] | None, problems: list[str]) -> tuple[dict[str, tuple[int, int]], dict[str, tuple], set[str]] | None:
+    """(Linear name -> (out, in), parameter name -> shape, tied parameter names) from config.json, on
+    meta, under the names the checkpoint stores them."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     try:
         config = AutoConfig.from_pretrained(directory)
         config.quantization_config = None
+        auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto.from_config(config)
     except Exception as e:  # transformers raises many types for configs it cannot build
         problems.append(f"config.json: transformers cannot build the model from it ({type(e).__name__}: {e})")
         return None
-    linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    name = _checkpoint_names(model, set(tensors or ()))
+    linears = {name.get(f"{n}.weight", f"{n}.weight").removesuffix(".weight"): (m.out_features, m.in_features)
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    params = {name.get(n, n): tuple(p.shape) for n, p in model.named_parameters()}
     tied = set()
     seen: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
-            tied.add(n)
+            tied.add(name.get(n, n))
         seen.setdefault(id(p), n)
     return linears, params, tied
 
@@ -335,7 +360,7 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
         problems.append("config.json quantization_config: missing; vLLM would load the model unquantized")
         return problems
     method, ignore = _check_quant_config(directory, qc, problems)
-    model = _linear_modules(directory, problems)
+    model = _linear_modules(directory, tensors, problems)
     if method is None or model is None or tensors is None:
         return problems
     _check_ignore_agrees(model[0], ignore, method, problems)

@@ -18,10 +18,13 @@ def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implement
                        device: str = "cpu") -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
-                                                 attn_implementation=attn_implementation)
+    # Image-text models are quantized whole, as modelopt's hf_ptq does: its default config leaves
+    # vision towers and projectors unquantized, and text-only samples drive the language model.
+    image_text = hasattr(AutoConfig.from_pretrained(model_dir), "vision_config")
+    auto = AutoModelForImageTextToText if image_text else AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=attn_implementation)
     model.eval().to(device)
     with open(tokens) as f:
         samples = [torch.tensor([json.loads(line)["input_ids"]], device=device) for line in f if line.strip()]

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
-from tiny_models import TINY, tiny_config, write_tiny_model, write_token_file
+from tiny_models import (TINY, TINY_IMAGE_TEXT, tiny_config, write_tiny_image_text_model,
+                         write_tiny_model, write_token_file)
 
 from nvfp4_pp.arch import SUPPORTED, UnsupportedArchitecture, architecture_of
 
@@ -107,11 +108,96 @@ def test_three_ranks_identical_to_single_process_modelopt(arch, tiny_models, tin
     assert reference_excluded <= excluded and excluded - reference_excluded <= {"model.embed_tokens"}
 
 
+IMAGE_TEXT = [(arch, False) for arch in sorted(TINY_IMAGE_TEXT)] + [("Mistral3ForConditionalGeneration", True)]
+"""(class, saved in transformers 4.52-4.57's `model.language_model.*` layout)."""
+
+
+def _case(arch: str, new_layout: bool) -> str:
+    return arch + ("-new-layout" if new_layout else "")
+
+
+@pytest.fixture(scope="session")
+def image_text_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny-image-text")
+    return {_case(*c): write_tiny_image_text_model(c[0], root / _case(*c), new_layout=c[1]) for c in IMAGE_TEXT}
+
+
+@pytest.fixture(scope="session")
+def image_text_references(image_text_models, tiny_tokens, tmp_path_factory) -> dict:
+    """modelopt's single-process export of each whole image-text model (one process)."""
+    root = tmp_path_factory.mktemp("tiny-image-text-references")
+    refs = {case: root / case for case in image_text_models}
+    args = [str(a) for case, model in image_text_models.items() for a in (model, tiny_tokens, refs[case], "sdpa")]
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return refs
+
+
+@pytest.mark.parametrize("arch,new_layout", IMAGE_TEXT, ids=[_case(*c) for c in IMAGE_TEXT])
+def test_image_text_stages_compute_the_language_models_forward(arch, new_layout, image_text_models):
+    from transformers import AutoModelForImageTextToText
+
+    from nvfp4_pp.source import SourceCheckpoint
+    from nvfp4_pp.stage import build_stage
+
+    model_dir = image_text_models[_case(arch, new_layout)]
+    source = SourceCheckpoint(model_dir)
+    spec = architecture_of(source.config, source.weight_map)
+    assert spec.name == arch and spec.decoder == ("model.language_model" if new_layout else "language_model.model")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    after_layer = {}
+    for i, layer in enumerate(model.model.language_model.layers):
+        layer.register_forward_hook(lambda m, args, out, i=i: after_layer.__setitem__(i, out))
+    ids = torch.arange(3, 43).unsqueeze(0)
+    with torch.no_grad():
+        model(input_ids=ids)
+        x = ids
+        for start, stop in SPLIT:
+            stage = build_stage(source, spec, start, stop, torch.device("cpu"))
+            assert all(n.startswith(spec.decoder) for n in stage.state_dict())
+            x = stage(x)
+            assert torch.equal(x, after_layer[stop - 1]), f"{arch}: stage {start}-{stop - 1} differs"
+
+
+@pytest.mark.parametrize("arch,new_layout", IMAGE_TEXT, ids=[_case(*c) for c in IMAGE_TEXT])
+def test_image_text_language_model_quantized_rest_kept(arch, new_layout, image_text_models, tiny_tokens,
+                                                      image_text_references, tmp_path):
+    """3 ranks quantize the language model exactly as modelopt does for the whole model, in the
+    source's own tensor layout (as modelopt keeps it); the vision tower and projector are the
+    source's BF16 bits and listed in the ignore list; verify passes."""
+    from nvfp4_pp.verify import verify
+
+    case = _case(arch, new_layout)
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "run.yaml", model=str(image_text_models[case]), output=str(out), format="modelopt",
+        calibration={"dataset": str(tiny_tokens), "samples": 16, "max_length": 64, "batch_size": 1},
+    )
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    ours, source = load_tensors(out), load_tensors(image_text_models[case])
+    assert set(ours) >= set(source) - {k for k in source if k.endswith(".weight") and
+                                       k.removesuffix(".weight") + ".weight_scale" in ours}
+    assert tensor_differences(ours, load_tensors(image_text_references[case])) == []
+    input_scales = [k for k in ours if k.endswith(".input_scale")]
+    assert len(input_scales) == 6 * LINEARS_PER_LAYER and all("language_model" in k for k in input_scales)
+    outside = [k for k in source if "vision_tower" in k or "multi_modal_projector" in k]
+    assert outside and all(torch.equal(ours[k], source[k]) for k in outside)
+
+    excluded = read_json(out / "config.json")["quantization_config"]["exclude_modules"]
+    vision_linears = {k.removesuffix(".weight") for k in outside if k.endswith(".weight") and source[k].dim() == 2}
+    assert vision_linears and vision_linears <= set(excluded)
+    assert verify(out, image_text_models[case]) == []
+
+
 @pytest.mark.parametrize("config,kind", [
     ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 8}, "mixture-of-experts"),
     ({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128}, "mixture-of-experts"),
     ({"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}, "encoder-decoder"),
-    ({"architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {}}, "multimodal"),
+    ({"architectures": ["Qwen2VLForConditionalGeneration"], "vision_config": {},
+      "text_config": {"model_type": "qwen2_vl_text"}}, "multimodal model whose language model ('qwen2_vl_text')"),
     ({"architectures": ["LlavaForConditionalGeneration"], "vision_config": {}}, "multimodal"),
     ({"architectures": ["GPT2LMHeadModel"]}, "not a decoder nvfp4_pp knows"),
     ({}, "not a decoder nvfp4_pp knows"),

@@ -46,6 +46,68 @@ TINY = {
 }
 
 
+LEGACY_TO_NEW_LAYOUT = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                        ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+"""Image-text tensor names as transformers writes them (and vLLM reads them) -> as 4.52-4.57 wrote them."""
+
+
+def _mistral3_config():
+    import transformers
+
+    text = transformers.MistralConfig(**COMMON, sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=16, image_size=32, patch_size=8)
+    return transformers.Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                       image_token_index=COMMON["vocab_size"] + 44, spatial_merge_size=2,
+                                       tie_word_embeddings=False)  # as Mistral-Small-3.1: its own lm_head
+
+
+def _gemma3_image_text_config():
+    import transformers
+
+    text = transformers.Gemma3TextConfig(**TINY["Gemma3ForCausalLM"][1], **COMMON)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    return transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                                     image_token_index=COMMON["vocab_size"] + 44, boi_token_index=1, eoi_token_index=2)
+
+
+TINY_IMAGE_TEXT = {
+    # Mistral-Small-3.1 / Mistral-Medium-3 style: Pixtral vision tower + Mistral decoder
+    "Mistral3ForConditionalGeneration": _mistral3_config,
+    # Gemma-3 4B-27B: SigLIP vision tower + Gemma3 decoder (scaled embeddings, local/global rope)
+    "Gemma3ForConditionalGeneration": _gemma3_image_text_config,
+}
+
+
+def write_tiny_image_text_model(arch: str, target: Path, new_layout: bool = False, seed: int = 0) -> Path:
+    """Random-weight BF16 image-text checkpoint; `new_layout` renames its tensors as transformers 4.52-4.57 saved them."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    config = TINY_IMAGE_TEXT[arch]()
+    config.architectures = [arch]
+    model = getattr(transformers, arch)(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(target)
+    write_tiny_tokenizer(target, config.text_config.vocab_size)
+    if new_layout:
+        tensors = load_file(target / "model.safetensors")
+        renamed = {}
+        for name, tensor in tensors.items():
+            for old, new in LEGACY_TO_NEW_LAYOUT:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+            renamed[name] = tensor
+        save_file(renamed, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
 def tiny_config(arch: str):
     import transformers
 
