@@ -6,12 +6,14 @@ The numbers come from modelopt's own export helpers (the same functions its sing
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from .formats import CheckpointFormat, QuantizedLinear
+from .log import logger
 from .source import SourceCheckpoint
 from .writer import ShardWriter
 
@@ -59,8 +61,17 @@ def fuse_shared_inputs(stage: nn.Module) -> list[list[str]]:
     return groups
 
 
+EXPORT_CHUNK_ELEMENTS = 2**25
+"""Weight elements packed at once. modelopt's packing holds ~13 bytes per element in temporaries
+(fp32 copies, bucket indices); a 28672 x 8192 Linear at once would add 3 GB to the stage's peak."""
+
+
 def quantize_linear(module: nn.Module, dtype: torch.dtype) -> QuantizedLinear:
-    """Pack one calibrated Linear as NVFP4 with modelopt's scale and packing functions."""
+    """Pack one calibrated Linear as NVFP4 with modelopt's scale and packing functions.
+
+    With the per-tensor scale fixed, block scales and codes of a row depend on that row alone, so
+    packing row chunks gives modelopt's whole-tensor bytes with a bounded temporary.
+    """
     from modelopt.torch.export.quant_utils import (
         QUANTIZATION_NVFP4,
         get_activation_scaling_factor,
@@ -70,21 +81,35 @@ def quantize_linear(module: nn.Module, dtype: torch.dtype) -> QuantizedLinear:
         get_weight_scaling_factor_2,
         to_quantized_weight,
     )
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
     fmt = get_quantization_format(module)
     if fmt != QUANTIZATION_NVFP4:
         raise NotImplementedError(f"quantization format {fmt!r} is not exported yet; only NVFP4 is")
-    weight_scale_2 = get_weight_scaling_factor_2(module).squeeze()
-    weight_scale = get_weight_scaling_factor(module)
-    packed = to_quantized_weight(
-        module.weight.to(dtype), weight_scale, fmt, weight_scale_2, get_weight_block_size(module)
-    )
     input_scale = get_activation_scaling_factor(module)
     if input_scale is None:
         raise RuntimeError(f"{module.name}: input quantizer has no calibrated amax; calibration saw no data")
+    weight_scale_2 = get_weight_scaling_factor_2(module).squeeze()
+    block = get_weight_block_size(module)
+    quantizer = module.weight_quantizer
+    if NVFP4QTensor._is_static_quantizer(quantizer):  # per-block amaxes stored whole: pack whole
+        weight_scale = get_weight_scaling_factor(module)
+        packed = to_quantized_weight(module.weight.to(dtype), weight_scale, fmt, weight_scale_2, block).cpu()
+        weight_scale = weight_scale.cpu()
+    else:
+        global_scale = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
+        rows = max(1, EXPORT_CHUNK_ELEMENTS // module.weight.shape[1])
+        scales, codes = [], []
+        for start in range(0, module.weight.shape[0], rows):
+            chunk = module.weight[start : start + rows].to(dtype)
+            scale = NVFP4QTensor.get_weights_scaling_factor_from_quantizer(
+                quantizer, chunk, global_scale.to(chunk.device))[0]
+            codes.append(to_quantized_weight(chunk, scale, fmt, weight_scale_2, block).cpu())
+            scales.append(scale.cpu())
+        packed, weight_scale = torch.cat(codes), torch.cat(scales)
     return QuantizedLinear(
-        weight=packed.cpu(),
-        weight_scale=weight_scale.cpu(),
+        weight=packed,
+        weight_scale=weight_scale,
         weight_scale_2=weight_scale_2.float().cpu(),
         input_scale=input_scale.squeeze().float().cpu(),
     )
@@ -101,6 +126,7 @@ def export_stage(
 
     Returns the module names that were quantized and the shared-input groups (for the config).
     """
+    started = time.perf_counter()
     fused = fuse_shared_inputs(stage)
     dtype = next(stage.parameters()).dtype
     quantized = []
@@ -115,4 +141,7 @@ def export_stage(
     for start in range(0, len(passthrough), 64):
         writer.add(source.load(passthrough[start : start + 64], "cpu"))
     writer.flush()
+    total = sum(s["bytes"] for s in writer.shards)
+    logger.info("export: %d Linears packed and %.2f GB written in %.1f s, of which %.1f s writing shards",
+                len(quantized), total / 1e9, time.perf_counter() - started, writer.write_seconds)
     return {"quantized": quantized, "fused_groups": fused}

@@ -12,9 +12,9 @@ measured peaks by tests/test_budget_run.py on CPU):
   widest Linear input while its quantizer takes the amax.
 - calibration transient: a weight quantizer's amax pass holds an fp32 copy of its Linear (2x the
   BF16 bytes, largest Linear).
-- export transient: packing one Linear to NVFP4 (modelopt's NVFP4QTensor.quantize) holds about
-  13 bytes per weight element at once (fp32 scaled copy, int32 bucket index, 3 comparison bytes,
-  sign, codes): 7x that Linear's BF16 bytes, taken for the largest Linear.
+- export transient: packing to NVFP4 (modelopt's NVFP4QTensor.quantize) holds about 13 bytes per
+  weight element at once (fp32 scaled copy, int32 bucket index, 3 comparison bytes, sign, codes):
+  7x the BF16 bytes of what is packed at once, a row chunk of at most export.EXPORT_CHUNK_ELEMENTS.
 - export buffer: the ShardWriter holds packed tensors on the host until a shard is full
   (`writer.DEFAULT_SHARD_BYTES`), so at most min(shard cap, everything the rank writes).
   On a CUDA stage each Linear's BF16 weight is freed as it is packed, and the buffer grows by
@@ -38,6 +38,7 @@ import math
 
 from .arch import Architecture
 from .source import SourceCheckpoint
+from .export import EXPORT_CHUNK_ELEMENTS
 from .writer import DEFAULT_SHARD_BYTES
 
 PACKED_PER_BF16_BYTE = 0.25 + 1 / 32
@@ -170,7 +171,7 @@ def stage_need(
     weights = sum(layers) + (s.embed_bytes if first else 0)
     quantizers = QUANTIZER_BYTES * s.layer_linears * len(layers)
     activations = activation_bytes(s, workload, sends=not last)
-    transient = EXPORT_TRANSIENT_PER_BF16_BYTE * s.largest_linear
+    transient = EXPORT_TRANSIENT_PER_BF16_BYTE * min(s.largest_linear, EXPORT_CHUNK_ELEMENTS * s.dtype_bytes)
     written = math.ceil(linear * PACKED_PER_BF16_BYTE) + (sum(layers) - linear)
     written += (s.embed_bytes if first else 0) + (s.head_bytes if last else 0)
     buffer = min(max(DEFAULT_SHARD_BYTES, s.embed_bytes, s.head_bytes), written)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Callable
 
 import torch
+
+from .log import logger
 
 RECIPES = ("nvfp4",)
 
@@ -35,11 +38,19 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
     """
     import modelopt.torch.quantization as mtq
 
+    marks = [time.perf_counter()]
+
     def loop(model: torch.nn.Module) -> None:
+        marks.append(time.perf_counter())
         with running_max_collection(model):
             forward_loop(model)
+        marks.append(time.perf_counter())
 
     mtq.quantize(stage, modelopt_config(), loop)
+    marks.append(time.perf_counter())
+    if len(marks) == 4:  # where the phase's time goes, beside the loop's own tokens/s
+        logger.info("calibration: %.1f s inserting quantizers and reading weight amaxes, %.1f s in the loop, "
+                    "%.1f s closing statistics", marks[1] - marks[0], marks[2] - marks[1], marks[3] - marks[2])
 
 
 @contextlib.contextmanager

@@ -258,7 +258,9 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
             owned = [n for n in source.weight_map if owner_of(n, arch, ranges) == info.rank]
             writer = ShardWriter(rank_dir, prefix=f"rank{info.rank:03d}")
             result = export_stage(stage, owned, source, fmt, writer)
+            t0 = time.perf_counter()
             shards = [{**s, "sha256": sha256_of(rank_dir / s["file"])} for s in writer.shards]
+            logger.info("export: shard checksums in %.1f s", time.perf_counter() - t0)
             state.record("export", {"shards": shards, "excluded": excluded_modules(
                 owned, source, result["quantized"], arch.lm_head, info.is_last)})
     del stage

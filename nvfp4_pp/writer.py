@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ class ShardWriter:
         self._buffered = 0
         self.shards: list[dict] = []
         """One entry per written file: {"file", "tensors": [names], "bytes"}."""
+        self.write_seconds = 0.0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
@@ -70,11 +72,13 @@ class ShardWriter:
         name = f"{self.prefix}-{len(self.shards) + 1:05d}.safetensors"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
+        started = time.perf_counter()
         with write_errors_named(final, self._buffered):
             try:
                 save_file(self._buffer, str(tmp), metadata={"format": "pt"})
                 os.replace(tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)
+        self.write_seconds += time.perf_counter() - started
         self.shards.append({"file": name, "tensors": sorted(self._buffer), "bytes": self._buffered})
         self._buffer, self._buffered = {}, 0

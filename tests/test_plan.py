@@ -62,10 +62,14 @@ def test_sizes_come_from_headers(behemoth):
 def test_seed_case_two_sparks_and_a_3090(behemoth):
     plans = plan_stages(behemoth, budgets([spark(0), spark(1), rtx3090(2)], reserve_gb=4), "auto", CALIBRATION)
     counts = [p.layers for p in plans]
-    # The seed's author found 41/41/6 by hand after two OOM kills; the plan lands there (today exactly),
-    # allowed one layer either way so that refining the memory model's constants stays possible.
-    assert sum(counts) == 88 and all(abs(c - s) <= 1 for c, s in zip(counts, [41, 41, 6]))
+    # The seed's author found 41/41/6 by hand after two OOM kills. Packing in row chunks needs far
+    # less export scratch than a whole 12288 x 28672 Linear, so the 3090 takes a little more and the
+    # slowest stage gets shorter: within two layers of the hand split, and never a longer stage.
+    assert sum(counts) == 88 and all(abs(c - s) <= 2 for c, s in zip(counts, [41, 41, 6]))
+    assert max(counts) <= 41 and counts[2] == min(counts)
     assert [p.start for p in plans] == [0, counts[0], counts[0] + counts[1]]
+    check = plan_stages(behemoth, budgets([spark(0), spark(1), rtx3090(2)], reserve_gb=4), [41, 41, 6], CALIBRATION)
+    assert_within_budgets(check)  # the hand split is accepted too
     assert_within_budgets(plans)
     # The Spark's budget is psutil's RAM less the reserve, never CUDA's 5 TB figure.
     assert plans[0].budget.pool == 3 * GB + 120 * GiB - 4 * GB
@@ -88,7 +92,7 @@ def test_smallest_node_gets_smallest_slice_wherever_it_sits(behemoth):
     for order in ([rtx3090, spark, spark], [spark, rtx3090, spark]):
         plans = plan_stages(behemoth, budgets([f(r) for r, f in enumerate(order)], reserve_gb=4), "auto", CALIBRATION)
         small = order.index(rtx3090)
-        assert plans[small].layers == min(p.layers for p in plans) <= 6
+        assert plans[small].layers == min(p.layers for p in plans) <= 8
         assert_within_budgets(plans)
 
 
