@@ -30,7 +30,7 @@ def modelopt_config(recipe: str = "nvfp4") -> dict:
     return cfg
 
 
-def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None]) -> None:
+def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None]) -> float:
     """Insert quantizers into `stage` and collect statistics inside `forward_loop`.
 
     The loop must run inside `mtq.quantize`: statistics are gathered only while modelopt drives
@@ -48,9 +48,10 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
 
     mtq.quantize(stage, modelopt_config(), loop)
     marks.append(time.perf_counter())
-    if len(marks) == 4:  # where the phase's time goes, beside the loop's own tokens/s
-        logger.info("calibration: %.1f s inserting quantizers and reading weight amaxes, %.1f s in the loop, "
-                    "%.1f s closing statistics", marks[1] - marks[0], marks[2] - marks[1], marks[3] - marks[2])
+    # Where the phase's time goes; returns the seconds spent in the loop(s).
+    logger.info("calibration: %.1f s inserting quantizers and reading weight amaxes, %.1f s in the loop, "
+                "%.1f s closing statistics", marks[1] - marks[0], marks[-2] - marks[1], marks[-1] - marks[-2])
+    return sum(b - a for a, b in zip(marks[1:-1:2], marks[2:-1:2]))
 
 
 @contextlib.contextmanager

@@ -239,7 +239,8 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     else:
         with phase("calibrate"):
             state.forget("calibrate", "export")
-            calibrate(stage, lambda model: traffic.update(run_pipeline(model, info, batches, num_batches)))
+            phases["calibration loop"] = calibrate(
+                stage, lambda model: traffic.update(run_pipeline(model, info, batches, num_batches)))
             state.save_quantizers(stage)
             state.record("calibrate", {"traffic": traffic})
     health = calibration_health(stage)
