@@ -140,8 +140,9 @@ def export_stage(
     passthrough = [n for n in owned if n not in replaced]
     for start in range(0, len(passthrough), 64):
         writer.add(source.load(passthrough[start : start + 64], "cpu"))
-    writer.flush()
+    writer.close()
     total = sum(s["bytes"] for s in writer.shards)
-    logger.info("export: %d Linears packed and %.2f GB written in %.1f s, of which %.1f s writing shards",
-                len(quantized), total / 1e9, time.perf_counter() - started, writer.write_seconds)
+    logger.info("export: %d Linears packed and %.2f GB written in %.1f s (writer threads busy %.1f s "
+                "writing and checksumming)", len(quantized), total / 1e9, time.perf_counter() - started,
+                writer.write_seconds)
     return {"quantized": quantized, "fused_groups": fused}

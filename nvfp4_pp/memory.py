@@ -16,7 +16,8 @@ measured peaks by tests/test_budget_run.py on CPU):
   weight element at once (fp32 scaled copy, int32 bucket index, 3 comparison bytes, sign, codes):
   7x the BF16 bytes of what is packed at once, a row chunk of at most export.EXPORT_CHUNK_ELEMENTS.
 - export buffer: the ShardWriter holds packed tensors on the host until a shard is full
-  (`writer.DEFAULT_SHARD_BYTES`), so at most min(shard cap, everything the rank writes).
+  (`writer.DEFAULT_SHARD_BYTES`) and up to `writer.WRITE_WORKERS` full shards while its threads
+  write them, so at most min((workers + 1) x shard cap, everything the rank writes).
   On a CUDA stage each Linear's BF16 weight is freed as it is packed, and the buffer grows by
   at most 0.3 of what is freed: on a unified-memory device it therefore never raises the peak,
   on a discrete GPU it lives in host RAM. On a CPU stage the weights are memory-mapped from the
@@ -39,7 +40,7 @@ import math
 from .arch import Architecture
 from .source import SourceCheckpoint
 from .export import EXPORT_CHUNK_ELEMENTS
-from .writer import DEFAULT_SHARD_BYTES
+from .writer import DEFAULT_SHARD_BYTES, WRITE_WORKERS
 
 PACKED_PER_BF16_BYTE = 0.25 + 1 / 32
 """NVFP4 bytes written per BF16 weight byte: 4-bit codes plus one FP8 scale per 16 values."""
@@ -174,7 +175,7 @@ def stage_need(
     transient = EXPORT_TRANSIENT_PER_BF16_BYTE * min(s.largest_linear, EXPORT_CHUNK_ELEMENTS * s.dtype_bytes)
     written = math.ceil(linear * PACKED_PER_BF16_BYTE) + (sum(layers) - linear)
     written += (s.embed_bytes if first else 0) + (s.head_bytes if last else 0)
-    buffer = min(max(DEFAULT_SHARD_BYTES, s.embed_bytes, s.head_bytes), written)
+    buffer = min((WRITE_WORKERS + 1) * max(DEFAULT_SHARD_BYTES, s.embed_bytes, s.head_bytes), written)
     wire = s.dtype_bytes * workload.tokens * s.hidden * (SENDS_IN_FLIGHT + 1) if wire_on_host else 0
 
     # Calibration (activations + the weight quantizers' amax pass) and export never overlap.

@@ -38,7 +38,7 @@ from .resume import StaleWorkState, WorkState
 from .source import SourceCheckpoint, SourceError
 from .stage import build_stage
 from .verify import verify
-from .writer import ExportWriteError, ShardWriter, sha256_of
+from .writer import ExportWriteError, ShardWriter
 
 class VerificationError(RuntimeError):
     """The assembled checkpoint breaks vLLM's loader contract; the output was not written."""
@@ -259,9 +259,7 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
             owned = [n for n in source.weight_map if owner_of(n, arch, ranges) == info.rank]
             writer = ShardWriter(rank_dir, prefix=f"rank{info.rank:03d}")
             result = export_stage(stage, owned, source, fmt, writer)
-            t0 = time.perf_counter()
-            shards = [{**s, "sha256": sha256_of(rank_dir / s["file"])} for s in writer.shards]
-            logger.info("export: shard checksums in %.1f s", time.perf_counter() - t0)
+            shards = writer.shards
             state.record("export", {"shards": shards, "excluded": excluded_modules(
                 owned, source, result["quantized"], arch.lm_head, info.is_last)})
     del stage
