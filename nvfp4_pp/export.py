@@ -17,6 +17,8 @@ from .formats import CheckpointFormat
 from .source import SourceCheckpoint
 from .writer import ShardWriter
 
+STATIC_INPUT_SCALE = ("nvfp4", "nvfp4_awq", "fp8")
+"""Schemes whose input scale comes from calibration (MXFP4 scales its inputs per block at run time)."""
 KV_CACHE_MAX_BOUND = 448.0
 """modelopt's KV-cache scale is amax / 448 (the FP8 E4M3 maximum) for its FP8 KV format."""
 
@@ -72,9 +74,7 @@ def quantize_linear(name: str, module: nn.Module, dtype: torch.dtype) -> tuple[s
     from modelopt.torch.export.unified_export_hf import _export_quantized_weight
 
     scheme = get_quantization_format(module)
-    input_q = getattr(module, "input_quantizer", None)
-    if (input_q is not None and input_q.is_enabled and not input_q._dynamic
-            and getattr(input_q, "amax", None) is None):
+    if scheme in STATIC_INPUT_SCALE and module.input_quantizer.amax is None:
         raise RuntimeError(f"{name}: input quantizer has no calibrated amax; calibration saw no data")
     _export_quantized_weight(module, dtype)
     state = {f"{name}.{k}": v for k, v in module.state_dict().items()}
