@@ -111,6 +111,15 @@ class RunConfig:
     """Directory the quantized checkpoint is written to (created atomically at the end)."""
     format: Literal["compressed-tensors", "modelopt"] = "compressed-tensors"
     """On-disk layout: `compressed-tensors` (vLLM and transformers read it) or `modelopt`."""
+    recipe: Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4", "mxfp4_mlp_fp8_attn"] = "nvfp4"
+    """Quantization recipe (a modelopt config): see nvfp4_pp/quantize.py RECIPES."""
+    recipe_overrides: dict[str, Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4"]] = dataclasses.field(
+        default_factory=dict)
+    """Module name pattern -> recipe for the Linears it matches, e.g. {"*mlp*": mxfp4, "*self_attn*": fp8}."""
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    """Module names or `*` patterns kept in BF16 (lm_head always is)."""
+    kv_cache: Union[None, Literal["fp8"]] = None
+    """`fp8`: calibrate static K and V scales in the same pass (vLLM's FP8 KV cache)."""
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     gather: GatherConfig = dataclasses.field(default_factory=GatherConfig)
@@ -120,6 +129,10 @@ class RunConfig:
             raise ConfigError("config key 'model' is empty; set it to the source checkpoint directory")
         if not self.output:
             raise ConfigError("config key 'output' is empty; set it to the output directory")
+        awq = self.recipe == "nvfp4_awq" or "nvfp4_awq" in self.recipe_overrides.values()
+        if awq and self.format == "compressed-tensors":
+            raise ConfigError("recipe nvfp4_awq keeps AWQ pre-quant scales, which compressed-tensors has no field "
+                              "for; set 'format: modelopt'")
 
 
 def _type_name(tp: Any) -> str:

@@ -3,12 +3,15 @@
 `python -m nvfp4_pp.evaluate --source MODEL --quantized DIR [--data builtin:pydoc] [--samples 32]
 [--max-length 512] [--input-scale-one] [--json FILE] [--update-card]`
 
-Every weight of the quantized model comes from DIR's safetensors files, decoded with the plain-torch
-NVFP4 decoder in nvfp4.py (never from modelopt or in-memory state). Variants:
+Every weight of the quantized model comes from DIR's safetensors files, decoded per scheme with the
+plain-torch decoders in nvfp4.py and fp8_mx.py (never from modelopt or in-memory state); the config
+says which scheme each Linear has. Variants:
 - `bf16`: the source model itself;
 - `w4a16`: decoded weights, BF16 activations (what a weight-only kernel such as Marlin computes);
-- `w4a4`: decoded weights and every quantized Linear's input quantized as NVFP4 at run time (per-16
-  blocks, FP8 block scales) with the static global scale stored in DIR (what Blackwell computes);
+- `w4a4`: decoded weights and every quantized Linear's input quantized as its scheme does at run
+  time: NVFP4 per-16 blocks with FP8 block scales and the stored static global scale (what
+  Blackwell computes), FP8 per tensor with the stored static scale, MXFP4 per-32 blocks with E8M0
+  scales; weight-only schemes (W4A16 NVFP4) leave the input in BF16 here too;
 - `w4a4-scale1` (`--input-scale-one`): the same with every input scale forced to 1.0, the public Ray
   pipeline's workaround, for comparison.
 Perplexity is exp(mean next-token NLL); KL is mean KL(P_bf16 || P_variant) over the same positions.
@@ -20,22 +23,16 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from .fp8_mx import dequantize_fp8, dequantize_mxfp4, fake_quantize_fp8_activation, fake_quantize_mxfp4_activation
 from .nvfp4 import dequantize_weight, fake_quantize_activation
 
-# Per format: the tensor suffixes of one quantized Linear -> (packed, block scale, weight scale, input
-# scale), and whether per-tensor scales are stored as reciprocals ("global scales").
-LAYOUTS = {
-    "modelopt": ((".weight", ".weight_scale", ".weight_scale_2", ".input_scale"), False),
-    "compressed-tensors": (
-        (".weight_packed", ".weight_scale", ".weight_global_scale", ".input_global_scale"), True),
-}
 EVAL_DATA = "builtin:pydoc"
 
 
@@ -43,13 +40,18 @@ class EvaluateError(ValueError):
     pass
 
 
-def format_of(directory: Path) -> str:
+def layout_of(directory: Path):
+    """What the checkpoint's config declares (layout, scheme per module), read as `verify` reads it."""
+    from .verify import _check_quant_config
+
     config = json.loads((directory / "config.json").read_text())
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    if method not in LAYOUTS:
-        raise EvaluateError(f"{directory / 'config.json'}: quantization_config.quant_method {method!r} is not "
-                            f"one of {sorted(LAYOUTS)}; is this an nvfp4_pp output?")
-    return method
+    qc = config.get("quantization_config") or {}
+    problems: list[str] = []
+    layout = _check_quant_config(directory, qc, problems) if qc else None
+    if layout is None:
+        raise EvaluateError(f"{directory / 'config.json'}: quantization_config.quant_method "
+                            f"{qc.get('quant_method')!r} is not a known layout; is this an nvfp4_pp output?")
+    return layout
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -66,27 +68,68 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 class DecodedLinear:
-    """One quantized Linear as read from disk: its decoded weight and its stored input scale."""
+    """One quantized Linear as read from disk: its decoded weight and how its input is quantized.
 
-    def __init__(self, weight: torch.Tensor, input_scale: torch.Tensor, global_form: bool):
-        self.weight, self.input_scale, self.global_form = weight, input_scale, global_form
+    `pre_scale` (AWQ) multiplies the input before anything else; `quantize_input` (None for
+    weight-only schemes) is the activation quantization a W4A4 / W8A8 kernel applies.
+    """
+
+    def __init__(self, weight: torch.Tensor, quantize_input: Callable[[torch.Tensor, bool], torch.Tensor] | None,
+                 pre_scale: torch.Tensor | None = None):
+        self.weight, self.quantize_input, self.pre_scale = weight, quantize_input, pre_scale
+
+
+def _nvfp4_input(scale: torch.Tensor, global_form: bool):
+    scale = scale.float().reshape(())
+    return lambda x, one: fake_quantize_activation(x, torch.ones_like(scale) if one else scale.to(x.device), global_form)
+
+
+def _fp8_input(scale: torch.Tensor):
+    scale = scale.float().reshape(())
+    return lambda x, one: fake_quantize_fp8_activation(x, torch.ones_like(scale) if one else scale.to(x.device))
+
+
+def decode_linear(method: str, scheme: str, module: str, tensors: dict[str, torch.Tensor]) -> DecodedLinear:
+    """Pop one Linear's tensors (names per layout and scheme) and decode them."""
+    ct = method == "compressed-tensors"
+
+    def take(suffix: str, required: bool = True) -> torch.Tensor | None:
+        name = module + suffix
+        if name not in tensors and required:
+            raise EvaluateError(f"{module} ({scheme}) lacks {name}; run nvfp4_pp.verify on it")
+        return tensors.pop(name, None)
+
+    packed_name = ".weight_packed" if ct else ".weight"
+    if scheme in ("nvfp4", "nvfp4_awq", "w4a16_nvfp4"):
+        packed, block = take(packed_name), take(".weight_scale")
+        weight = dequantize_weight(packed, block, take(".weight_global_scale" if ct else ".weight_scale_2"), ct)
+        quantize = None
+        if scheme != "w4a16_nvfp4":
+            quantize = _nvfp4_input(take(".input_global_scale" if ct else ".input_scale"), ct)
+        return DecodedLinear(weight, quantize, take(".pre_quant_scale", required=False))
+    if scheme == "fp8":
+        weight = dequantize_fp8(take(".weight"), take(".weight_scale"))
+        return DecodedLinear(weight, _fp8_input(take(".input_scale")))
+    if scheme == "mxfp4":
+        weight = dequantize_mxfp4(take(packed_name), take(".weight_scale"))
+        return DecodedLinear(weight, lambda x, one: fake_quantize_mxfp4_activation(x))
+    raise EvaluateError(f"{module}: scheme {scheme!r} has no decoder")
 
 
 def decode_checkpoint(directory: Path) -> tuple[dict[str, DecodedLinear], dict[str, torch.Tensor]]:
     """(quantized Linears by module name, every other tensor by name) of a written checkpoint."""
     directory = Path(directory)
-    (packed_sfx, block_sfx, scale_sfx, input_sfx), global_form = LAYOUTS[format_of(directory)]
+    layout = layout_of(directory)
     tensors = read_tensors(directory)
     linears: dict[str, DecodedLinear] = {}
-    for name in [n for n in tensors if n.endswith(input_sfx)]:
-        module = name.removesuffix(input_sfx)
-        try:
-            packed, block, scale, input_scale = (tensors.pop(module + s) for s in
-                                                 (packed_sfx, block_sfx, scale_sfx, input_sfx))
-        except KeyError as e:
-            raise EvaluateError(f"{directory}: {module} lacks {e.args[0]}; run nvfp4_pp.verify on it") from e
-        weight = dequantize_weight(packed, block, scale, global_form)
-        linears[module] = DecodedLinear(weight, input_scale.float().reshape(()), global_form)
+    # Every scheme of both layouts carries `.weight_scale`; the config says which scheme it is.
+    for module in sorted(n.removesuffix(".weight_scale") for n in list(tensors) if n.endswith(".weight_scale")):
+        scheme = layout.scheme_of(module)
+        if scheme is None:
+            raise EvaluateError(f"{directory}: {module} has quantized tensors but no config group; run nvfp4_pp.verify")
+        linears[module] = decode_linear(layout.method, scheme, module, tensors)
+    for name in [n for n in tensors if n.endswith((".k_scale", ".v_scale"))]:
+        tensors.pop(name)  # KV-cache scales: what the serving engine's cache uses, not weights
     return linears, tensors
 
 
@@ -123,19 +166,21 @@ def tied_names(model: nn.Module) -> set[str]:
 
 
 class ActivationQuantization:
-    """Forward pre-hooks quantizing every quantized Linear's input as NVFP4, switchable per variant."""
+    """Forward pre-hooks: AWQ pre-scales always; activation quantization when enabled (per variant)."""
 
     def __init__(self, model: nn.Module, linears: dict[str, DecodedLinear]):
         self.enabled, self.force_one = False, False
         self._handles = [model.get_submodule(name).register_forward_pre_hook(self._hook(d))
-                         for name, d in linears.items()]
+                         for name, d in linears.items() if d.quantize_input is not None or d.pre_scale is not None]
 
     def _hook(self, decoded: DecodedLinear):
         def hook(module, args):
-            if not self.enabled:
-                return None
-            scale = torch.ones_like(decoded.input_scale) if self.force_one else decoded.input_scale
-            return (fake_quantize_activation(args[0], scale.to(args[0].device), decoded.global_form), *args[1:])
+            x = args[0]
+            if decoded.pre_scale is not None:
+                x = x * decoded.pre_scale.to(x.device, x.dtype)
+            if self.enabled and decoded.quantize_input is not None:
+                x = decoded.quantize_input(x, self.force_one)
+            return (x, *args[1:])
         return hook
 
 
@@ -200,8 +245,9 @@ def evaluate(source: Path, quantized: Path, samples: list[list[int]], device: to
     return {name: {"perplexity": math.exp(t["nll"] / count), "kl": t["kl"] / count} for name, t in totals.items()}
 
 
-LABELS = {"bf16": "BF16 (source)", "w4a16": "NVFP4 W4A16 (weights only)",
-          "w4a4": "NVFP4 W4A4, calibrated input scales", "w4a4-scale1": "NVFP4 W4A4, every input scale 1.0"}
+LABELS = {"bf16": "BF16 (source)", "w4a16": "quantized weights, BF16 activations (W4A16 / W8A16)",
+          "w4a4": "quantized weights and activations (W4A4 / W8A8), calibrated input scales",
+          "w4a4-scale1": "quantized weights and activations, every input scale 1.0"}
 
 
 def table(results: dict[str, dict[str, float]]) -> Iterator[str]:

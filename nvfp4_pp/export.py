@@ -1,7 +1,9 @@
-"""One rank's calibrated stage -> NVFP4 tensors under their real global names.
+"""One rank's calibrated stage -> quantized tensors under their real global names.
 
-The numbers come from modelopt's own export helpers (the same functions its single-process
-`export_hf_checkpoint` calls), so each stage's tensors equal the one-process export's.
+The numbers come from modelopt's own export code (the per-module function its single-process
+`export_hf_checkpoint` calls for every quantized Linear, and the same fusion steps before it), so
+each stage's tensors equal the one-process export's, for every scheme a recipe produces (NVFP4,
+NVFP4-AWQ, W4A16 NVFP4, FP8, MXFP4) and for KV-cache scales.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .formats import CheckpointFormat, QuantizedLinear
+from .formats import CheckpointFormat
 from .log import logger
 from .source import SourceCheckpoint
 from .writer import ShardWriter
+
+STATIC_INPUT_SCALE = ("nvfp4", "nvfp4_awq", "fp8")
+"""Schemes whose input scale comes from calibration (MXFP4 scales its inputs per block at run time)."""
+KV_CACHE_MAX_BOUND = 448.0
+"""modelopt's KV-cache scale is amax / 448 (the FP8 E4M3 maximum) for its FP8 KV format."""
 
 
 def _quant_linears(stage: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -37,28 +44,26 @@ def dummy_input(stage) -> torch.Tensor:
 
 
 def fuse_shared_inputs(stage: nn.Module) -> list[list[str]]:
-    """Give Linears that read the same input (q/k/v, gate/up) one shared input and weight amax.
+    """Prepare Linears that read the same input (q/k/v, gate/up) as modelopt's export does.
 
     vLLM fuses them into one kernel with one global scale; modelopt's export unifies them by
-    taking the max. Groups are found as modelopt finds them: by hooking a dummy forward. A
-    stage never cuts a decoder layer, so every group lies inside one stage.
+    taking the max amax (FP8 excepted: vLLM requantizes FP8 parts itself). For AWQ it first folds
+    pre-quant scales into the previous Linear where shapes allow, and those of a shared input into
+    the layernorm before it. Groups are found as modelopt finds them: by hooking a dummy forward.
+    A stage never cuts a decoder layer, so every group lies inside one stage.
     """
-    from modelopt.torch.export.quant_utils import (
-        QUANTIZATION_FP8,
-        QUANTIZATION_NONE,
-        get_quantization_format,
-        preprocess_linear_fusion,
-    )
-    from modelopt.torch.export.unified_export_hf import collect_shared_input_modules
+    from modelopt.torch.export.quant_utils import fuse_prequant_to_linear, get_quantization_format
+    from modelopt.torch.export.unified_export_hf import _fuse_shared_input_modules, collect_shared_input_modules
 
+    scheme = get_quantization_format(stage)
+    if scheme is not None and "nvfp4_awq" in scheme:
+        fuse_prequant_to_linear(stage)
     x = dummy_input(stage)
-    input_to_linear, _ = collect_shared_input_modules(stage, lambda: stage(x))
-    groups = []
-    for modules in input_to_linear.values():
-        if len(modules) > 1 and get_quantization_format(modules[0]) not in (QUANTIZATION_FP8, QUANTIZATION_NONE):
-            preprocess_linear_fusion(modules)
-            groups.append([m.name for m in modules])
-    return groups
+    input_to_linear, output_to_layernorm = collect_shared_input_modules(stage, lambda: stage(x),
+                                                                       collect_layernorms=True)
+    fused = _fuse_shared_input_modules(stage, input_to_linear, output_to_layernorm, fuse_layernorms=True,
+                                       quantization_format=scheme)
+    return list(fused.values())
 
 
 EXPORT_CHUNK_ELEMENTS = 2**25
@@ -66,53 +71,78 @@ EXPORT_CHUNK_ELEMENTS = 2**25
 (fp32 copies, bucket indices); a 28672 x 8192 Linear at once would add 3 GB to the stage's peak."""
 
 
-def quantize_linear(module: nn.Module, dtype: torch.dtype) -> QuantizedLinear:
-    """Pack one calibrated Linear as NVFP4 with modelopt's scale and packing functions.
+def _nvfp4_in_row_chunks(name: str, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Plain NVFP4 packed as modelopt's export packs it, a row chunk at a time.
 
     With the per-tensor scale fixed, block scales and codes of a row depend on that row alone, so
-    packing row chunks gives modelopt's whole-tensor bytes with a bounded temporary.
+    the chunks together are modelopt's whole-tensor bytes while the temporaries stay bounded.
     """
     from modelopt.torch.export.quant_utils import (
         QUANTIZATION_NVFP4,
         get_activation_scaling_factor,
-        get_quantization_format,
         get_weight_block_size,
-        get_weight_scaling_factor,
         get_weight_scaling_factor_2,
         to_quantized_weight,
     )
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
-    fmt = get_quantization_format(module)
-    if fmt != QUANTIZATION_NVFP4:
-        raise NotImplementedError(f"quantization format {fmt!r} is not exported yet; only NVFP4 is")
-    input_scale = get_activation_scaling_factor(module)
-    if input_scale is None:
-        raise RuntimeError(f"{module.name}: input quantizer has no calibrated amax; calibration saw no data")
-    weight_scale_2 = get_weight_scaling_factor_2(module).squeeze()
-    block = get_weight_block_size(module)
     quantizer = module.weight_quantizer
-    if NVFP4QTensor._is_static_quantizer(quantizer):  # per-block amaxes stored whole: pack whole
-        weight_scale = get_weight_scaling_factor(module)
-        packed = to_quantized_weight(module.weight.to(dtype), weight_scale, fmt, weight_scale_2, block).cpu()
-        weight_scale = weight_scale.cpu()
-    else:
-        global_scale = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
-        rows = max(1, EXPORT_CHUNK_ELEMENTS // module.weight.shape[1])
-        scales, codes = [], []
-        for start in range(0, module.weight.shape[0], rows):
-            chunk = module.weight[start : start + rows].to(dtype)
-            scale = NVFP4QTensor.get_weights_scaling_factor_from_quantizer(
-                quantizer, chunk, global_scale.to(chunk.device))[0]
-            codes.append(to_quantized_weight(chunk, scale, fmt, weight_scale_2, block).cpu())
-            scales.append(scale.cpu())
-        packed, weight_scale = torch.cat(codes), torch.cat(scales)
-    return QuantizedLinear(
-        weight=packed,
-        weight_scale=weight_scale,
-        weight_scale_2=weight_scale_2.float().cpu(),
-        input_scale=input_scale.squeeze().float().cpu(),
-    )
+    weight_scale_2 = get_weight_scaling_factor_2(module).squeeze()
+    global_scale = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
+    block = get_weight_block_size(module)
+    rows = max(1, EXPORT_CHUNK_ELEMENTS // module.weight.shape[1])
+    scales, codes = [], []
+    for start in range(0, module.weight.shape[0], rows):
+        chunk = module.weight[start : start + rows].to(dtype)
+        scale = NVFP4QTensor.get_weights_scaling_factor_from_quantizer(quantizer, chunk, global_scale.to(chunk.device))[0]
+        codes.append(to_quantized_weight(chunk, scale, QUANTIZATION_NVFP4, weight_scale_2, block).cpu())
+        scales.append(scale.cpu())
+    return {
+        f"{name}.weight": torch.cat(codes),
+        f"{name}.weight_scale": torch.cat(scales),
+        f"{name}.weight_scale_2": weight_scale_2.float().cpu(),
+        f"{name}.input_scale": get_activation_scaling_factor(module).squeeze().float().cpu(),
+    }
+
+
+def quantize_linear(name: str, module: nn.Module, dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
+    """Pack one calibrated Linear with modelopt's per-module export; (scheme, tensors in modelopt's names).
+
+    modelopt's `_export_quantized_weight` is what its `export_hf_checkpoint` runs on every quantized
+    module: it replaces the weight by the packed one and registers the scales on the module. Plain
+    NVFP4 (the bulk of every NVFP4 checkpoint) is packed in row chunks with the same functions,
+    giving the same bytes with bounded memory.
+    """
+    from modelopt.torch.export.quant_utils import QUANTIZATION_NVFP4, get_quantization_format, postprocess_state_dict
+    from modelopt.torch.export.unified_export_hf import _export_quantized_weight
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    scheme = get_quantization_format(module)
+    if scheme in STATIC_INPUT_SCALE and module.input_quantizer.amax is None:
+        raise RuntimeError(f"{name}: input quantizer has no calibrated amax; calibration saw no data")
+    if scheme == QUANTIZATION_NVFP4 and not NVFP4QTensor._is_static_quantizer(module.weight_quantizer):
+        return scheme, _nvfp4_in_row_chunks(name, module, dtype)
+    _export_quantized_weight(module, dtype)
+    state = {f"{name}.{k}": v for k, v in module.state_dict().items()}
+    # Drops quantizer internals (amaxes), renames an AWQ input pre-quant scale to `pre_quant_scale`.
+    return scheme, postprocess_state_dict(state, KV_CACHE_MAX_BOUND, None)
+
+
+def kv_cache_scales(stage: nn.Module) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(KV-cache format, K and V scales in modelopt's names) of the stage's attention modules."""
+    from modelopt.torch.export.quant_utils import get_kv_cache_dtype, postprocess_state_dict
+
+    found, kv_format = {}, None
+    for name, module in stage.named_modules():
+        k_q, v_q = getattr(module, "k_bmm_quantizer", None), getattr(module, "v_bmm_quantizer", None)
+        if k_q is None or not (k_q.is_enabled or v_q.is_enabled):
+            continue
+        kv_format = get_kv_cache_dtype(module)
+        for q_name, q in (("k_bmm_quantizer", k_q), ("v_bmm_quantizer", v_q)):
+            if q.amax is None:
+                raise RuntimeError(f"{name}.{q_name}: no calibrated amax; calibration saw no data")
+            found[f"{name}.{q_name}._amax"] = q.amax
+    return kv_format, postprocess_state_dict(found, KV_CACHE_MAX_BOUND, kv_format) if found else {}
 
 
 def export_stage(
@@ -121,28 +151,38 @@ def export_stage(
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     writer: ShardWriter,
-) -> dict[str, list[str]]:
-    """Write this rank's tensors: quantized Linears packed, every other owned tensor copied from source.
+) -> dict:
+    """Write this rank's tensors: quantized Linears packed, KV scales, every other owned tensor as is.
 
-    Returns the module names that were quantized and the shared-input groups (for the config).
+    Tensors the stage holds are written from it (AWQ folds scales into layernorms; everything else
+    there equals the source), the rest (lm_head, final norm) are copied from the source. Returns the
+    quantized modules with their scheme, the shared-input groups and the KV-cache format.
     """
     started = time.perf_counter()
     fused = fuse_shared_inputs(stage)
     dtype = next(stage.parameters()).dtype
-    quantized = []
+    schemes: dict[str, str] = {}
+    written: set[str] = set()
     for name, module in _quant_linears(stage):
         module.name = name
-        writer.add(fmt.linear_tensors(name, quantize_linear(module, dtype)))
-        quantized.append(name)
-        # Free the BF16 weight once packed: peak memory stays near the stage's weights.
+        scheme, tensors = quantize_linear(name, module, dtype)
+        out = fmt.linear_tensors(name, scheme, tensors)
+        writer.add(out)
+        written.update(tensors)
+        schemes[name] = scheme
+        # Free the packed weight once written: peak memory stays near the stage's weights.
         module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=module.weight.device), requires_grad=False)
-    replaced = {f"{n}.weight" for n in quantized}
-    passthrough = [n for n in owned if n not in replaced]
-    for start in range(0, len(passthrough), 64):
-        writer.add(source.load(passthrough[start : start + 64], "cpu"))
+    kv_format, kv = kv_cache_scales(stage)
+    if kv:
+        writer.add(fmt.kv_cache_tensors(kv))
+    held = {k: v for k, v in stage.state_dict().items() if k in set(owned) and k not in written}
+    writer.add(held)
+    rest = [n for n in owned if n not in written and n not in held]
+    for start in range(0, len(rest), 64):
+        writer.add(source.load(rest[start : start + 64], "cpu"))
     writer.close()
     total = sum(s["bytes"] for s in writer.shards)
     logger.info("export: %d Linears packed and %.2f GB written in %.1f s (writer threads busy %.1f s "
-                "writing and checksumming)", len(quantized), total / 1e9, time.perf_counter() - started,
+                "writing and checksumming)", len(schemes), total / 1e9, time.perf_counter() - started,
                 writer.write_seconds)
-    return {"quantized": quantized, "fused_groups": fused}
+    return {"quantized": schemes, "fused_groups": fused, "kv_cache": kv_format}

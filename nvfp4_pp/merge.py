@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .formats import CheckpointFormat
+from .formats import CheckpointFormat, Layers
 from .source import SourceCheckpoint
 from .writer import write_errors_named
 
@@ -43,6 +43,16 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
             shutil.copy2(f, target / f.name)
             copied.append(f.name)
     return copied
+
+
+def layers_of(manifests: list[dict]) -> Layers:
+    """Every rank's quantized modules (with their scheme), BF16 modules and KV-cache format, together."""
+    kv = {m["kv_cache"] for m in manifests if m.get("kv_cache")}
+    if len(kv) > 1:
+        raise AssembleError(f"ranks calibrated different KV-cache formats {sorted(kv)}")
+    return Layers(schemes={name: scheme for m in manifests for name, scheme in m["schemes"].items()},
+                  exclude=sorted({name for m in manifests for name in m["excluded"]}),
+                  kv_cache=kv.pop() if kv else None)
 
 
 def assemble(
@@ -85,11 +95,11 @@ def assemble(
                         raise AssembleError(f"tensor {tensor!r} was written twice ({weight_map[tensor]}, {name})")
                     weight_map[tensor] = name
                 total += shard["bytes"]
-            exclude = sorted({name for m in manifests for name in m["excluded"]})
+            layers = layers_of(manifests)
             config = dict(source.config)
-            config["quantization_config"] = fmt.quantization_config(exclude, PRODUCER)
+            config["quantization_config"] = fmt.quantization_config(layers, PRODUCER)
             _write_json(tmp / "config.json", config)
-            for name, content in fmt.extra_files(exclude, PRODUCER).items():
+            for name, content in fmt.extra_files(layers, PRODUCER).items():
                 _write_json(tmp / name, content)
             copy_side_files(source.path, tmp)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -11,47 +11,142 @@ import torch
 
 from .log import logger
 
-RECIPES = ("nvfp4",)
+RECIPES: dict[str, str | dict[str, str]] = {
+    "nvfp4": "NVFP4_DEFAULT_CFG",
+    "nvfp4_awq": "NVFP4_AWQ_LITE_CFG",
+    "fp8": "FP8_DEFAULT_CFG",
+    "w4a16_nvfp4": "W4A16_NVFP4_CFG",
+    "mxfp4": "MXFP4_DEFAULT_CFG",
+    "mxfp4_mlp_fp8_attn": {"*mlp*": "mxfp4", "*self_attn*": "fp8"},
+}
+"""Named recipes: one of modelopt's own configs, or per-module-pattern overrides of other recipes
+(the seed Mistral-Medium mix: MLP Linears MXFP4, attention Linears per-tensor static FP8)."""
+KV_CACHE = {"fp8": "FP8_KV_CFG"}
+"""KV-cache formats: modelopt's KV config, merged into the recipe as hf_ptq.py does."""
+_LINEAR_QUANTIZERS = ("*weight_quantizer", "*input_quantizer")
 
 
-def modelopt_config(recipe: str = "nvfp4") -> dict:
-    """modelopt's config for `recipe`, with cross-rank amax syncing switched off.
+def _preset(name: str) -> dict:
+    import modelopt.torch.quantization as mtq
+
+    return copy.deepcopy(getattr(mtq, name))
+
+
+def _pattern_entries(recipe: str, pattern: str) -> list[dict]:
+    """`recipe`'s weight and input quantizer settings, restricted to modules matching `pattern`."""
+    base = _preset(RECIPES[recipe])
+    entries = {e["quantizer_name"]: e for e in base["quant_cfg"] if e.get("quantizer_name") in _LINEAR_QUANTIZERS}
+    out = []
+    for name in _LINEAR_QUANTIZERS:
+        scoped = f"{pattern}.{name.lstrip('*')}"
+        entry = entries.get(name)
+        out.append({**entry, "quantizer_name": scoped} if entry else {"quantizer_name": scoped, "enable": False})
+    return out
+
+
+def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = None,
+                    ignore: list[str] | tuple[str, ...] = (), kv_cache: str | None = None) -> dict:
+    """modelopt's config for `recipe` (+ per-module overrides, ignored modules, KV cache), sync off.
 
     modelopt all-reduces every amax over the data-parallel group, which is the whole world once
     torch.distributed is up: in a pipeline that would mix amaxes of different layers across ranks.
-    Each stage's statistics are already complete, so the sync must not run.
+    Each stage's statistics are already complete, so the sync must not run. `overrides` maps module
+    name patterns (`*mlp*`) to recipes; `ignore` lists module names or patterns left in BF16. Both
+    are placed after the recipe's own quantizer entries and before its exclusions (lm_head, routers,
+    vision towers), which therefore always win.
     """
-    import modelopt.torch.quantization as mtq
-
-    if recipe != "nvfp4":
+    if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid options are {list(RECIPES)}")
-    cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
-    cfg["algorithm"] = {"method": "max", "distributed_sync": False}
+    overrides = dict(overrides or {})
+    preset = RECIPES[recipe]
+    if isinstance(preset, dict):  # a mix: a base for the exclusions, every Linear pattern overridden
+        overrides = {**preset, **overrides}
+        preset = RECIPES[next(iter(preset.values()))]
+    cfg = _preset(preset)
+    entries = cfg["quant_cfg"]
+    # Exclusions follow the leading "*" disable and the recipe's own Linear settings.
+    first_exclusion = next((i for i, e in enumerate(entries) if i > 0 and e.get("enable") is False), len(entries))
+    scoped = [e for pattern, name in overrides.items() for e in _pattern_entries(name, pattern)]
+    entries[first_exclusion:first_exclusion] = scoped
+    entries += [{"quantizer_name": f"{pattern}.*", "enable": False} for pattern in ignore]
+    if kv_cache is not None:
+        entries += _preset(KV_CACHE[kv_cache])["quant_cfg"]
+    methods = {_preset(RECIPES[r])["algorithm"] for r in [recipe, *overrides.values()]
+               if not isinstance(RECIPES[r], dict)}
+    method = "awq_lite" if "awq_lite" in methods else "max" if "max" in methods or kv_cache else None
+    # AWQ-lite has no distributed_sync switch: its modules get a parallel state without a
+    # data-parallel group instead (see `calibrate`).
+    cfg["algorithm"] = None if method is None else {"method": method, **({"distributed_sync": False} if method == "max" else {})}
     return cfg
 
 
-def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None]) -> float:
-    """Insert quantizers into `stage` and collect statistics inside `forward_loop`.
+def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None], cfg: dict) -> float:
+    """Insert the quantizers of modelopt config `cfg` into `stage`; collect statistics inside `forward_loop`.
 
     The loop must run inside `mtq.quantize`: statistics are gathered only while modelopt drives
-    it (a loop run afterwards records nothing, the public Ray pipeline's bug).
+    it (a loop run afterwards records nothing, the public Ray pipeline's bug). modelopt may call
+    the loop more than once (AWQ-lite: once to cache statistics, once to search scales); every
+    rank's modelopt makes the same calls, so each call is one more pass of the whole pipeline.
+    KV-cache quantizers go into attention modules only once their class is registered, which
+    modelopt does for a `PreTrainedModel` alone: a bare stage needs it done here.
     """
     import modelopt.torch.quantization as mtq
 
+    if _has_kv_quantizers(cfg):
+        register_kv_attention(stage)
+    method = (cfg.get("algorithm") or {}).get("method")
     marks = [time.perf_counter()]
 
     def loop(model: torch.nn.Module) -> None:
         marks.append(time.perf_counter())
-        with running_max_collection(model):
+        _no_data_parallel_group(model)
+        if method == "max":
+            with running_max_collection(model):
+                forward_loop(model)
+        else:
             forward_loop(model)
         marks.append(time.perf_counter())
 
-    mtq.quantize(stage, modelopt_config(), loop)
+    mtq.quantize(stage, cfg, loop)
     marks.append(time.perf_counter())
     # Where the phase's time goes; returns the seconds spent in the loop(s).
-    logger.info("calibration: %.1f s inserting quantizers and reading weight amaxes, %.1f s in the loop, "
-                "%.1f s closing statistics", marks[1] - marks[0], marks[-2] - marks[1], marks[-1] - marks[-2])
+    logger.info("calibration: %.1f s inserting quantizers and reading weight amaxes, %.1f s in %d loop(s), "
+                "%.1f s closing statistics", marks[1] - marks[0], marks[-2] - marks[1], (len(marks) - 2) // 2,
+                marks[-1] - marks[-2])
     return sum(b - a for a, b in zip(marks[1:-1:2], marks[2:-1:2]))
+
+
+def _has_kv_quantizers(cfg: dict) -> bool:
+    return any("bmm_quantizer" in e.get("quantizer_name", "") and e.get("enable", True) for e in cfg["quant_cfg"])
+
+
+def register_kv_attention(stage: torch.nn.Module) -> None:
+    """Register the stage's attention classes for KV-cache quantizers, as modelopt does for a full model.
+
+    modelopt's hook accepts only a `PreTrainedModel`; a meta-device copy of the model class (no
+    memory) holds the same attention classes, and registration is per class.
+    """
+    import transformers
+    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
+
+    model_class = getattr(transformers, stage.arch.builder.name)
+    with torch.device("meta"):
+        skeleton = model_class._from_config(stage.hf_config)
+    register_hf_attentions_on_the_fly(skeleton)
+
+
+def _no_data_parallel_group(model: torch.nn.Module) -> None:
+    """Give every quantized module a parallel state without a data-parallel group.
+
+    Algorithms without a sync switch (AWQ-lite) all-reduce statistics over the module's
+    data-parallel group, which defaults to the whole world: in a pipeline, other ranks' layers.
+    """
+    from modelopt.torch.quantization.nn import QuantModule
+    from modelopt.torch.utils.distributed import ParallelState
+
+    for module in model.modules():
+        if isinstance(module, QuantModule):
+            module.parallel_state = ParallelState(data_parallel_group=-1, tensor_parallel_group=-1)
 
 
 @contextlib.contextmanager
@@ -79,7 +174,7 @@ def running_max_collection(model: torch.nn.Module):
             paused.append(weight_q)
         if (isinstance(input_q, TensorQuantizer) and input_q._if_calib and not input_q._disabled
                 and type(input_q._calibrator) is MaxCalibrator and input_q._calibrator._axis is None
-                and not input_q.is_static_block_quant and input_q.pre_quant_scale is None
+                and not input_q._dynamic and not input_q.is_static_block_quant and input_q.pre_quant_scale is None
                 and not input_q.rotate_is_enabled):
             input_q.disable_calib()
             paused.append(input_q)

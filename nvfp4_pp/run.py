@@ -8,6 +8,7 @@ same command again continues from the last phase every rank completed.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import contextlib
 import hashlib
 import json
@@ -33,7 +34,7 @@ from .memory import ModelSizes, Workload
 from .merge import PRODUCER, AssembleError, assemble
 from .pipeline import run_pipeline
 from .plan import PlanError, StagePlan, check_split, describe, owner_of, plan_stages
-from .quantize import calibrate, calibration_health
+from .quantize import calibrate, calibration_health, modelopt_config, register_kv_attention
 from .resume import StaleWorkState, WorkState
 from .source import SourceCheckpoint, SourceError
 from .stage import build_stage
@@ -161,6 +162,8 @@ def fingerprint(cfg: RunConfig, source: SourceCheckpoint, info: dist.RankInfo, l
         "model_config": hashlib.sha256((source.path / "config.json").read_bytes()).hexdigest(),
         "model_files": {f: (source.path / f).stat().st_size for f in sorted(set(source.weight_map.values()))},
         "format": cfg.format,
+        "recipe": {"recipe": cfg.recipe, "recipe_overrides": cfg.recipe_overrides, "ignore": cfg.ignore,
+                   "kv_cache": cfg.kv_cache},
         "calibration": config_to_dict(cfg)["calibration"],
         "samples_sha256": samples_sha256,
         "world_size": info.world_size,
@@ -234,13 +237,16 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     traffic: dict[str, int] = {}
     if all(dist.all_gather_objects(state.done("calibrate"), info.world_size)):
         with phase("calibrate"):
+            if cfg.kv_cache:
+                register_kv_attention(stage)  # restoring re-creates the KV quantizers of those classes
             state.restore_quantizers(stage)
             logger.info("calibration: reusing the state every rank saved in %s", work_dir)
     else:
         with phase("calibrate"):
             state.forget("calibrate", "export")
+            quant_cfg = modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache)
             phases["calibration loop"] = calibrate(
-                stage, lambda model: traffic.update(run_pipeline(model, info, batches, num_batches)))
+                stage, lambda model: traffic.update(run_pipeline(model, info, batches, num_batches)), quant_cfg)
             state.save_quantizers(stage)
             state.record("calibrate", {"traffic": traffic})
     health = calibration_health(stage)
@@ -260,8 +266,9 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
             writer = ShardWriter(rank_dir, prefix=f"rank{info.rank:03d}")
             result = export_stage(stage, owned, source, fmt, writer)
             shards = writer.shards
-            state.record("export", {"shards": shards, "excluded": excluded_modules(
-                owned, source, result["quantized"], arch.lm_head, info.is_last)})
+            state.record("export", {"shards": shards, "schemes": result["quantized"], "kv_cache": result["kv_cache"],
+                                    "excluded": excluded_modules(owned, source, result["quantized"], arch.lm_head,
+                                                                 info.is_last)})
     del stage
     if args.stop_after == "export":
         return stopped_after("export", info)
@@ -269,7 +276,8 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     exported = state.phases["export"]
     manifest = {
         "rank": info.rank, "host": info.host, "device": str(info.device), "layers": [start, stop],
-        "shards": exported["shards"], "excluded": exported["excluded"],
+        "shards": exported["shards"], "excluded": exported["excluded"], "schemes": exported["schemes"],
+        "kv_cache": exported["kv_cache"],
         "phases": phases, "health": health, "traffic": state.phases["calibrate"].get("traffic", {}),
         "kind": plans[info.rank].budget.kind,
         "predicted": {"host": plans[info.rank].need.host, "device": plans[info.rank].need.device},
@@ -321,7 +329,9 @@ def run_record(cfg: RunConfig, source: SourceCheckpoint, manifests: list[dict], 
         "producer": PRODUCER, "modelopt_version": modelopt_version, "config": config_to_dict(cfg),
         "base_model": source.config.get("_name_or_path") or source.path.name,
         "backend": wire,
-        "calibration": calibration, "ranks": [{k: v for k, v in m.items() if k != "shards"} for m in manifests],
+        "calibration": calibration,
+        "ranks": [{k: v for k, v in m.items() if k not in ("shards", "schemes")} for m in manifests],
+        "schemes": dict(sorted(Counter(s for m in manifests for s in m["schemes"].values()).items())),
         "kept_bf16": sorted({n for m in manifests for n in m["excluded"]}),
         "wall_s": wall_s, "assemble_s": assemble_s,
         "verification": f"{len(problems)} problem(s)" if problems else "passed",

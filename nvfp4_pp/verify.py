@@ -25,40 +25,109 @@ from safetensors import safe_open
 
 from .source import SourceError, read_safetensors_header
 
-BLOCK = 16
 SCALAR = ((), (1,))
 
 
 @dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One tensor a quantized Linear [out, in] carries: name suffix, dtype, shape and role."""
+
+    suffix: str
+    dtype: str
+    shape: str
+    """"scalar", "full" [out, in], "packed" [out, in/2], or "per-N" [out, in/N] block scales."""
+    role: str = ""
+    """"weight_scale" / "input_scale" for per-tensor scales (checked finite, fused parts equal)."""
+
+    def shapes(self, out: int, inp: int) -> tuple[tuple[int, ...], ...]:
+        if self.shape == "scalar":
+            return SCALAR
+        if self.shape == "full":
+            return ((out, inp),)
+        if self.shape == "packed":
+            return ((out, inp // 2),)
+        return ((out, inp // int(self.shape.removeprefix("per-"))),)
+
+
+@dataclasses.dataclass(frozen=True)
 class Contract:
-    """What one quantized Linear [out, in] must carry in a layout."""
+    """What one quantized Linear of one scheme must carry in one layout."""
 
-    packed: str
-    block_scale: str
-    weight_scale: str
-    input_scale: str
-    global_form: bool
-    """Per-tensor scales stored as 2688 / amax (compressed-tensors) rather than amax / 2688 (modelopt)."""
-
-    def expected(self, out: int, inp: int) -> dict[str, tuple[str, tuple[tuple[int, ...], ...]]]:
-        """suffix -> (safetensors dtype, allowed shapes)."""
-        return {
-            self.packed: ("U8", ((out, inp // 2),)),
-            self.block_scale: ("F8_E4M3", ((out, inp // BLOCK),)),
-            self.weight_scale: ("F32", SCALAR),
-            self.input_scale: ("F32", SCALAR),
-        }
+    tensors: tuple[Tensor, ...]
+    global_form: bool = False
+    """Per-tensor scales stored as 2688 / amax (compressed-tensors NVFP4) rather than amax / 2688."""
+    fused_equal: tuple[str, ...] = ("weight_scale", "input_scale")
+    """Roles vLLM reads once for a fused q/k/v or gate/up kernel: the parts must agree."""
 
 
-CONTRACTS = {
-    "modelopt": Contract(".weight", ".weight_scale", ".weight_scale_2", ".input_scale", global_form=False),
-    "compressed-tensors": Contract(".weight_packed", ".weight_scale", ".weight_global_scale",
-                                   ".input_global_scale", global_form=True),
+_NVFP4_MO = (Tensor(".weight", "U8", "packed"), Tensor(".weight_scale", "F8_E4M3", "per-16"),
+             Tensor(".weight_scale_2", "F32", "scalar", "weight_scale"))
+_NVFP4_CT = (Tensor(".weight_packed", "U8", "packed"), Tensor(".weight_scale", "F8_E4M3", "per-16"),
+             Tensor(".weight_global_scale", "F32", "scalar", "weight_scale"))
+_FP8 = (Tensor(".weight", "F8_E4M3", "full"), Tensor(".weight_scale", "F32", "scalar", "weight_scale"),
+        Tensor(".input_scale", "F32", "scalar", "input_scale"))
+_FP8_FUSED = ("input_scale",)  # vLLM requantizes FP8 parts to the max weight scale itself
+CONTRACTS: dict[str, dict[str, Contract]] = {
+    "modelopt": {
+        "nvfp4": Contract(_NVFP4_MO + (Tensor(".input_scale", "F32", "scalar", "input_scale"),)),
+        "nvfp4_awq": Contract(_NVFP4_MO + (Tensor(".input_scale", "F32", "scalar", "input_scale"),)),
+        "w4a16_nvfp4": Contract(_NVFP4_MO),
+        "fp8": Contract(_FP8, fused_equal=_FP8_FUSED),
+        "mxfp4": Contract((Tensor(".weight", "U8", "packed"), Tensor(".weight_scale", "U8", "per-32")), fused_equal=()),
+    },
+    "compressed-tensors": {
+        "nvfp4": Contract(_NVFP4_CT + (Tensor(".input_global_scale", "F32", "scalar", "input_scale"),), True),
+        "w4a16_nvfp4": Contract(_NVFP4_CT, True),
+        "fp8": Contract(_FP8, fused_equal=_FP8_FUSED),
+        "mxfp4": Contract((Tensor(".weight_packed", "U8", "packed"), Tensor(".weight_scale", "U8", "per-32")),
+                          fused_equal=()),
+    },
 }
+"""Layout -> scheme -> contract, from vLLM's loaders (ModelOpt{Fp8,NvFp4,MixedPrecision}Config;
+compressed-tensors W4A4Fp4, W4A16Fp4, W8A8Fp8, MXFP4)."""
+MODELOPT_ALGOS = {"NVFP4": "nvfp4", "NVFP4_AWQ": "nvfp4_awq", "W4A16_NVFP4": "w4a16_nvfp4", "FP8": "fp8",
+                  "MXFP4": "mxfp4"}
+"""modelopt quant_algo -> scheme (modelopt 0.47 writes MXFP4 layers as lower-case "mxfp4")."""
+_CT_FP4 = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group"}
+_CT_MX = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group"}
+_CT_FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}
+CT_SCHEMES: dict[str, tuple[str, dict | None, dict | None]] = {
+    "nvfp4": ("nvfp4-pack-quantized", {**_CT_FP4, "dynamic": False}, {**_CT_FP4, "dynamic": "local"}),
+    "w4a16_nvfp4": ("nvfp4-pack-quantized", {**_CT_FP4, "dynamic": False}, None),
+    "fp8": ("float-quantized", {**_CT_FP8, "dynamic": False}, {**_CT_FP8, "dynamic": False}),
+    "mxfp4": ("mxfp4-pack-quantized", {**_CT_MX, "dynamic": False}, {**_CT_MX, "dynamic": True}),
+}
+"""compressed-tensors scheme -> (format, weights args, input_activations args) that readers need."""
+KV_SCALE_NAMES = {"modelopt": (".k_proj.k_scale", ".v_proj.v_scale"),
+                  "compressed-tensors": (".k_scale", ".v_scale")}
+"""Where vLLM looks for FP8 KV-cache scales, relative to the attention module."""
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 """vLLM's packed modules: parts loaded into one kernel with one global and one input scale."""
-OPTIONAL_SUFFIXES = (".bias", ".k_scale", ".v_scale")
+OPTIONAL_SUFFIXES = (".bias", ".k_scale", ".v_scale", ".pre_quant_scale")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclasses.dataclass
+class QuantLayout:
+    """What the config says: the layout, ignore list, per-module scheme rule and KV cache."""
+
+    method: str
+    ignore: list[str]
+    default_scheme: str | None
+    """Scheme of every Linear not ignored (one-scheme configs), else None."""
+    by_module: dict[str, str]
+    """Scheme per module name (mixed-precision configs)."""
+    patterns: list[tuple[str, str]]
+    """(compressed-tensors `re:` target, scheme) of mixed configs."""
+    kv_cache: bool
+
+    def scheme_of(self, module: str) -> str | None:
+        if module in self.by_module:
+            return self.by_module[module]
+        for pattern, scheme in self.patterns:
+            if re.match(pattern, module):
+                return scheme
+        return self.default_scheme
 
 
 def _json(path: Path, problems: list[str]) -> dict | None:
@@ -83,54 +152,102 @@ def _ignored(module: str, patterns: list[str], method: str) -> bool:
     return False
 
 
-def _check_quant_config(directory: Path, qc: dict, problems: list[str]) -> tuple[str | None, list[str]]:
-    """The quantization_config block; returns (format, ignore list)."""
+def _check_quant_config(directory: Path, qc: dict, problems: list[str]) -> QuantLayout | None:
+    """The quantization_config block; returns what it declares, or None if the layout is unknown."""
     method = qc.get("quant_method")
     if method not in CONTRACTS:
         problems.append(f"config.json quantization_config.quant_method: {method!r} is not one of {sorted(CONTRACTS)}")
-        return None, []
-    if method == "compressed-tensors":
-        ignore = qc.get("ignore") or []
-        if qc.get("format") != "nvfp4-pack-quantized":
-            problems.append(f"quantization_config.format: {qc.get('format')!r}, expected 'nvfp4-pack-quantized'")
-        if qc.get("quantization_status") != "compressed":
-            problems.append(f"quantization_config.quantization_status: {qc.get('quantization_status')!r}, "
-                            "expected 'compressed' (transformers refuses packed weights otherwise)")
-        groups = qc.get("config_groups") or {}
-        if len(groups) != 1:
-            problems.append(f"quantization_config.config_groups: {len(groups)} groups, expected one NVFP4 group")
-        for gname, group in groups.items():
-            if "Linear" not in (group.get("targets") or []):
-                problems.append(f"quantization_config.config_groups.{gname}.targets: {group.get('targets')} lacks 'Linear'")
-            for part, dynamic in (("weights", False), ("input_activations", "local")):
-                args = group.get(part) or {}
-                want = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": BLOCK,
-                        "strategy": "tensor_group", "dynamic": dynamic}
-                for key, value in want.items():
-                    if args.get(key) != value:
-                        problems.append(f"quantization_config.config_groups.{gname}.{part}.{key}: "
-                                        f"{args.get(key)!r}, expected {value!r}")
-        problems.extend(_schema_problems(qc))
-    else:
-        ignore = qc.get("ignore")
-        if qc.get("quant_algo") != "NVFP4":
-            problems.append(f"quantization_config.quant_algo: {qc.get('quant_algo')!r}, expected 'NVFP4'")
-        if qc.get("group_size", BLOCK) != BLOCK:
-            problems.append(f"quantization_config.group_size: {qc.get('group_size')!r}, expected {BLOCK}")
-        if ignore is None or qc.get("exclude_modules") != ignore:
-            problems.append("quantization_config.ignore / exclude_modules: must both be present and equal "
-                            "(vLLM 0.10-0.11 reads exclude_modules, 0.12-0.32 ignore)")
-        ignore = ignore or qc.get("exclude_modules") or []
-        hf = directory / "hf_quant_config.json"
-        if hf.is_file():
-            hq = json.loads(hf.read_text()).get("quantization", {})
-            if hq.get("quant_algo") != "NVFP4" or hq.get("exclude_modules") != ignore:
-                problems.append("hf_quant_config.json: quant_algo / exclude_modules disagree with config.json")
-    for p in ignore:
+        return None
+    layout = (_ct_layout if method == "compressed-tensors" else _modelopt_layout)(directory, qc, problems)
+    for p in layout.ignore:
         if p.endswith(".weight"):
             problems.append(f"quantization_config.ignore: {p!r} names a tensor; vLLM matches module names "
                             f"({p.removesuffix('.weight')!r})")
-    return method, ignore
+    return layout
+
+
+def _ct_scheme(gname: str, group: dict, problems: list[str]) -> str | None:
+    """The scheme whose weights args a compressed-tensors group carries (and its other fields checked)."""
+    weights = group.get("weights") or {}
+    for scheme, (_, want_w, want_in) in CT_SCHEMES.items():
+        if all(weights.get(k) == v for k, v in want_w.items()) and ((group.get("input_activations") is None) == (want_in is None)):
+            for key, value in (want_in or {}).items():
+                got = (group.get("input_activations") or {}).get(key)
+                if got != value:
+                    problems.append(f"quantization_config.config_groups.{gname}.input_activations.{key}: {got!r}, "
+                                    f"expected {value!r}")
+            return scheme
+    problems.append(f"quantization_config.config_groups.{gname}: weights {weights} / input_activations "
+                    f"{group.get('input_activations')} match none of the schemes {sorted(CT_SCHEMES)}")
+    return None
+
+
+def _ct_layout(directory: Path, qc: dict, problems: list[str]) -> QuantLayout:
+    layout = QuantLayout("compressed-tensors", qc.get("ignore") or [], None, {}, [], qc.get("kv_cache_scheme") is not None)
+    if qc.get("quantization_status") != "compressed":
+        problems.append(f"quantization_config.quantization_status: {qc.get('quantization_status')!r}, "
+                        "expected 'compressed' (transformers refuses packed weights otherwise)")
+    groups = qc.get("config_groups") or {}
+    if not groups:
+        problems.append("quantization_config.config_groups: none; vLLM would load the model unquantized")
+    formats = set()
+    for gname, group in groups.items():
+        scheme = _ct_scheme(gname, group, problems)
+        if scheme is None:
+            continue
+        fmt = CT_SCHEMES[scheme][0]
+        formats.add(fmt)
+        if len(groups) > 1 and group.get("format") != fmt:
+            problems.append(f"quantization_config.config_groups.{gname}.format: {group.get('format')!r}, expected {fmt!r}")
+        for target in group.get("targets") or []:
+            if target == "Linear":
+                layout.default_scheme = scheme
+            elif target.startswith("re:"):
+                layout.patterns.append((target[3:], scheme))
+            else:
+                layout.by_module[target] = scheme
+    want = "mixed-precision" if len(groups) > 1 else next(iter(formats), None)
+    if want is not None and qc.get("format") != want:
+        problems.append(f"quantization_config.format: {qc.get('format')!r}, expected {want!r}")
+    kv = qc.get("kv_cache_scheme")
+    if kv is not None and not (kv.get("num_bits") == 8 and kv.get("type") == "float" and kv.get("dynamic") is False):
+        problems.append(f"quantization_config.kv_cache_scheme: {kv}, expected static FP8 (num_bits 8, float, dynamic false)")
+    problems.extend(_schema_problems(qc))
+    return layout
+
+
+def _modelopt_layout(directory: Path, qc: dict, problems: list[str]) -> QuantLayout:
+    ignore = qc.get("ignore")
+    algo = qc.get("quant_algo")
+    layout = QuantLayout("modelopt", [], None, {}, [], bool(qc.get("kv_cache_quant_algo") or qc.get("kv_cache_scheme")))
+    if algo == "MIXED_PRECISION":
+        for module, layer in (qc.get("quantized_layers") or {}).items():
+            scheme = MODELOPT_ALGOS.get(str(layer.get("quant_algo")).upper())
+            if scheme is None:
+                problems.append(f"quantization_config.quantized_layers.{module}.quant_algo: {layer.get('quant_algo')!r} "
+                                f"is not one of {sorted(MODELOPT_ALGOS)}")
+            else:
+                layout.by_module[module] = scheme
+        if not layout.by_module:
+            problems.append("quantization_config.quantized_layers: empty for quant_algo MIXED_PRECISION")
+    elif str(algo).upper() in MODELOPT_ALGOS:
+        layout.default_scheme = MODELOPT_ALGOS[str(algo).upper()]
+        want_group = CONTRACTS["modelopt"][layout.default_scheme].tensors[1].shape
+        if want_group.startswith("per-") and qc.get("group_size", int(want_group[4:])) != int(want_group[4:]):
+            problems.append(f"quantization_config.group_size: {qc.get('group_size')!r}, expected {want_group[4:]}")
+    else:
+        problems.append(f"quantization_config.quant_algo: {algo!r}, expected one of "
+                        f"{sorted(MODELOPT_ALGOS) + ['MIXED_PRECISION']}")
+    if algo != "MIXED_PRECISION" and (ignore is None or qc.get("exclude_modules") != ignore):
+        problems.append("quantization_config.ignore / exclude_modules: must both be present and equal "
+                        "(vLLM 0.10-0.11 reads exclude_modules, 0.12-0.32 ignore)")
+    layout.ignore = ignore or qc.get("exclude_modules") or []
+    hf = directory / "hf_quant_config.json"
+    if hf.is_file():
+        hq = json.loads(hf.read_text()).get("quantization", {})
+        if hq.get("quant_algo") != algo or (algo != "MIXED_PRECISION" and hq.get("exclude_modules") != layout.ignore):
+            problems.append("hf_quant_config.json: quant_algo / exclude_modules disagree with config.json")
+    return layout
 
 
 def _schema_problems(qc: dict) -> list[str]:
@@ -232,30 +349,37 @@ def _check_index(directory: Path, problems: list[str]) -> dict[str, dict] | None
     return tensors
 
 
-def _check_linears(method: str, ignore: list[str], tensors: dict[str, dict], model, problems: list[str]) -> list[str]:
-    """Keys, dtypes and shapes per Linear; returns the names of the quantized ones."""
+def _check_linears(layout: QuantLayout, tensors: dict[str, dict], model, problems: list[str]) -> dict[str, str]:
+    """Keys, dtypes and shapes per Linear; returns the quantized ones with their scheme."""
     linears, params, tied = model
-    contract = CONTRACTS[method]
-    quantized, claimed = [], set()
+    contracts = CONTRACTS[layout.method]
+    every_suffix = {t.suffix for c in contracts.values() for t in c.tensors} - {".weight"}
+    quantized: dict[str, str] = {}
+    claimed = set()
     for module, (out, inp) in linears.items():
-        expected = contract.expected(out, inp)
-        present = [s for s in expected if f"{module}{s}" in tensors and s != ".weight"]
-        if _ignored(module, ignore, method):
+        scheme = None if _ignored(module, layout.ignore, layout.method) else layout.scheme_of(module)
+        if scheme is None:
+            present = sorted(s for s in every_suffix if f"{module}{s}" in tensors)
             if present:
-                problems.append(f"{module}: listed in ignore but has quantized tensors ({', '.join(present)})")
+                why = "listed in ignore" if _ignored(module, layout.ignore, layout.method) else "no config group covers it"
+                problems.append(f"{module}: {why} but has quantized tensors ({', '.join(present)})")
             continue
         if f"{module}.weight" in tied:
             problems.append(f"{module}: tied to another tensor but not in ignore; vLLM would look for quantized tensors")
             continue
-        quantized.append(module)
-        for suffix, (dtype, shapes) in expected.items():
-            name = f"{module}{suffix}"
+        if scheme not in contracts:
+            problems.append(f"{module}: scheme {scheme} has no {layout.method} layout")
+            continue
+        quantized[module] = scheme
+        for t in contracts[scheme].tensors:
+            name = f"{module}{t.suffix}"
             claimed.add(name)
             meta = tensors.get(name)
+            shapes = t.shapes(out, inp)
             if meta is None:
-                problems.append(f"{name}: missing (every quantized Linear needs it)")
-            elif meta["dtype"] != dtype or tuple(meta["shape"]) not in shapes:
-                problems.append(f"{name}: {meta['dtype']}{meta['shape']}, expected {dtype}{list(shapes[0])}")
+                problems.append(f"{name}: missing (every {scheme} Linear needs it)")
+            elif meta["dtype"] != t.dtype or tuple(meta["shape"]) not in shapes:
+                problems.append(f"{name}: {meta['dtype']}{meta['shape']}, expected {t.dtype}{list(shapes[0])} ({scheme})")
     expected_plain = {n for n in params if n not in tied and n.removesuffix(".weight") not in quantized}
     for name in sorted(expected_plain - set(tensors)):
         problems.append(f"{name}: missing")
@@ -268,6 +392,26 @@ def _check_linears(method: str, ignore: list[str], tensors: dict[str, dict], mod
         if tuple(meta["shape"]) != params[name]:
             problems.append(f"{name}: shape {meta['shape']}, the model needs {list(params[name])}")
     return quantized
+
+
+def _check_kv_cache(layout: QuantLayout, linears: dict, tensors: dict[str, dict], problems: list[str]) -> list[str]:
+    """A declared KV cache needs a K and a V scale on every attention module (vLLM uses 1.0 silently
+    otherwise); returns their names."""
+    if not layout.kv_cache:
+        return []
+    names = []
+    for module in linears:
+        if module.endswith(".k_proj"):
+            attention = module.removesuffix(".k_proj")
+            for suffix in KV_SCALE_NAMES[layout.method]:
+                name = attention + suffix
+                names.append(name)
+                meta = tensors.get(name)
+                if meta is None:
+                    problems.append(f"{name}: missing (the config declares an FP8 KV cache; vLLM would use 1.0)")
+                elif meta["dtype"] != "F32" or tuple(meta["shape"]) not in SCALAR:
+                    problems.append(f"{name}: {meta['dtype']}{meta['shape']}, expected F32[]")
+    return names
 
 
 def _read(directory: Path, tensors: dict[str, dict], names: list[str]) -> dict[str, torch.Tensor]:
@@ -283,24 +427,31 @@ def _read(directory: Path, tensors: dict[str, dict], names: list[str]) -> dict[s
     return out
 
 
-def _check_scales(directory: Path, method: str, quantized: list[str], tensors: dict[str, dict], problems: list[str]) -> None:
-    """Finite positive scales, calibrated input scales, equal scales across fused parts."""
-    c = CONTRACTS[method]
-    scalars = _read(directory, tensors, [f"{m}{s}" for m in quantized for s in (c.weight_scale, c.input_scale)])
+def _check_scales(directory: Path, method: str, quantized: dict[str, str], kv_names: list[str],
+                  tensors: dict[str, dict], problems: list[str]) -> None:
+    """Finite positive scales, calibrated input scales, sane block scales, equal scales across fused parts."""
+    contracts = CONTRACTS[method]
+    roles = {f"{m}{t.suffix}": t.role for m, s in quantized.items() for t in contracts[s].tensors if t.role}
+    scalars = _read(directory, tensors, [*roles, *kv_names])
     for name, value in scalars.items():
         v = value.float()
         if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
             problems.append(f"{name}: {v.tolist()} is not a finite positive scale")
-        elif name.endswith(c.input_scale) and bool((v == 1.0).all()):
-            problems.append(f"{name}: exactly 1.0, the uncalibrated placeholder (a constant activation amax of "
-                            "2688); calibrate the input quantizers")
-    for module in quantized:
-        name = f"{module}{c.block_scale}"
-        if name in tensors and tensors[name]["dtype"] == "F8_E4M3":
-            block = _read(directory, tensors, [name])[name].float()
-            bad = int((~torch.isfinite(block)).sum()), int((block <= 0).sum())
+        elif roles.get(name) == "input_scale" and bool((v == 1.0).all()):
+            problems.append(f"{name}: exactly 1.0, the uncalibrated placeholder (a constant activation amax); "
+                            "calibrate the input quantizers")
+    for module, scheme in quantized.items():
+        block = next((t for t in contracts[scheme].tensors if t.shape.startswith("per-")), None)
+        name = f"{module}{block.suffix}" if block else None
+        if name in tensors and tensors[name]["dtype"] == block.dtype == "F8_E4M3":
+            values = _read(directory, tensors, [name])[name].float()
+            bad = int((~torch.isfinite(values)).sum()), int((values <= 0).sum())
             if any(bad):
                 problems.append(f"{name}: {bad[0]} NaN and {bad[1]} zero or negative block scales")
+        elif name in tensors and tensors[name]["dtype"] == block.dtype == "U8":
+            nan = int((_read(directory, tensors, [name])[name] == 255).sum())  # E8M0 0xFF is NaN
+            if nan:
+                problems.append(f"{name}: {nan} NaN (0xFF) E8M0 block scales")
     groups: dict[tuple[str, str], list[str]] = {}
     for module in quantized:
         parent, _, leaf = module.rpartition(".")
@@ -308,12 +459,19 @@ def _check_scales(directory: Path, method: str, quantized: list[str], tensors: d
             if leaf in parts:
                 groups.setdefault((parent, fused), []).append(module)
     for (parent, fused), members in sorted(groups.items()):
-        for suffix in (c.weight_scale, c.input_scale):
-            values = {m: scalars.get(f"{m}{suffix}") for m in members}
+        schemes = {quantized[m] for m in members}
+        if len(schemes) > 1:
+            problems.append(f"{parent}.{fused}: parts have different schemes {sorted(schemes)}; vLLM loads one kernel")
+            continue
+        contract = contracts[schemes.pop()]
+        for t in contract.tensors:
+            if t.role not in contract.fused_equal:
+                continue
+            values = {m: scalars.get(f"{m}{t.suffix}") for m in members}
             known = {m: v.float().reshape(-1)[0].item() for m, v in values.items() if v is not None and v.numel()}
             if len(set(known.values())) > 1:
                 listing = ", ".join(f"{m.rpartition('.')[2]}={v:.6g}" for m, v in known.items())
-                problems.append(f"{parent}.{fused}{suffix}: parts differ ({listing}); vLLM takes one value for the "
+                problems.append(f"{parent}.{fused}{t.suffix}: parts differ ({listing}); vLLM takes one value for the "
                                 "fused kernel, the others are silently mis-scaled")
 
 
@@ -359,13 +517,14 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
     if not isinstance(qc, dict):
         problems.append("config.json quantization_config: missing; vLLM would load the model unquantized")
         return problems
-    method, ignore = _check_quant_config(directory, qc, problems)
+    layout = _check_quant_config(directory, qc, problems)
     model = _linear_modules(directory, tensors, problems)
-    if method is None or model is None or tensors is None:
+    if layout is None or model is None or tensors is None:
         return problems
-    _check_ignore_agrees(model[0], ignore, method, problems)
-    quantized = _check_linears(method, ignore, tensors, model, problems)
-    _check_scales(directory, method, quantized, tensors, problems)
+    _check_ignore_agrees(model[0], layout.ignore, layout.method, problems)
+    quantized = _check_linears(layout, tensors, model, problems)
+    kv_names = _check_kv_cache(layout, model[0], tensors, problems)
+    _check_scales(directory, layout.method, quantized, kv_names, tensors, problems)
     return problems
 
 

@@ -1,8 +1,11 @@
 """The independent reference: modelopt's own single-process quantization and export.
 
-`python tests/reference.py MODEL_DIR TOKENS_JSONL OUT_DIR [ATTN_IMPLEMENTATION [DEVICE]]` loads the
-whole model in one process (on DEVICE, default cpu), runs `mtq.quantize(model, NVFP4_DEFAULT_CFG,
-loop)` over the samples in file order (batch 1) and writes `export_hf_checkpoint`. Several models
+`python tests/reference.py [--recipe NAME] [--kv-cache fp8] MODEL_DIR TOKENS_JSONL OUT_DIR
+[ATTN_IMPLEMENTATION [DEVICE]]` loads the whole model in one process (on DEVICE, default cpu), runs
+`mtq.quantize(model, CONFIG, loop)` over the samples in file order (batch 1) and writes
+`export_hf_checkpoint`. CONFIG is the recipe's modelopt config (default nvfp4: NVFP4_DEFAULT_CFG),
+the same dict a run of that recipe hands modelopt on every rank; what differs is everything this
+project adds around it (stages, pipeline, per-stage export). Several models
 (on CPU): repeat the four arguments (`MODEL_DIR TOKENS_JSONL OUT_DIR ATTN ...`); each gets its own
 model and `mtq.quantize`, only the imports are shared. Run as its own process so modelopt's global
 patches stay out of the test process.
@@ -10,15 +13,20 @@ patches stay out of the test process.
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's nvfp4_pp
+
 
 def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implementation: str = "sdpa",
-                       device: str = "cpu") -> None:
+                       device: str = "cpu", recipe: str = "nvfp4", kv_cache: str | None = None) -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from nvfp4_pp.quantize import modelopt_config
 
     # Image-text models are quantized whole, as modelopt's hf_ptq does: its default config leaves
     # vision towers and projectors unquantized, and text-only samples drive the language model.
@@ -33,18 +41,21 @@ def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implement
         for s in samples:
             m(s)
 
-    mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, loop)
+    mtq.quantize(model, modelopt_config(recipe, kv_cache=kv_cache), loop)
     export_hf_checkpoint(model, export_dir=out_dir)
 
 
 def main(args: list[str]) -> None:
+    options = {}
+    while args and args[0] in ("--recipe", "--kv-cache"):
+        options[args[0][2:].replace("-", "_")], args = args[1], args[2:]
     if len(args) in (3, 5):
-        quantize_reference(*args)
+        quantize_reference(*args, **options)
         return
     if not args or len(args) % 4:
         raise SystemExit(__doc__)
     for i in range(0, len(args), 4):
-        quantize_reference(*args[i : i + 4])
+        quantize_reference(*args[i : i + 4], **options)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ BASE = {"model": "/m", "output": "/o"}
 
 def test_config_keys_are_pinned():
     assert config_keys() == [
-        "model", "output", "format",
+        "model", "output", "format", "recipe", "recipe_overrides", "ignore", "kv_cache",
         "calibration.dataset", "calibration.samples", "calibration.max_length", "calibration.batch_size",
         "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.memory_limit_gb",
         "pipeline.reserve_gb", "pipeline.timeout_s",
@@ -24,6 +24,7 @@ def test_defaults():
     assert cfg.format == "compressed-tensors" and cfg.pipeline.layers == "auto"
     assert cfg.calibration.dataset == "builtin:pydoc" and cfg.calibration.batch_size == 1
     assert cfg.pipeline.memory_limit_gb is None and cfg.pipeline.reserve_gb == 2.0
+    assert cfg.recipe == "nvfp4" and cfg.recipe_overrides == {} and cfg.ignore == [] and cfg.kv_cache is None
 
 
 def test_per_rank_and_per_host_pipeline_keys():
@@ -56,6 +57,10 @@ def test_per_rank_and_per_host_pipeline_keys():
      "config key 'pipeline.memory_limit_gb' must be null or a number or a list of numbers or a mapping to numbers"),
     ({**BASE, "pipeline": {"memory_limit_gb": {"spark1": 0}}}, "limits must be > 0 GB"),
     ({**BASE, "pipeline": {"reserve_gb": -1}}, "config key 'pipeline.reserve_gb' must be >= 0, got -1"),
+    ({**BASE, "recipe": "int4"}, "config key 'recipe' must be one of 'nvfp4', 'nvfp4_awq', 'fp8'"),
+    ({**BASE, "recipe_overrides": {"*mlp*": "fp4"}}, "config key 'recipe_overrides' must be a mapping to one of"),
+    ({**BASE, "kv_cache": "int8"}, "config key 'kv_cache' must be null or one of 'fp8', got 'int8'"),
+    ({**BASE, "recipe": "nvfp4_awq"}, "recipe nvfp4_awq keeps AWQ pre-quant scales"),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:

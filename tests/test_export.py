@@ -10,30 +10,33 @@ from helpers import REPO
 SCRIPT = """
 import torch
 import modelopt.torch.quantization as mtq
-from modelopt.torch.export.quant_utils import (get_quantization_format, get_weight_block_size,
-    get_weight_scaling_factor, get_weight_scaling_factor_2, to_quantized_weight)
+from modelopt.torch.export.quant_utils import postprocess_state_dict
+from modelopt.torch.export.unified_export_hf import _export_quantized_weight
 from nvfp4_pp import export
 from nvfp4_pp.quantize import modelopt_config
 
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(256, 200, dtype=torch.bfloat16))  # 200 rows: the last chunk is short
+model = torch.nn.Sequential(torch.nn.Linear(256, 200, bias=False, dtype=torch.bfloat16))  # 200 rows: last chunk short
 with torch.no_grad():
     model[0].weight[7, :16] *= 40  # one outlier block: block scales must differ between rows
 x = torch.randn(4, 256, dtype=torch.bfloat16)
 mtq.quantize(model, modelopt_config(), lambda m: m(x))
 linear = model[0]
-linear.name = "0"
 
-fmt = get_quantization_format(linear)
-whole_scale = get_weight_scaling_factor(linear)
-whole = to_quantized_weight(linear.weight, whole_scale, fmt, get_weight_scaling_factor_2(linear).squeeze(),
-                            get_weight_block_size(linear))
-export.EXPORT_CHUNK_ELEMENTS = 256 * 48  # 48 rows per chunk: 5 chunks
-chunked = export.quantize_linear(linear, torch.bfloat16)
-assert chunked.weight.dtype == torch.uint8 and chunked.weight.shape == (200, 128)
-assert torch.equal(chunked.weight, whole), "packed codes differ"
-assert torch.equal(chunked.weight_scale.view(torch.uint8), whole_scale.view(torch.uint8)), "block scales differ"
-assert len(set(chunked.weight_scale[:, 0].float().tolist())) > 1
+export.EXPORT_CHUNK_ELEMENTS = 256 * 48  # 48 rows per chunk: 5 chunks, the last one short
+scheme, chunked = export.quantize_linear("0", linear, torch.bfloat16)
+assert scheme == "nvfp4" and chunked["0.weight"].shape == (200, 128)
+assert len(set(chunked["0.weight_scale"][:, 0].float().tolist())) > 1
+
+# modelopt's own per-module export of the whole tensor (what export_hf_checkpoint runs), last: it mutates the module
+_export_quantized_weight(linear, torch.bfloat16)
+whole = postprocess_state_dict({f"0.{k}": v for k, v in linear.state_dict().items()}, 448.0, None)
+assert sorted(whole) == sorted(chunked), (sorted(whole), sorted(chunked))
+for key, value in whole.items():
+    ours = chunked[key]
+    assert ours.dtype == value.dtype and ours.shape == value.shape, (key, ours.dtype, ours.shape, value.dtype, value.shape)
+    assert torch.equal(ours.view(torch.uint8) if ours.dtype == torch.float8_e4m3fn else ours,
+                       value.cpu().view(torch.uint8) if value.dtype == torch.float8_e4m3fn else value.cpu()), key
 print("identical")
 """
 

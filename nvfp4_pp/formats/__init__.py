@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import CheckpointFormat, QuantizedLinear
+from .base import BLOCK_SIZE, SCHEMES, CheckpointFormat, Layers, UnsupportedScheme
 from .compressed_tensors import CompressedTensorsFormat
 from .modelopt import ModeloptFormat
 
@@ -18,4 +18,4 @@ def get_format(name: str) -> CheckpointFormat:
     return FORMATS[name]()
 
 
-__all__ = ["CheckpointFormat", "QuantizedLinear", "FORMATS", "get_format"]
+__all__ = ["BLOCK_SIZE", "SCHEMES", "CheckpointFormat", "Layers", "UnsupportedScheme", "FORMATS", "get_format"]

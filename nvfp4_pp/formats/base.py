@@ -1,4 +1,10 @@
-"""The numbers of one NVFP4 Linear, independent of layout, and the small interface a layout implements."""
+"""What a layout must say about a quantized checkpoint, and the schemes a Linear can have.
+
+A scheme is modelopt's name for one Linear's quantization (`get_quantization_format`):
+`nvfp4`, `nvfp4_awq`, `w4a16_nvfp4`, `fp8`, `mxfp4`. The exporter hands a layout each Linear's
+tensors under modelopt's names (`weight`, `weight_scale`, `weight_scale_2`, `input_scale`,
+`pre_quant_scale`, plus an untouched `bias`); the layout renames and re-expresses them.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +13,55 @@ import dataclasses
 
 import torch
 
+SCHEMES = ("nvfp4", "nvfp4_awq", "w4a16_nvfp4", "fp8", "mxfp4")
+BLOCK_SIZE = {"nvfp4": 16, "nvfp4_awq": 16, "w4a16_nvfp4": 16, "fp8": 0, "mxfp4": 32}
+"""Elements per block scale along the input dimension (0: one per-tensor scale)."""
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class QuantizedLinear:
-    """One NVFP4 Linear in modelopt's terms (all on CPU).
+class Layers:
+    """Everything the config of a checkpoint needs to know about its modules."""
 
-    Dequantised weight = e2m1(weight) x float(weight_scale) x weight_scale_2.
-    """
+    schemes: dict[str, str]
+    """Quantized Linear name -> scheme."""
+    exclude: list[str]
+    """Modules kept in BF16 (lm_head, embeddings, ignored Linears)."""
+    kv_cache: str | None = None
+    """KV-cache format (modelopt's name, "FP8") when K/V scales were calibrated."""
 
-    weight: torch.Tensor
-    """uint8 [out, in/2], element 2j in the low nibble, 2j+1 in the high nibble."""
-    weight_scale: torch.Tensor
-    """float8_e4m3fn [out, in/16] per-block scales."""
-    weight_scale_2: torch.Tensor
-    """float32 scalar: weight amax / (6 * 448)."""
-    input_scale: torch.Tensor
-    """float32 scalar: calibrated input amax / (6 * 448)."""
+    @property
+    def distinct(self) -> list[str]:
+        return sorted(set(self.schemes.values()))
+
+
+class UnsupportedScheme(ValueError):
+    """A recipe asked for a scheme this layout has no field for."""
 
 
 class CheckpointFormat(abc.ABC):
-    """A layout: tensor names per quantized Linear, and the config blocks that describe it."""
+    """A layout: tensor names per quantized Linear and KV scales, and the config blocks that describe it."""
 
     name: str
+    schemes: tuple[str, ...]
+    """The schemes this layout can hold."""
+
+    def check_scheme(self, module_name: str, scheme: str) -> None:
+        if scheme not in self.schemes:
+            raise UnsupportedScheme(f"{module_name}: scheme {scheme!r} has no {self.name} layout (it holds "
+                                    f"{', '.join(self.schemes)}); choose another format or recipe")
 
     @abc.abstractmethod
-    def linear_tensors(self, module_name: str, linear: QuantizedLinear) -> dict[str, torch.Tensor]:
-        """The tensors written for one quantized Linear, under their final names."""
+    def linear_tensors(self, module_name: str, scheme: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors written for one quantized Linear (given under modelopt's names), under their final names."""
 
     @abc.abstractmethod
-    def quantization_config(self, exclude: list[str], producer: dict) -> dict:
+    def kv_cache_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """K/V scales (given as modelopt's `...k_proj.k_scale` / `...v_proj.v_scale`) under the layout's names."""
+
+    @abc.abstractmethod
+    def quantization_config(self, layers: Layers, producer: dict) -> dict:
         """The `quantization_config` block of config.json."""
 
-    def extra_files(self, exclude: list[str], producer: dict) -> dict[str, dict]:
+    def extra_files(self, layers: Layers, producer: dict) -> dict[str, dict]:
         """Additional JSON files (name -> content) the layout needs besides config.json."""
         return {}

@@ -1,28 +1,50 @@
-"""compressed-tensors' layout (quant_method "compressed-tensors", format "nvfp4-pack-quantized").
+"""compressed-tensors' layout (quant_method "compressed-tensors"): one config group per scheme.
 
-This is what llm-compressor writes and what vLLM's CompressedTensorsW4A4Fp4 scheme and
-transformers' CompressedTensorsConfig read. The numbers are modelopt's: packed nibbles and FP8
-block scales are the same bytes; the two per-tensor scales are stored as reciprocals
-(global scale = 6 * 448 / amax = 1 / modelopt's scale).
+This is what llm-compressor writes and what vLLM's compressed-tensors schemes (W4A4Fp4, W4A16Fp4,
+W8A8Fp8, MXFP4) and transformers' CompressedTensorsConfig read. The numbers are modelopt's: packed
+nibbles and block scales are the same bytes; NVFP4's two per-tensor scales are stored as
+reciprocals (global scale = 6 * 448 / amax = 1 / modelopt's scale); FP8 scales keep modelopt's
+orientation (dequantised = fp8 x scale), as a [1] tensor.
 
-The config group is compressed-tensors' preset scheme "NVFP4" written with only the fields every
-compressed-tensors release since NVFP4 support (0.10) knows. The schema forbids unknown fields
-(since 0.11), so `scale_dtype` / `zp_dtype` (added in 0.13, FP8 is what readers assume when they
-are absent) and `observer` (a calibration-time setting, and its preset value "static_minmax" is
-unknown to older releases) are left out: a vLLM pinned to an older compressed-tensors still loads
-the checkpoint, and a new one reads exactly the preset (the tests check both).
+Each group is compressed-tensors' preset scheme (`NVFP4`, `NVFP4A16`, `FP8`, `MXFP4`) written with
+only the fields every release since the scheme's support knows. The schema forbids unknown fields
+(since 0.11), so `scale_dtype` / `zp_dtype` (added in 0.13; readers assume FP8 E4M3 for NVFP4 and
+uint8 E8M0 for MXFP4 when absent) and `observer` (a calibration-time setting) are left out: a vLLM
+pinned to an older compressed-tensors still loads the checkpoint, and a new one reads exactly the
+preset (the tests check both). One scheme: one group targeting every `Linear` (not ignored).
+Several: one group per scheme listing its modules by exact name, each with its own `format`, and
+the top-level format `mixed-precision`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import CheckpointFormat, QuantizedLinear
+from .base import CheckpointFormat, Layers
 
-GROUP_SIZE = 16
-FORMAT = "nvfp4-pack-quantized"
-FP4_ARGS = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": GROUP_SIZE, "strategy": "tensor_group"}
-"""QuantizationArgs fields shared by weights and activations of the NVFP4 preset."""
+FP4 = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group"}
+MXFP4 = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group"}
+FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}
+GROUPS: dict[str, tuple[str, dict]] = {
+    "nvfp4": ("nvfp4-pack-quantized", {"weights": {**FP4, "dynamic": False},
+                                       "input_activations": {**FP4, "dynamic": "local"}}),
+    "w4a16_nvfp4": ("nvfp4-pack-quantized", {"weights": {**FP4, "dynamic": False}, "input_activations": None}),
+    "fp8": ("float-quantized", {"weights": {**FP8, "dynamic": False}, "input_activations": {**FP8, "dynamic": False}}),
+    "mxfp4": ("mxfp4-pack-quantized", {"weights": {**MXFP4, "dynamic": False},
+                                       "input_activations": {**MXFP4, "dynamic": True}}),
+}
+"""Scheme -> (compression format, QuantizationArgs of its group)."""
+KV_CACHE_SCHEMES = {"FP8": {**FP8, "dynamic": False}}
+NAMES: dict[str, dict[str, str]] = {
+    "nvfp4": {"weight": "weight_packed", "weight_scale": "weight_scale", "weight_scale_2": "weight_global_scale",
+              "input_scale": "input_global_scale"},
+    "w4a16_nvfp4": {"weight": "weight_packed", "weight_scale": "weight_scale", "weight_scale_2": "weight_global_scale"},
+    "fp8": {"weight": "weight", "weight_scale": "weight_scale", "input_scale": "input_scale"},
+    "mxfp4": {"weight": "weight_packed", "weight_scale": "weight_scale"},
+}
+"""Scheme -> modelopt tensor name -> compressed-tensors name."""
+RECIPROCAL = {"weight_scale_2", "input_scale"}
+"""NVFP4 per-tensor scales, stored as global scales (reciprocals)."""
 
 
 def reciprocal(scale: torch.Tensor) -> torch.Tensor:
@@ -32,30 +54,46 @@ def reciprocal(scale: torch.Tensor) -> torch.Tensor:
 
 class CompressedTensorsFormat(CheckpointFormat):
     name = "compressed-tensors"
+    schemes = tuple(GROUPS)
 
-    def linear_tensors(self, module_name: str, linear: QuantizedLinear) -> dict[str, torch.Tensor]:
-        return {
-            f"{module_name}.weight_packed": linear.weight,
-            f"{module_name}.weight_scale": linear.weight_scale,
-            f"{module_name}.weight_global_scale": reciprocal(linear.weight_scale_2),
-            f"{module_name}.input_global_scale": reciprocal(linear.input_scale),
-        }
+    def linear_tensors(self, module_name: str, scheme: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_scheme(module_name, scheme)
+        names = NAMES[scheme]
+        out = {}
+        for full, value in tensors.items():
+            leaf = full.removeprefix(f"{module_name}.")
+            if leaf == "bias":
+                out[full] = value
+            elif leaf not in names:
+                raise ValueError(f"{full}: no compressed-tensors field for {scheme} tensor {leaf!r}")
+            elif scheme != "fp8" and leaf in RECIPROCAL:
+                out[f"{module_name}.{names[leaf]}"] = reciprocal(value)
+            elif value.dtype == torch.float32 and value.dim() == 0:
+                out[f"{module_name}.{names[leaf]}"] = value.reshape(1)  # per-tensor scales are [1] here
+            else:
+                out[f"{module_name}.{names[leaf]}"] = value
+        return out
 
-    def quantization_config(self, exclude: list[str], producer: dict) -> dict:
+    def kv_cache_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # modelopt hangs the scales on k_proj / v_proj; compressed-tensors on the attention module.
+        return {name.replace(".k_proj.k_scale", ".k_scale").replace(".v_proj.v_scale", ".v_scale"): value
+                for name, value in tensors.items()}
+
+    def quantization_config(self, layers: Layers, producer: dict) -> dict:
         # No "producer" key: older readers validate this block, and the run record names the producer.
+        distinct = layers.distinct
+        groups = {}
+        for i, scheme in enumerate(distinct):
+            fmt, args = GROUPS[scheme]
+            targets = ["Linear"] if len(distinct) == 1 else sorted(m for m, s in layers.schemes.items() if s == scheme)
+            groups[f"group_{i}"] = {"targets": targets, **args, "output_activations": None,
+                                    **({"format": fmt} if len(distinct) > 1 else {})}
         return {
             "quant_method": "compressed-tensors",
-            "format": FORMAT,
+            "format": GROUPS[distinct[0]][0] if len(distinct) == 1 else "mixed-precision",
             "quantization_status": "compressed",  # transformers refuses anything else for packed weights
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "weights": {**FP4_ARGS, "dynamic": False},
-                    "input_activations": {**FP4_ARGS, "dynamic": "local"},
-                    "output_activations": None,
-                }
-            },
-            "kv_cache_scheme": None,
+            "config_groups": groups,
+            "kv_cache_scheme": KV_CACHE_SCHEMES[layers.kv_cache] if layers.kv_cache else None,
             # Module names, matched exactly by vLLM and compressed-tensors (never `.weight` names).
-            "ignore": list(exclude),
+            "ignore": list(layers.exclude),
         }
