@@ -33,6 +33,19 @@ def _pipeline_rows(manifests: list[dict]) -> list[str]:
     return rows
 
 
+RECIPE_TEXT = {
+    "nvfp4": "FP4 E2M1 weights and activations (W4A4), FP8 E4M3 scales per block of 16, FP32 per-tensor "
+             "scales; static per-tensor input scales from modelopt's max calibration on the data below",
+    "nvfp4_awq": "NVFP4 W4A4 as `nvfp4`, with AWQ-lite pre-quant scales searched on the data below (folded "
+                 "into the preceding layer where shapes allow)",
+    "w4a16_nvfp4": "NVFP4 weights (E2M1, FP8 per-16 block scales, FP32 per-tensor scale), BF16 activations",
+    "fp8": "FP8 E4M3 weights and activations (W8A8), per-tensor static scales calibrated on the data below",
+    "mxfp4": "MXFP4 weights and activations: E2M1 in blocks of 32 with E8M0 scales",
+    "mxfp4_mlp_fp8_attn": "MLP Linears MXFP4 (E2M1, blocks of 32, E8M0 scales); attention Linears FP8 W8A8 "
+                          "with per-tensor static scales calibrated on the data below",
+}
+
+
 def render_card(record: dict, output_name: str) -> str:
     """Markdown model card: base model, recipe, calibration, stage split, timings, health, serving."""
     cfg, cal = record["config"], record["calibration"]
@@ -42,18 +55,21 @@ def render_card(record: dict, output_name: str) -> str:
     lines = [
         "---",
         f"base_model: {base}",
-        "tags: [nvfp4, fp4, vllm, " + cfg["format"] + "]",
+        f"tags: [{cfg.get('recipe', 'nvfp4')}, vllm, " + cfg["format"] + "]",
         "---",
         f"# {output_name}",
         "",
-        f"NVFP4 quantization of `{base}` (source: `{cfg['model']}`), written by nvfp4_pp {record['producer']['version']} "
+        f"`{cfg.get('recipe', 'nvfp4')}` quantization of `{base}` (source: `{cfg['model']}`), written by "
+        f"nvfp4_pp {record['producer']['version']} "
         f"with nvidia-modelopt {record['modelopt_version']} in the `{cfg['format']}` layout.",
         "",
         "## Recipe",
-        "- Every decoder Linear: FP4 E2M1 weights and activations (W4A4), FP8 E4M3 scales per block of 16, "
-        "FP32 per-tensor scales; q/k/v and gate/up share their per-tensor scales (vLLM fuses them).",
-        "- Weights: modelopt's NVFP4 max calibration. Activations: static per-tensor input scales calibrated "
-        "on the data below (modelopt max calibration, no cross-rank amax sync), dynamic block scales at run time.",
+        f"- Every decoder Linear: {RECIPE_TEXT[cfg.get('recipe', 'nvfp4')]}; q/k/v and gate/up share their "
+        "per-tensor scales (vLLM fuses them). No cross-rank amax sync: each stage's statistics are its own.",
+        *[f"- Linears matching `{pattern}`: {RECIPE_TEXT[recipe]}" for pattern, recipe in
+          (cfg.get("recipe_overrides") or {}).items()],
+        *([f"- KV cache: {cfg['kv_cache'].upper()} K and V scales calibrated on the data below"]
+          if cfg.get("kv_cache") else []),
         f"- Kept in BF16: {', '.join(f'`{n}`' for n in record['kept_bf16']) or 'nothing'} (plus norms).",
         "",
         "## Calibration",
