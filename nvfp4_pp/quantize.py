@@ -27,7 +27,28 @@ def modelopt_config(recipe: str = "nvfp4") -> dict:
     return cfg
 
 
-def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None]) -> None:
+class ValidTokens:
+    """Which positions of the micro-batch now running are real tokens; pads never reach an amax.
+
+    The pipeline sets `mask` ([B, T] bool, None when nothing is padded) before each forward. Every
+    quantized Linear of a decoder stage sees inputs shaped [B, T, features], so one mask serves
+    q/k/v, o_proj, gate/up and down_proj alike.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.unmaskable: list[str] = []
+
+    def set(self, mask: torch.Tensor | None) -> None:
+        if mask is not None and self.unmaskable:
+            raise RuntimeError(
+                f"padded micro-batch, but quantizers {self.unmaskable[:3]} collect statistics that cannot skip "
+                "pad positions; use calibration.batch_size: 1 or calibration.pack: true")
+        self.mask = mask
+
+
+def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None],
+              valid: ValidTokens | None = None) -> None:
     """Insert quantizers into `stage` and collect statistics inside `forward_loop`.
 
     The loop must run inside `mtq.quantize`: statistics are gathered only while modelopt drives
@@ -36,14 +57,14 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
     import modelopt.torch.quantization as mtq
 
     def loop(model: torch.nn.Module) -> None:
-        with running_max_collection(model):
+        with running_max_collection(model, valid or ValidTokens()):
             forward_loop(model)
 
     mtq.quantize(stage, modelopt_config(), loop)
 
 
 @contextlib.contextmanager
-def running_max_collection(model: torch.nn.Module):
+def running_max_collection(model: torch.nn.Module, valid: ValidTokens):
     """Collect per-tensor input amaxes on the device without syncs; hand modelopt the same values.
 
     During modelopt's max calibration every forward re-reduces each weight (already reduced once
@@ -51,7 +72,8 @@ def running_max_collection(model: torch.nn.Module):
     blocks the host three times per quantizer per micro-batch. Here weight quantizers skip the
     repeat, and each eligible input quantizer's running max(|x|) stays on the device; at the end
     it is given to the quantizer's own calibrator once. Max is exact, so the amaxes (and every
-    exported byte) equal modelopt's; quantizers of other kinds keep modelopt's own collection.
+    exported byte) equal modelopt's; quantizers of other kinds keep modelopt's own collection, which
+    cannot skip pads: `valid` refuses padded batches while any such quantizer is calibrating.
     """
     from modelopt.torch.quantization.calib import MaxCalibrator
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -73,7 +95,9 @@ def running_max_collection(model: torch.nn.Module):
             paused.append(input_q)
             box: list[torch.Tensor | None] = [None]
             running[input_q] = box
-            hooks.append(module.register_forward_pre_hook(_make_max_hook(box)))
+            hooks.append(module.register_forward_pre_hook(_make_max_hook(box, valid)))
+    valid.unmaskable = [name for name, m in model.named_modules()  # still collecting the modelopt way
+                        if isinstance(m, TensorQuantizer) and m._if_calib and not m._disabled]
     try:
         yield
     finally:
@@ -86,9 +110,14 @@ def running_max_collection(model: torch.nn.Module):
                 quantizer._calibrator.collect(amax)
 
 
-def _make_max_hook(box: list):
+def _make_max_hook(box: list, valid: ValidTokens):
     def hook(module, args):
         x = args[0]
+        if valid.mask is not None:
+            if x.shape[:2] != valid.mask.shape:
+                raise RuntimeError(f"input of shape {tuple(x.shape)} does not fit the token mask "
+                                   f"{tuple(valid.mask.shape)}: pads could not be kept out of the amax")
+            x = x[valid.mask.to(x.device)]  # [B, T, F] -> [real tokens, F]
         if x.numel():
             amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"))
             box[0] = amax if box[0] is None else torch.maximum(box[0], amax)
