@@ -28,6 +28,7 @@ def _import_datasets():
         import datasets
     except ImportError:
         raise HFDataError(f"calibration.dataset 'hf:...' needs the 'datasets' package: {INSTALL_HINT}") from None
+    datasets.disable_progress_bars()  # one line per phase in the run's log, not per-file bars
     return datasets
 
 
