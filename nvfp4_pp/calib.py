@@ -1,15 +1,27 @@
-"""Calibration samples as token ids (built on the first rank only) and their micro-batches."""
+"""The calibration set: token-id samples built on the first rank only, their manifest and micro-batches.
+
+Sources are the built-in corpus, `.jsonl` / `.txt` files (read in file order) and Hugging Face
+datasets (`hf:`, rows shuffled with `calibration.seed`), alone or mixed by share. Each sample is
+kept only inside the length window; chat rows are rendered with the model's own chat template.
+Everything is a pure function of the config and the data, so a run's choice and order repeat.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
-from collections.abc import Callable
+import random
+import statistics
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .config import CalibrationConfig
+from .config import CalibrationConfig, DataSource
+from .hf_data import HFDataError, as_messages, find_field, open_dataset
 
 
 class CalibrationDataError(ValueError):
@@ -27,16 +39,46 @@ def builtin_text(name: str) -> str:
     )
 
 
-def _chunk(ids: list[int], length: int, count: int) -> list[list[int]]:
-    return [ids[i : i + length] for i in range(0, len(ids), length)][:count]
+class Tokenizer:
+    """The model's tokenizer, loaded on first use: text to ids, chat messages to ids via its template."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = directory
+
+    @functools.cached_property
+    def hf(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.directory)
+
+    def text(self, text: str) -> list[int]:
+        return self.hf(text)["input_ids"]
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The ids the model is served with: `apply_chat_template` exactly, nothing added."""
+        if not self.hf.chat_template:
+            raise CalibrationDataError(
+                f"calibration data holds chat messages but the tokenizer in {self.directory} has no chat "
+                "template; use a text column (calibration.field) or a model with a chat template")
+        return list(self.hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    @property
+    def pad_id(self) -> int:
+        """Right-padding id (its positions are masked out of every statistic, so any id would do)."""
+        for candidate in (self.hf.pad_token_id, self.hf.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
 
 
-def _read_jsonl(path: Path, cfg: CalibrationConfig, tokenize: Callable[[str], list[int]]) -> list[list[int]]:
-    samples: list[list[int]] = []
+def _chunks(ids: list[int], length: int) -> Iterator[list[int]]:
+    return (ids[i : i + length] for i in range(0, len(ids), length))
+
+
+def _jsonl_rows(path: Path, cfg: CalibrationConfig, tok: Tokenizer) -> Iterator[list[int]]:
+    """`input_ids` rows verbatim (longer than max_length is an error), `text` / `messages` tokenised."""
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
-            if len(samples) == cfg.samples:
-                break
             if not line.strip():
                 continue
             try:
@@ -52,51 +94,174 @@ def _read_jsonl(path: Path, cfg: CalibrationConfig, tokenize: Callable[[str], li
                         f"{path}:{lineno} has {len(ids)} input_ids, more than calibration.max_length="
                         f"{cfg.max_length}; raise max_length or shorten the sample"
                     )
+                yield ids
             elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"]:
-                ids = tokenize(row["text"])[: cfg.max_length]
+                yield tok.text(row["text"])
+            elif isinstance(row, dict) and as_messages(row.get("messages")):
+                yield tok.chat(as_messages(row["messages"]))
             else:
                 raise CalibrationDataError(
                     f"{path}:{lineno} has neither 'input_ids' (list of ints) nor 'text' (string)"
                 )
-            samples.append(ids)
-    return samples
 
 
-def load_samples(cfg: CalibrationConfig, tokenizer_dir: str | Path) -> list[list[int]]:
-    """Token-id samples in a fixed, reproducible order (`input_ids` JSONL rows are used verbatim)."""
-    dataset = cfg.dataset
+def _hf_rows(source: DataSource, seed: int, tok: Tokenizer, resolved: dict) -> Iterator[list[int]]:
+    """Rows of an `hf:` dataset in a seeded shuffle, tokenised one at a time (only as many as needed)."""
+    spec = source.dataset.removeprefix("hf:")
+    try:
+        data = open_dataset(spec, source.config, source.split)
+        field = find_field(list(data.column_names), source.field, f"calibration.dataset {source.dataset!r}")
+    except HFDataError as e:
+        raise CalibrationDataError(str(e)) from None
+    resolved.update(field=field, rows=len(data))
+    column = data.select_columns([field])
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    for index in order:
+        value: Any = column[index][field]
+        if isinstance(value, str):
+            if value.strip():
+                yield tok.text(value)
+            continue
+        messages = as_messages(value)
+        if messages is None:
+            raise CalibrationDataError(
+                f"calibration.dataset {source.dataset!r} row {index}: column {field!r} holds neither text nor a "
+                "list of role/content messages; set calibration.field to the text or messages column")
+        yield tok.chat(messages)
 
-    @functools.cache
-    def tokenizer():  # loaded only when some text needs it
-        from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    def tokenize(text: str) -> list[int]:
-        return tokenizer()(text)["input_ids"]
-
+def _source_rows(source: DataSource, cfg: CalibrationConfig, tok: Tokenizer, resolved: dict) -> Iterator[list[int]]:
+    """Candidate samples of one source, before the length window."""
+    dataset = source.dataset
     if dataset.startswith("builtin:"):
-        text = builtin_text(dataset.removeprefix("builtin:"))
-        samples = _chunk(tokenize(text), cfg.max_length, cfg.samples)
-    else:
-        path = Path(dataset)
-        if not path.is_file():
-            raise CalibrationDataError(f"calibration.dataset file {dataset!r} does not exist")
-        if dataset.endswith(".jsonl"):
-            samples = _read_jsonl(path, cfg, tokenize)
-        else:
-            samples = _chunk(tokenize(path.read_text()), cfg.max_length, cfg.samples)
-    if not samples:
-        raise CalibrationDataError(f"calibration.dataset {dataset!r} holds no samples")
-    return samples
+        return _chunks(tok.text(builtin_text(dataset.removeprefix("builtin:"))), cfg.max_length)
+    if dataset.startswith("hf:"):
+        return _hf_rows(source, cfg.seed, tok, resolved)
+    path = Path(dataset)
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration.dataset file {dataset!r} does not exist")
+    if dataset.endswith(".jsonl"):
+        return _jsonl_rows(path, cfg, tok)
+    return _chunks(tok.text(path.read_text()), cfg.max_length)
 
 
-def micro_batches(samples: list[list[int]], batch_size: int) -> list[torch.Tensor]:
-    """Consecutive samples of equal length, up to `batch_size` per batch: no padding ever."""
-    batches: list[list[list[int]]] = []
-    for ids in samples:
-        if batches and len(batches[-1]) < batch_size and len(batches[-1][0]) == len(ids):
-            batches[-1].append(ids)
+def _windowed(rows: Iterator[list[int]], cfg: CalibrationConfig, count: int, skipped: dict) -> list[list[int]]:
+    """The first `count` rows inside [min_length, max_length] (longer ones cut or skipped, as configured)."""
+    out: list[list[int]] = []
+    for ids in rows:
+        if len(out) == count:
+            break
+        if len(ids) < cfg.min_length:
+            skipped["short"] += 1
+        elif len(ids) > cfg.max_length and cfg.too_long == "skip":
+            skipped["long"] += 1
         else:
-            batches.append([ids])
-    return [torch.tensor(b, dtype=torch.long) for b in batches]
+            out.append(ids[: cfg.max_length])
+    return out
+
+
+def shares_to_counts(shares: list[float], total: int) -> list[int]:
+    """Split `total` samples by share (largest remainder, ties to the earlier source): sums to `total`."""
+    exact = [total * s / sum(shares) for s in shares]
+    counts = [int(e) for e in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _pack(samples: list[list[int]], length: int) -> list[list[int]]:
+    """One stream cut into rows of exactly `length` (a short tail is kept only if it is all there is)."""
+    rows = list(_chunks([t for s in samples for t in s], length))
+    return rows[:-1] if len(rows) > 1 and len(rows[-1]) < length else rows
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSet:
+    """The samples every stage sees, in order, and where they came from."""
+
+    samples: list[list[int]]
+    sources: list[dict]
+    tokenizer: Tokenizer = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.samples).encode()).hexdigest()
+
+    def manifest(self) -> dict:
+        """Source(s), count, total tokens, min/median/max length and a hash of the token ids."""
+        lengths = [len(s) for s in self.samples]
+        return {"sources": self.sources, "samples": len(lengths), "tokens": sum(lengths),
+                "min_length": min(lengths), "median_length": statistics.median(lengths),
+                "max_length": max(lengths), "token_ids_sha256": self.sha256}
+
+
+def load_samples(cfg: CalibrationConfig, tokenizer_dir: str | Path) -> CalibrationSet:
+    """The calibration set of `cfg`: the same config and data always give the same ids in the same order."""
+    tok = Tokenizer(tokenizer_dir)
+    sources = cfg.sources()
+    counts = shares_to_counts([s.share for s in sources], cfg.samples)
+    samples: list[list[int]] = []
+    report: list[dict] = []
+    for source, count in zip(sources, counts):
+        resolved: dict = {}
+        skipped = {"short": 0, "long": 0}
+        chosen = _windowed(_source_rows(source, cfg, tok, resolved), cfg, count, skipped) if count else []
+        if not chosen and count:
+            raise CalibrationDataError(
+                f"calibration.dataset {source.dataset!r} holds no samples"
+                + (f" of {cfg.min_length} to {cfg.max_length} tokens ({skipped['short']} shorter, "
+                   f"{skipped['long']} longer skipped); widen calibration.min_length / max_length"
+                   if any(skipped.values()) else ""))
+        entry = {"dataset": source.dataset, "samples": len(chosen), "tokens": sum(map(len, chosen)),
+                 "skipped_short": skipped["short"], "skipped_long": skipped["long"]}
+        if source.dataset.startswith("hf:"):
+            entry.update(config=source.config, split=source.split, **resolved)
+        if len(sources) > 1:
+            entry["share"] = source.share
+        report.append(entry)
+        samples += chosen
+    if len(sources) > 1:
+        random.Random(cfg.seed).shuffle(samples)
+    if cfg.pack:
+        samples = _pack(samples, cfg.max_length)
+    return CalibrationSet(samples, report, tok)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """Token ids [B, T], right-padded; `lengths` says how many positions of each row are real."""
+
+    ids: torch.Tensor
+    lengths: tuple[int, ...]
+
+
+def micro_batches(samples: list[list[int]], batch_size: int, pad_id: int) -> list[MicroBatch]:
+    """Samples grouped by length, up to `batch_size` per batch, right-padded to the batch's longest.
+
+    Samples of equal length batch without any padding. Pads sit after every real token, so the
+    causal attention of real positions never sees them, and the statistics mask them out
+    (`quantize.ValidTokens`). Batch size 1 keeps the samples' own order.
+    """
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i])) if batch_size > 1 else range(len(samples))
+    order = list(order)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        group = [samples[i] for i in order[start : start + batch_size]]
+        width = max(map(len, group))
+        ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in group], dtype=torch.long)
+        batches.append(MicroBatch(ids, tuple(map(len, group))))
+    return batches
+
+
+def valid_mask(lengths: tuple[int, ...], width: int) -> torch.Tensor | None:
+    """[B, T] True at real tokens; None when no row is padded."""
+    if all(n == width for n in lengths):
+        return None
+    return torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+

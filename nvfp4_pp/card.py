@@ -8,11 +8,35 @@ from pathlib import Path
 
 RECORD = "nvfp4_pp.json"
 CARD = "README.md"
+CALIBRATION_MANIFEST = "calibration.json"
+"""The calibration set's manifest, written into rank 0's work directory when the run starts."""
 QUALITY_START, QUALITY_END = "<!-- nvfp4_pp:quality -->", "<!-- /nvfp4_pp:quality -->"
 
 
 def write_record(directory: Path, record: dict) -> None:
     (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _manifest_lines(manifest: dict) -> list[str]:
+    """The calibration set as the card shows it: one line per source, then counts and the ids' hash."""
+    lines = []
+    for s in manifest["sources"]:
+        where = ", ".join(f"{k} `{s[k]}`" for k in ("config", "split", "field") if s.get(k))
+        share = f", share {s['share']}" if "share" in s else ""
+        skipped = (f"; skipped {s['skipped_short']} too short, {s['skipped_long']} too long"
+                   if s["skipped_short"] or s["skipped_long"] else "")
+        lines.append(f"- Source `{s['dataset']}`{' (' + where + ')' if where else ''}{share}: "
+                     f"{s['samples']} samples, {s['tokens']} tokens{skipped}.")
+    lines.append(f"- Set: {manifest['samples']} samples, {manifest['tokens']} tokens, lengths "
+                 f"{manifest['min_length']} / {manifest['median_length']} / {manifest['max_length']} "
+                 f"(min / median / max); token ids sha256 `{manifest['token_ids_sha256']}`.")
+    return lines
 
 
 def peaks_text(manifest: dict) -> str:
@@ -49,6 +73,8 @@ RECIPE_TEXT = {
 def render_card(record: dict, output_name: str) -> str:
     """Markdown model card: base model, recipe, calibration, stage split, timings, health, serving."""
     cfg, cal = record["config"], record["calibration"]
+    dataset = cal["dataset"] if isinstance(cal["dataset"], str) else "a mix of " + ", ".join(
+        s["dataset"] for s in cal["dataset"])
     base = record["base_model"]
     unhealthy = [f"rank {m['rank']}: {', '.join(m['health'].get('bad', []))}" for m in record["ranks"]
                  if m["health"]["zero"] or m["health"]["nan"]]
@@ -73,8 +99,11 @@ def render_card(record: dict, output_name: str) -> str:
         f"- Kept in BF16: {', '.join(f'`{n}`' for n in record['kept_bf16']) or 'nothing'} (plus norms).",
         "",
         "## Calibration",
-        f"- Data: `{cal['dataset']}`, {cal['samples']} samples, {cal['tokens']} tokens "
-        f"(at most {cal['max_length']} tokens each), micro-batches of up to {cal['batch_size']}.",
+        f"- Data: `{dataset}`, {cal['samples']} samples, {cal['tokens']} tokens "
+        f"({cal['min_length']} to {cal['max_length']} tokens each{', packed' if cal['pack'] else ''}, "
+        f"seed {cal['seed']}), micro-batches of up to {cal['batch_size']} grouped by length "
+        "(pad positions never enter a statistic).",
+        *_manifest_lines(cal["manifest"]),
         "- Health (quantizers with a usable / zero or missing / NaN amax, per rank): "
         + "; ".join(f"rank {m['rank']} {m['health']['good']} / {m['health']['zero']} / {m['health']['nan']}"
                     for m in record["ranks"]) + ".",

@@ -17,34 +17,90 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
 
+def _check_dataset_form(dataset: str, key: str) -> None:
+    if not (dataset.startswith(("builtin:", "hf:")) or dataset.endswith((".jsonl", ".txt"))):
+        raise ConfigError(
+            f"config key '{key}' = {dataset!r} is not a known form; use 'builtin:pydoc', a .jsonl or .txt "
+            "file, or 'hf:NAME' (a Hugging Face dataset name, a save_to_disk directory, or a "
+            ".parquet/.json/.arrow file)"
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DataSource:
+    """One part of a calibration mix: a dataset and its share of the samples."""
+
+    dataset: str
+    """Same forms as `calibration.dataset` (a single name)."""
+    share: float = 1.0
+    """Relative weight: this source's part of `calibration.samples` is share / sum of shares."""
+    config: str = ""
+    """`hf:` datasets: the dataset's configuration name (e.g. `3.0.0` for cnn_dailymail)."""
+    split: str = "train"
+    """`hf:` datasets: which split to read."""
+    field: str = ""
+    """Column holding the text or chat messages; empty: found by name (article, text, messages, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.share <= 0:
+            raise ConfigError(f"config key 'calibration.dataset' share of {self.dataset!r} must be > 0, got {self.share}")
+        _check_dataset_form(self.dataset, "calibration.dataset")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class CalibrationConfig:
     """Which samples calibrate the activation scales, and how they are batched."""
 
-    dataset: str = "builtin:pydoc"
-    """`builtin:pydoc`, a `.jsonl` ({"input_ids": [...]} or {"text": ...} per line) or a `.txt` file."""
+    dataset: Union[str, list[DataSource]] = "builtin:pydoc"
+    """`builtin:pydoc`, a `.jsonl` or `.txt` file, `hf:NAME` (a Hugging Face dataset, a save_to_disk
+    directory, a .parquet/.json/.arrow file), or a mix: a list of {dataset, share, config, split, field}."""
+    config: str = ""
+    """`hf:` dataset configuration name (single dataset; a mix names it per source)."""
+    split: str = "train"
+    """`hf:` dataset split (single dataset; a mix names it per source)."""
+    field: str = ""
+    """Column with the text or chat messages; empty: found by name (single dataset; a mix names it per source)."""
     samples: int = 256
     """Number of calibration samples (fewer if the dataset has fewer)."""
+    min_length: int = 1
+    """Samples with fewer tokens are skipped."""
     max_length: int = 1024
-    """Tokens per sample at most; text is cut into pieces of this length."""
+    """Tokens per sample at most; text files are cut into pieces of this length."""
+    too_long: Literal["truncate", "skip"] = "truncate"
+    """What happens to a dataset row longer than `max_length`: cut to it, or skipped."""
+    seed: int = 0
+    """Shuffle of `hf:` dataset rows (and of a mix): a fixed seed gives the same choice and order."""
     batch_size: int = 1
-    """Samples per micro-batch sent through the pipeline."""
+    """Samples per micro-batch sent through the pipeline (grouped by length; pads never enter statistics)."""
+    pack: bool = False
+    """Concatenate the samples and cut the stream into rows of exactly `max_length` tokens (no padding)."""
 
     def __post_init__(self) -> None:
-        for key in ("samples", "max_length", "batch_size"):
+        for key in ("samples", "min_length", "max_length", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(
                     f"config key 'calibration.{key}' must be >= 1, got {getattr(self, key)}"
                 )
-        if not (
-            self.dataset.startswith("builtin:")
-            or self.dataset.endswith(".jsonl")
-            or self.dataset.endswith(".txt")
-        ):
+        if self.min_length > self.max_length:
             raise ConfigError(
-                f"config key 'calibration.dataset' = {self.dataset!r} is not a known form; "
-                "use 'builtin:pydoc', a .jsonl file or a .txt file"
+                f"config key 'calibration.min_length' = {self.min_length} is above max_length = "
+                f"{self.max_length}; lower min_length or raise max_length"
             )
+        if isinstance(self.dataset, str):
+            _check_dataset_form(self.dataset, "calibration.dataset")
+        elif not self.dataset:
+            raise ConfigError("config key 'calibration.dataset' is an empty list; name at least one source")
+        elif self.config or self.field or self.split != "train":
+            raise ConfigError(
+                "config keys 'calibration.config', 'split' and 'field' apply to a single dataset; "
+                "in a mix, give them to each source under 'calibration.dataset'"
+            )
+
+    def sources(self) -> list[DataSource]:
+        """The configured sources, a single dataset being a mix of one."""
+        if isinstance(self.dataset, str):
+            return [DataSource(dataset=self.dataset, config=self.config, split=self.split, field=self.field)]
+        return list(self.dataset)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -146,6 +202,8 @@ def _type_name(tp: Any) -> str:
         return "a list of " + {int: "integers", str: "strings", float: "numbers"}.get(item, _type_name(item))
     if origin is dict:
         return "a mapping to " + {float: "numbers"}.get(get_args(tp)[1], _type_name(get_args(tp)[1]))
+    if dataclasses.is_dataclass(tp):
+        return f"mappings with keys {[f.name for f in dataclasses.fields(tp)]}"
     return {int: "an integer", str: "a string", bool: "true or false", float: "a number", type(None): "null"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -169,6 +227,14 @@ def _matches(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _dataclass_list(tp: Any) -> type | None:
+    """The dataclass D when `tp` is `list[D]` or a Union holding it, else None."""
+    for option in get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,):
+        if get_origin(option) is list and dataclasses.is_dataclass(get_args(option)[0]):
+            return get_args(option)[0]
+    return None
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types by name."""
     where = f"section '{prefix[:-1]}'" if prefix else "the top level"
@@ -185,8 +251,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
+        listed = _dataclass_list(tp)
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        elif listed is not None and isinstance(value, list):
+            kwargs[name] = [_build(listed, v, f"{prefix}{name}[{i}].") for i, v in enumerate(value)]
         elif not _matches(value, tp):
             raise ConfigError(
                 f"config key '{prefix}{name}' must be {_type_name(tp)}, got {value!r}"

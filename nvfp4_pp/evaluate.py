@@ -198,7 +198,7 @@ def eval_samples(data: str, samples: int, max_length: int, tokenizer_dir: Path) 
             raise EvaluateError(f"{data} has {len(ids)} tokens, fewer than {samples} x {max_length}; lower --samples")
         tail = ids[len(ids) - samples * max_length:]
         return [tail[i : i + max_length] for i in range(0, len(tail), max_length)]
-    return load_samples(CalibrationConfig(dataset=data, samples=samples, max_length=max_length), tokenizer_dir)
+    return load_samples(CalibrationConfig(dataset=data, samples=samples, max_length=max_length), tokenizer_dir).samples
 
 
 @torch.no_grad()

@@ -12,28 +12,37 @@ from collections.abc import Iterable
 import torch
 
 from . import dist
+from .calib import MicroBatch, valid_mask
 from .log import Progress
+from .quantize import ValidTokens
 
 
 def run_pipeline(
     stage: torch.nn.Module,
     info: dist.RankInfo,
-    batches: list[torch.Tensor] | None,
-    num_batches: int,
+    batches: list[MicroBatch] | None,
+    lengths: list[tuple[int, ...]],
+    valid: ValidTokens,
 ) -> dict[str, int]:
-    """This rank's side of one pass over the calibration set; returns traffic counters."""
+    """This rank's side of one pass over the calibration set; returns traffic counters.
+
+    Every rank knows each micro-batch's real lengths (`lengths`, shared up front, no text), so
+    each stage masks the same pad positions out of its statistics.
+    """
     wire = info.wire_device  # CPU when gloo carries the stream, even for a CUDA stage
     inputs: Iterable[torch.Tensor] = (
-        batches if info.is_first else dist.Receiver(info.rank - 1, wire, info.wire_group)
+        (b.ids for b in batches) if info.is_first else dist.Receiver(info.rank - 1, wire, info.wire_group)
     )
     sender = None if info.is_last else dist.Sender(info.rank + 1, wire, info.wire_group)
-    progress = Progress("calibration", num_batches)
+    progress = Progress("calibration", len(lengths))
     with torch.no_grad():
-        for x in inputs:
+        for x, real in zip(inputs, lengths, strict=True):
+            valid.set(valid_mask(real, x.shape[1]))
             hidden = stage(x.to(info.device))
             if sender is not None:
                 sender.send(hidden.to(wire))
-            progress.step(tokens=x.shape[0] * x.shape[1])
+            progress.step(tokens=sum(real))
+        valid.set(None)
         if sender is not None:
             sender.close()
     return {

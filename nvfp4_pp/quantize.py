@@ -80,7 +80,28 @@ def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = No
     return cfg
 
 
-def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None], cfg: dict) -> float:
+class ValidTokens:
+    """Which positions of the micro-batch now running are real tokens; pads never reach an amax.
+
+    The pipeline sets `mask` ([B, T] bool, None when nothing is padded) before each forward. Every
+    quantized Linear of a decoder stage sees inputs shaped [B, T, features], so one mask serves
+    q/k/v, o_proj, gate/up and down_proj alike.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.unmaskable: list[str] = []
+
+    def set(self, mask: torch.Tensor | None) -> None:
+        if mask is not None and self.unmaskable:
+            raise RuntimeError(
+                f"padded micro-batch, but quantizers {self.unmaskable[:3]} collect statistics that cannot skip "
+                "pad positions; use calibration.batch_size: 1 or calibration.pack: true")
+        self.mask = mask
+
+
+def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None], cfg: dict,
+              valid: ValidTokens | None = None) -> float:
     """Insert the quantizers of modelopt config `cfg` into `stage`; collect statistics inside `forward_loop`.
 
     The loop must run inside `mtq.quantize`: statistics are gathered only while modelopt drives
@@ -95,15 +116,17 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
     if _has_kv_quantizers(cfg):
         register_kv_attention(stage)
     method = (cfg.get("algorithm") or {}).get("method")
+    valid = valid or ValidTokens()
     marks = [time.perf_counter()]
 
     def loop(model: torch.nn.Module) -> None:
         marks.append(time.perf_counter())
         _no_data_parallel_group(model)
         if method == "max":
-            with running_max_collection(model):
+            with running_max_collection(model, valid):
                 forward_loop(model)
-        else:
+        else:  # modelopt's own statistics (AWQ-lite's search too) cannot skip pads: padded batches refused
+            valid.unmaskable = [f"every quantizer ({method} calibration)"]
             forward_loop(model)
         marks.append(time.perf_counter())
 
@@ -150,7 +173,7 @@ def _no_data_parallel_group(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def running_max_collection(model: torch.nn.Module):
+def running_max_collection(model: torch.nn.Module, valid: ValidTokens):
     """Collect per-tensor input amaxes on the device without syncs; hand modelopt the same values.
 
     During modelopt's max calibration every forward re-reduces each weight (already reduced once
@@ -158,7 +181,8 @@ def running_max_collection(model: torch.nn.Module):
     blocks the host three times per quantizer per micro-batch. Here weight quantizers skip the
     repeat, and each eligible input quantizer's running max(|x|) stays on the device; at the end
     it is given to the quantizer's own calibrator once. Max is exact, so the amaxes (and every
-    exported byte) equal modelopt's; quantizers of other kinds keep modelopt's own collection.
+    exported byte) equal modelopt's; quantizers of other kinds keep modelopt's own collection, which
+    cannot skip pads: `valid` refuses padded batches while any such quantizer is calibrating.
     """
     from modelopt.torch.quantization.calib import MaxCalibrator
     from modelopt.torch.quantization.nn import TensorQuantizer
@@ -180,7 +204,9 @@ def running_max_collection(model: torch.nn.Module):
             paused.append(input_q)
             box: list[torch.Tensor | None] = [None]
             running[input_q] = box
-            hooks.append(module.register_forward_pre_hook(_make_max_hook(box)))
+            hooks.append(module.register_forward_pre_hook(_make_max_hook(box, valid)))
+    valid.unmaskable = [name for name, m in model.named_modules()  # still collecting the modelopt way
+                        if isinstance(m, TensorQuantizer) and m._if_calib and not m._disabled]
     try:
         yield
     finally:
@@ -193,9 +219,14 @@ def running_max_collection(model: torch.nn.Module):
                 quantizer._calibrator.collect(amax)
 
 
-def _make_max_hook(box: list):
+def _make_max_hook(box: list, valid: ValidTokens):
     def hook(module, args):
         x = args[0]
+        if valid.mask is not None:
+            if x.shape[:2] != valid.mask.shape:
+                raise RuntimeError(f"input of shape {tuple(x.shape)} does not fit the token mask "
+                                   f"{tuple(valid.mask.shape)}: pads could not be kept out of the amax")
+            x = x[valid.mask.to(x.device)]  # [B, T, F] -> [real tokens, F]
         if x.numel():
             amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"))
             box[0] = amax if box[0] is None else torch.maximum(box[0], amax)

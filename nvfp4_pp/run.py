@@ -23,8 +23,8 @@ import torch
 
 from . import __version__, budget, dist
 from .arch import UnsupportedArchitecture, architecture_of
-from .card import peaks_text, write_card, write_record
-from .calib import CalibrationDataError, load_samples, micro_batches
+from .card import CALIBRATION_MANIFEST, peaks_text, write_card, write_manifest, write_record
+from .calib import CalibrationDataError, MicroBatch, load_samples, micro_batches
 from .config import ConfigError, RunConfig, config_to_dict, load_config
 from .export import export_stage
 from .formats import get_format
@@ -34,7 +34,7 @@ from .memory import ModelSizes, Workload
 from .merge import PRODUCER, AssembleError, assemble
 from .pipeline import run_pipeline
 from .plan import PlanError, StagePlan, check_split, describe, owner_of, plan_stages
-from .quantize import calibrate, calibration_health, modelopt_config, register_kv_attention
+from .quantize import ValidTokens, calibrate, calibration_health, modelopt_config, register_kv_attention
 from .resume import StaleWorkState, WorkState
 from .source import SourceCheckpoint, SourceError
 from .stage import build_stage
@@ -198,23 +198,27 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     if not args.plan:
         agreed(info, lambda: check_output(cfg, args.overwrite))
 
-    batches: list[torch.Tensor] | None = None
+    batches: list[MicroBatch] | None = None
 
-    def prepare_samples() -> tuple[int, int, int, str]:
+    def prepare_samples() -> tuple[list[tuple[int, ...]], dict]:
         nonlocal batches  # token ids exist on the first rank only; the others get hidden states
-        samples = load_samples(cfg.calibration, cfg.model)
+        calibration_set = load_samples(cfg.calibration, cfg.model)
+        manifest = calibration_set.manifest()
         limit = source.text_config.get("max_position_embeddings")
-        longest = max(map(len, samples))
-        if limit and longest > limit:
+        if limit and manifest["max_length"] > limit:
             raise CalibrationDataError(
-                f"a calibration sample has {longest} tokens but the model's max_position_embeddings is "
-                f"{limit}; set calibration.max_length <= {limit}")
-        batches = micro_batches(samples, cfg.calibration.batch_size)
-        digest = hashlib.sha256(json.dumps(samples).encode()).hexdigest()
-        return len(samples), sum(map(len, samples)), len(batches), digest
+                f"a calibration sample has {manifest['max_length']} tokens but the model's max_position_embeddings "
+                f"is {limit}; set calibration.max_length <= {limit}")
+        batches = micro_batches(calibration_set.samples, cfg.calibration.batch_size, calibration_set.pad_id)
+        return [b.lengths for b in batches], manifest
 
-    num_samples, num_tokens, num_batches, samples_sha = agreed(info, prepare_samples)
-    logger.info("calibration: %d samples, %d tokens, %d micro-batches", num_samples, num_tokens, num_batches)
+    lengths, samples_manifest = agreed(info, prepare_samples)  # every rank: real lengths per micro-batch
+    num_batches = len(lengths)
+    samples_sha = samples_manifest["token_ids_sha256"]
+    logger.info("calibration: %d samples, %d tokens (lengths %d/%s/%d min/median/max), %d micro-batches, "
+                "token ids sha256 %s", samples_manifest["samples"], samples_manifest["tokens"],
+                samples_manifest["min_length"], samples_manifest["median_length"], samples_manifest["max_length"],
+                num_batches, samples_sha[:16])
 
     dist.set_phase("planning")
     plans = plan_run(cfg, info, source, arch)  # after the samples: their memory is part of the baseline
@@ -230,6 +234,8 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     rank_dir = work_dir / f"rank{info.rank}"
     state = everywhere(info, lambda: WorkState(
         rank_dir, fingerprint(cfg, source, info, (start, stop), samples_sha), fresh=args.fresh))
+    if info.is_first:
+        write_manifest(rank_dir / CALIBRATION_MANIFEST, samples_manifest)
 
     with phase("load"):
         stage = build_stage(source, arch, start, stop, info.device)
@@ -245,8 +251,9 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
         with phase("calibrate"):
             state.forget("calibrate", "export")
             quant_cfg = modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache)
+            valid = ValidTokens()
             phases["calibration loop"] = calibrate(
-                stage, lambda model: traffic.update(run_pipeline(model, info, batches, num_batches)), quant_cfg)
+                stage, lambda model: traffic.update(run_pipeline(model, info, batches, lengths, valid)), quant_cfg, valid)
             state.save_quantizers(stage)
             state.record("calibrate", {"traffic": traffic})
     health = calibration_health(stage)
@@ -287,8 +294,9 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     manifests = dist.gather_to_first(manifest, info)
     gathered = gather(cfg.gather, info, rank_dir, [s["file"] for s in exported["shards"]])
 
-    calibration = {**config_to_dict(cfg)["calibration"], "samples": num_samples, "tokens": num_tokens,
-                   "micro_batches": num_batches, "samples_sha256": samples_sha}
+    calibration = {**config_to_dict(cfg)["calibration"], "samples": samples_manifest["samples"],
+                   "tokens": samples_manifest["tokens"], "micro_batches": num_batches, "samples_sha256": samples_sha,
+                   "manifest": samples_manifest}
 
     def finish() -> None:
         t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nvfp4_pp.calib import CalibrationDataError, load_samples, micro_batches
+from nvfp4_pp.calib import CalibrationDataError, load_samples, micro_batches, valid_mask
 from nvfp4_pp.config import CalibrationConfig
 
 
@@ -17,18 +17,19 @@ def _jsonl(path, rows):
 
 def test_token_rows_are_verbatim(tmp_path):
     path = _jsonl(tmp_path / "t.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [1, 2]}, {"input_ids": [9]}])
-    assert load_samples(CalibrationConfig(dataset=path, samples=2, max_length=8), tmp_path) == [[5, 6, 7], [1, 2]]
+    cfg = CalibrationConfig(dataset=path, samples=2, max_length=8)
+    assert load_samples(cfg, tmp_path).samples == [[5, 6, 7], [1, 2]]
 
 
 def test_text_sources_are_tokenised(smol_dir, tmp_path):
     txt = tmp_path / "a.txt"
     txt.write_text("The capital of France is Paris. " * 50)
-    samples = load_samples(CalibrationConfig(dataset=str(txt), samples=3, max_length=16), smol_dir)
+    samples = load_samples(CalibrationConfig(dataset=str(txt), samples=3, max_length=16), smol_dir).samples
     assert len(samples) == 3 and all(len(s) == 16 for s in samples)
     rows = _jsonl(tmp_path / "x.jsonl", [{"text": "Hello world"}, {"text": "The capital of France is"}])
-    samples = load_samples(CalibrationConfig(dataset=rows, samples=5, max_length=16), smol_dir)
+    samples = load_samples(CalibrationConfig(dataset=rows, samples=5, max_length=16), smol_dir).samples
     assert len(samples) == 2 and 0 < len(samples[0]) <= 16
-    builtin = load_samples(CalibrationConfig(samples=4, max_length=32), smol_dir)
+    builtin = load_samples(CalibrationConfig(samples=4, max_length=32), smol_dir).samples
     assert [len(s) for s in builtin] == [32] * 4
 
 
@@ -51,6 +52,12 @@ def test_missing_file(tmp_path):
         load_samples(CalibrationConfig(dataset=str(tmp_path / "none.jsonl")), tmp_path)
 
 
-def test_micro_batches_never_pad():
-    batches = micro_batches([[1, 2], [3, 4], [5, 6], [7], [8], [9, 10]], batch_size=2)
-    assert [b.tolist() for b in batches] == [[[1, 2], [3, 4]], [[5, 6]], [[7], [8]], [[9, 10]]]
+def test_micro_batches_group_by_length():
+    """Equal lengths batch without padding; unequal ones are right-padded and their real lengths kept."""
+    batches = micro_batches([[1, 2], [3, 4], [5, 6], [7], [8], [9, 10]], batch_size=2, pad_id=0)
+    assert [b.ids.tolist() for b in batches] == [[[1, 2], [3, 4]], [[5, 6], [9, 10]], [[7], [8]]]
+    assert all(valid_mask(b.lengths, b.ids.shape[1]) is None for b in batches)
+    ragged = micro_batches([[1], [2, 3, 4], [5, 6]], batch_size=2, pad_id=99)
+    assert [(b.ids.tolist(), b.lengths) for b in ragged] == [([[2, 3, 4], [5, 6, 99]], (3, 2)), ([[1]], (1,))]
+    assert valid_mask((3, 2), 3).tolist() == [[True, True, True], [True, True, False]]
+    assert [b.lengths for b in micro_batches([[1], [2, 3, 4]], 1, 0)] == [(1,), (3,)]  # batch 1 keeps the order

@@ -12,7 +12,9 @@ BASE = {"model": "/m", "output": "/o"}
 def test_config_keys_are_pinned():
     assert config_keys() == [
         "model", "output", "format", "recipe", "recipe_overrides", "ignore", "kv_cache",
-        "calibration.dataset", "calibration.samples", "calibration.max_length", "calibration.batch_size",
+        "calibration.dataset", "calibration.config", "calibration.split", "calibration.field",
+        "calibration.samples", "calibration.min_length", "calibration.max_length", "calibration.too_long",
+        "calibration.seed", "calibration.batch_size", "calibration.pack",
         "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.memory_limit_gb",
         "pipeline.reserve_gb", "pipeline.timeout_s",
         "gather.shared", "gather.transfer", "gather.work_dir", "gather.rsync_port",
@@ -38,7 +40,8 @@ def test_per_rank_and_per_host_pipeline_keys():
     ({"model": "/m"}, "config key 'output' is required but missing"),
     ({**BASE, "calibration": {"sample": 3}},
      "unknown config key 'calibration.sample'; valid keys in section 'calibration' are "
-     "['batch_size', 'dataset', 'max_length', 'samples']"),
+     "['batch_size', 'config', 'dataset', 'field', 'max_length', 'min_length', 'pack', 'samples', 'seed', "
+     "'split', 'too_long']"),
     ({**BASE, "colour": 1}, "unknown config key 'colour'"),
     ({**BASE, "calibration": {"samples": "3"}}, "config key 'calibration.samples' must be an integer, got '3'"),
     ({**BASE, "calibration": {"samples": 0}}, "config key 'calibration.samples' must be >= 1, got 0"),
