@@ -270,13 +270,13 @@ def _checkpoint_names(model: torch.nn.Module, stored: set[str]) -> dict[str, str
     on disk, `model.language_model.*` in memory) and back on save; checkpoints of either layout
     exist, so the one sharing more names with `stored` is taken.
     """
-    from transformers.core_model_loading import revert_weight_conversion
-
     state = {n: torch.empty(0, device="meta") for n in model.state_dict(keep_vars=True)}
     by_tensor = {id(t): n for n, t in state.items()}
     try:
+        from transformers.core_model_loading import revert_weight_conversion
+
         reverted = revert_weight_conversion(model, dict(state))
-    except Exception:  # conversions that need real tensors (fused experts): keep the in-memory names
+    except Exception:  # no such transformers API, or conversions that need real tensors: in-memory names
         return {n: n for n in state}
     on_disk = {by_tensor[id(t)]: n for n, t in reverted.items() if id(t) in by_tensor}
     if len(on_disk) != len(state) or len(set(on_disk.values()) & stored) <= len(set(state) & stored):
