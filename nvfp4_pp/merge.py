@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
+from .fp8_source import CONFIG_FILES
 from .formats import CheckpointFormat
 from .source import SourceCheckpoint
 from .writer import write_errors_named
@@ -36,10 +37,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def copy_side_files(source: Path, target: Path) -> list[str]:
-    """Tokenizer, chat template, generation config, license: every non-weight file but config.json."""
+    """Tokenizer, chat template, generation config, license: every non-weight file but config.json.
+
+    Files describing the source's own quantization (an FP8 source's hf_quant_config.json, recipe.yaml)
+    are not copied: they would contradict, or for the modelopt layout overwrite, the output's.
+    """
     copied = []
     for f in sorted(source.iterdir()):
-        if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
+        if f.is_file() and f.name != "config.json" and f.name not in CONFIG_FILES and not f.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(f, target / f.name)
             copied.append(f.name)
     return copied
@@ -86,7 +91,7 @@ def assemble(
                     weight_map[tensor] = name
                 total += shard["bytes"]
             exclude = sorted({name for m in manifests for name in m["excluded"]})
-            config = dict(source.config)
+            config = source.config_without_quantization()  # an FP8 source's block must not survive
             config["quantization_config"] = fmt.quantization_config(exclude, PRODUCER)
             _write_json(tmp / "config.json", config)
             for name, content in fmt.extra_files(exclude, PRODUCER).items():
