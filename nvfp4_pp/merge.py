@@ -42,9 +42,9 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
     Files describing the source's own quantization (an FP8 source's hf_quant_config.json, recipe.yaml)
     are not copied: they would contradict, or for the modelopt layout overwrite, the output's.
     """
-    copied = []
+    copied, own_files = [], ("config.json", *CONFIG_FILES)
     for f in sorted(source.iterdir()):
-        if f.is_file() and f.name != "config.json" and f.name not in CONFIG_FILES and not f.name.endswith(WEIGHT_SUFFIXES):
+        if f.is_file() and f.name not in own_files and not f.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(f, target / f.name)
             copied.append(f.name)
     return copied
