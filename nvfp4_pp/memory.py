@@ -4,7 +4,9 @@ Nothing here reads a weight or touches a device: the planner calls it thousands 
 Each term is an upper bound of something the run really holds (numbers checked against
 measured peaks by tests/test_budget_run.py on CPU):
 
-- weights: the stage's decoder layers (+ embeddings on the first rank), as stored (BF16).
+- weights: the stage's decoder layers (+ embeddings on the first rank), as loaded: BF16, an FP8
+  source's weights at their dequantised size (source.nbytes). Dequantising holds one FP8 Linear
+  and a few 32 MiB float64 chunks beside the loaded weights, less than the calibration transient.
 - activations for one micro-batch of T = batch_size x max_length tokens: the stage's input and
   output, up to 3 hidden states in flight to the next rank (dist.Sender depth 2 + the newest),
   and the larger of one layer's attention (q, k, v, rotary copies, fp32 scores of the math SDPA
@@ -87,9 +89,8 @@ class ModelSizes:
         n = c["num_hidden_layers"]
         layer_bytes, linear_bytes, linears = [0] * n, [0] * n, [0] * n
         embed = head = largest = 0
-        for name, file in source.weight_map.items():
-            meta = source.header(file)[name]
-            nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
+        for name in source.weight_map:
+            nbytes = source.nbytes(name)
             layer = arch.layer_of(name)
             if layer is None:
                 if arch.on_last_stage(name):
@@ -98,7 +99,7 @@ class ModelSizes:
                     embed += nbytes
                 continue
             layer_bytes[layer] += nbytes
-            if len(meta["shape"]) == 2 and name.endswith(".weight"):
+            if len(source.shape(name)) == 2 and name.endswith(".weight"):
                 linear_bytes[layer] += nbytes
                 linears[layer] += 1
                 largest = max(largest, nbytes)

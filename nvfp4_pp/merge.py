@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .formats import CheckpointFormat, Layers
+from .fp8_source import CONFIG_FILES
 from .source import SourceCheckpoint
 from .writer import write_errors_named
 
@@ -36,10 +37,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 
 def copy_side_files(source: Path, target: Path) -> list[str]:
-    """Tokenizer, chat template, generation config, license: every non-weight file but config.json."""
-    copied = []
+    """Tokenizer, chat template, generation config, license: every non-weight file but config.json.
+
+    Files describing the source's own quantization (an FP8 source's hf_quant_config.json, recipe.yaml)
+    are not copied: they would contradict, or for the modelopt layout overwrite, the output's.
+    """
+    copied, own_files = [], ("config.json", *CONFIG_FILES)
     for f in sorted(source.iterdir()):
-        if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
+        if f.is_file() and f.name not in own_files and not f.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(f, target / f.name)
             copied.append(f.name)
     return copied
@@ -96,7 +101,7 @@ def assemble(
                     weight_map[tensor] = name
                 total += shard["bytes"]
             layers = layers_of(manifests)
-            config = dict(source.config)
+            config = source.config_without_quantization()  # an FP8 source's block must not survive
             config["quantization_config"] = fmt.quantization_config(layers, PRODUCER)
             _write_json(tmp / "config.json", config)
             for name, content in fmt.extra_files(layers, PRODUCER).items():

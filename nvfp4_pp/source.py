@@ -1,17 +1,23 @@
 """Reading the source Hugging Face checkpoint: config, tensor index, and only the tensors a stage needs.
 
-Tensor sizes come from the safetensors headers, so planning never reads a weight.
+Tensor sizes come from the safetensors headers, so planning never reads a weight. An FP8 source
+(fp8_source.py) is seen through the same interface as the BF16 model it stands for: its tensor
+map holds only model tensors, sizes are the dequantised ones, and `load` dequantises.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from . import fp8_source
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -47,7 +53,7 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 class SourceCheckpoint:
-    """A BF16 checkpoint directory: config.json plus one or more safetensors shards."""
+    """A BF16 (or FP8, dequantised on load) checkpoint directory: config.json plus safetensors shards."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -58,9 +64,23 @@ class SourceCheckpoint:
             raise SourceError(f"{config_path} is missing; 'model' must be a Hugging Face checkpoint directory")
         self.config: dict = json.loads(config_path.read_text())
         self._headers: dict[str, dict] = {}
-        self.weight_map = self._read_weight_map()
-        for file in sorted(set(self.weight_map.values())):
+        self._stored = self._read_weight_map()
+        """Every tensor in the shards -> its file."""
+        for file in sorted(set(self._stored.values())):
             self.header(file)  # a truncated or corrupt shard is named now, before any rank loads
+        self.dtype: torch.dtype = getattr(torch, self.config.get("dtype") or self.config.get("torch_dtype")
+                                          or "bfloat16")
+        """The model dtype: what FP8 weights are dequantised to."""
+        tensors = {name: self.header(file)[name] for name, file in self._stored.items()}
+        try:
+            self.fp8 = fp8_source.detect(self.path, self.config, {meta["dtype"] for meta in tensors.values()})
+            self.fp8_scales = fp8_source.pair_scales(tensors, self.fp8.block) if self.fp8 else {}
+            """FP8 weight name -> the name of its scale (empty for an unquantized source)."""
+        except fp8_source.UnsupportedSource as e:
+            raise SourceError(f"{self.path}: {e}") from None
+        self.weight_map = {n: f for n, f in self._stored.items()
+                           if not self.fp8 or n.rpartition(".")[2] not in fp8_source.AUXILIARY_NAMES}
+        """Model tensors -> file: an FP8 source's scales, activation and KV scales are not model tensors."""
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -103,30 +123,52 @@ class SourceCheckpoint:
             self._headers[file] = read_safetensors_header(self.path / file)
         return self._headers[file]
 
+    def _meta(self, name: str) -> dict:
+        return self.header(self._stored[name])[name]
+
     def shape(self, name: str) -> list[int]:
-        return self.header(self.weight_map[name])[name]["shape"]
+        return list(self._meta(name)["shape"])
 
     def nbytes(self, name: str) -> int:
-        """Bytes of one tensor, from its shard's header."""
-        meta = self.header(self.weight_map[name])[name]
-        start, end = meta["data_offsets"]
+        """Bytes of one tensor as loaded (an FP8 weight at the model dtype), from its shard's header."""
+        if name in self.fp8_scales:
+            return math.prod(self.shape(name)) * self.dtype.itemsize
+        start, end = self._meta(name)["data_offsets"]
         return end - start
 
+    def config_without_quantization(self) -> dict:
+        """config.json minus the source's own quantization block (the output gets its own)."""
+        return {k: v for k, v in self.config.items() if k not in fp8_source.CONFIG_KEYS}
+
     def load(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Read just `names`, shard by shard, onto `device`."""
+        """Read just `names`, shard by shard, onto `device`; FP8 weights come dequantised to `dtype`.
+
+        Each FP8 weight is dequantised as soon as it is read, so one FP8 tensor at a time is held
+        beside the loaded ones.
+        """
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise SourceError(f"tensor {missing[0]!r} is not in the checkpoint at {self.path}")
+        scales = dict(self._read([self.fp8_scales[n] for n in names if n in self.fp8_scales], device))
+        out = {}
+        for name, tensor in self._read(names, device):
+            if name in self.fp8_scales:
+                tensor = fp8_source.dequantize(tensor, scales[self.fp8_scales[name]], self.fp8.block, self.dtype)
+            out[name] = tensor
+        return out
+
+    def _read(self, names: list[str], device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
+        """The stored tensors `names`, as they are on disk, one at a time."""
         by_file: dict[str, list[str]] = {}
         for n in names:
-            by_file.setdefault(self.weight_map[n], []).append(n)
-        out = {}
+            by_file.setdefault(self._stored[n], []).append(n)
         for file, file_names in sorted(by_file.items()):
             self.header(file)  # validates the shard is whole before reading it
+            n = file_names[0]
             try:
                 with safe_open(self.path / file, framework="pt", device=str(device)) as f:
                     for n in file_names:
-                        out[n] = f.get_tensor(n)
+                        tensor = f.get_tensor(n)
+                        yield n, tensor
             except Exception as e:  # safetensors raises its own error types
                 raise SourceError(f"cannot read {n!r} from {self.path / file}: {e}") from e
-        return out

@@ -104,7 +104,7 @@ def build_stage(
 ) -> Stage:
     """Build layers [start, stop) on `device`, reading only their tensors from disk."""
     hf_config = load_hf_config(source, arch)
-    dtype = getattr(hf_config, "dtype", None) or torch.bfloat16
+    dtype = source.dtype  # FP8 weights are dequantised to it too
     model_class = getattr(transformers, arch.builder.name)
     with torch.device("meta"):
         skeleton = model_class._from_config(hf_config, dtype=dtype, attn_implementation=arch.attn_implementation)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .fp8_source import CONFIG_KEYS as SOURCE_QUANT_KEYS
 from .source import SourceError, read_safetensors_header
 
 SCALAR = ((), (1,))
@@ -490,7 +491,7 @@ def _check_source(directory: Path, config: dict, source: Path, problems: list[st
         problems.append(f"source {source}: has no config.json to compare with")
         return
     src_config = json.loads((source / "config.json").read_text())
-    for key in sorted((set(src_config) | set(config)) - {"quantization_config"}):
+    for key in sorted((set(src_config) | set(config)) - set(SOURCE_QUANT_KEYS)):
         if src_config.get(key) != config.get(key):
             problems.append(f"config.json {key}: {config.get(key)!r}, the source has {src_config.get(key)!r}")
     for f in sorted(source.glob("*")):
