@@ -1,6 +1,6 @@
 """The link between stages, on CPU: bytes on the wire per token per hop, and when the link binds.
 
-    sudo python benchmarks/link.py [--samples 32 --base-samples 8 --seq 256 --rates unlimited,2500mbit]
+    sudo python benchmarks/link.py [--samples 32 --base-samples 8 --seq 256 --rates unlimited,2500mbit,2mbit]
 
 Three hosts are network namespaces joined pairwise by veth links (a triangle: each link carries
 one pair of hosts only, so its counters are that hop's traffic). Each host runs
@@ -16,7 +16,9 @@ calibration set (the built-in corpus cut into `--seq`-token samples), 3 stages o
   per micro-batch, gloo's framing, TCP/IP and Ethernet headers). The physical wire adds preamble,
   FCS and inter-frame gap (24 bytes per frame), which no counter sees; the report adds them.
 - Each rate in `--rates` reruns `--samples` with `tc tbf` on both ends of every link; the calibration
-  time comes from the run's own phase times (nvfp4_pp.json `ranks[].phases`).
+  time comes from the run's own phase times (nvfp4_pp.json `ranks[].phases`). A rate low enough to
+  bind (2mbit for SmolLM2 on a small CPU) checks the link-bound prediction rate / bytes per token.
+  A plain TCP stream through each setting shows what the link itself carries on this machine.
 - From the measured bytes per token and the GPU figures of benchmarks/results/throughput-h200x2-*,
   a table of link-bound token rates for Llama-3.3-70B and Mistral-Large-123B stages.
 
@@ -228,7 +230,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--base-samples", type=int, default=8, help="the run subtracted to cancel fixed traffic")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sample (= per micro-batch)")
-    parser.add_argument("--rates", default="unlimited,2500mbit", help="tc tbf rates, comma-separated")
+    parser.add_argument("--rates", default="unlimited,2500mbit,2mbit",
+                        help="tc tbf rates in run order, comma-separated; repeat one to repeat its run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-link"))
     parser.add_argument("--report", type=Path, help="write the markdown report here too")
     args = parser.parse_args()
@@ -242,6 +245,10 @@ def main() -> None:
     model = write_demo_model(args.work / "SmolLM2-135M")
     hidden = json.loads((model / "config.json").read_text())["hidden_size"]
     rates = [None if r == "unlimited" else r for r in args.rates.split(",")]
+    if rates[0] is not None:
+        raise SystemExit("--rates must start with `unlimited`: the bytes per token come from two unlimited runs")
+    for rate in filter(None, rates):
+        bits_per_second(rate)  # a bad rate stops us before any run
     hosts = MeshHosts(3)
     port = 29401
     try:
@@ -252,9 +259,10 @@ def main() -> None:
             label = rate or "unlimited"
             megabytes = 200 if rate is None else max(1, min(200, int(bits_per_second(rate) * 2 / 8e6)))
             checks[label] = link_check(hosts, megabytes)
-            log(f"{label}: one TCP stream host0->host1 carries {checks[label]:.2f} Gbit/s")
-            for samples in ([args.base_samples, args.samples] if rate is None else [args.samples]):
-                run = run_once(hosts, args.work, model, samples, args.seq, port)
+            log(f"{label}: one TCP stream host0->host1 carries {checks[label] * 1000:,.1f} Mbit/s")
+            first_unlimited = rate is None and not runs
+            for samples in ([args.base_samples, args.samples] if first_unlimited else [args.samples]):
+                run = {**run_once(hosts, args.work, model, samples, args.seq, port), "stream": checks[label]}
                 port += 1
                 runs.append((label, run))
                 calib, loop = calibration_seconds(run)
@@ -269,14 +277,14 @@ def main() -> None:
              f"SmolLM2-135M (hidden {hidden}), 3 hosts x 1 rank, layers {LAYERS}, gloo over veth (MTU 1500, "
              f"no GSO), calibration builtin:pydoc, samples of {args.seq} tokens, micro-batch 1 sample.", "",
              "## Runs", "",
-             "| link | samples | tokens | calibrate s | loop s | loop tokens/s | run wall s | TCP stream Gbit/s | "
+             "| link | samples | tokens | calibrate s | loop s | loop tokens/s | run wall s | TCP stream Mbit/s | "
              "hop | wire bytes (tx) | frames | reverse bytes | payload bytes (nvfp4_pp) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for label, run in runs:
         calib, loop = calibration_seconds(run)
         for h in hop_stats(run):
             lines.append(f"| {label} | {run['samples']} | {h['tokens']:,} | {calib:.1f} | {loop:.1f} | "
-                         f"{h['tokens'] / loop:,.0f} | {run['wall_s']:.1f} | {checks[label]:.2f} | {h['hop']} | "
+                         f"{h['tokens'] / loop:,.0f} | {run['wall_s']:.1f} | {run['stream'] * 1000:,.1f} | {h['hop']} | "
                          f"{h['wire']:,} | {h['frames']:,} | {h['reverse']:,} | {h['payload']:,} |")
     base, full = runs[0][1], runs[1][1]
     lines += ["", f"## Bytes per token per hop ({args.samples} minus {args.base_samples} samples, unlimited)", "",
