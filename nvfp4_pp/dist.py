@@ -1,7 +1,9 @@
-"""Process group setup, rank facts, and point-to-point tensor transfer with shape headers.
+"""Process group setup, rank facts, and point-to-point tensor transfer.
 
-Only activations cross the wire: a fixed-size int64 header (kind, dtype, shape) followed by the
-payload, so variable sequence lengths need no prior agreement between stages.
+Only activations cross the wire. Where the receiver knows every shape in advance (the calibration
+stream: every rank is told each micro-batch's lengths up front) payloads travel bare, and the next
+one is received while the current one is computed, with no host synchronisation per step. Other
+transfers (objects) carry a fixed-size int64 header (kind, dtype, shape) before each payload.
 
 Every wait is bounded by the process group's timeout. A peer that dies or hangs surfaces as one
 `PeerLost` error naming that rank, its host and the phase, never as a hang or a gloo traceback.
@@ -231,13 +233,14 @@ def _recv_object(peer: int) -> object:
 class Sender:
     """Sends tensors to one peer without blocking compute; keeps at most `depth` sends in flight."""
 
-    def __init__(self, peer: int, device: torch.device, group=None, depth: int = 2):
-        self.peer, self.device, self.group, self.depth = peer, device, group, depth
+    def __init__(self, peer: int, device: torch.device, group=None, depth: int = 2, headers: bool = True):
+        """`headers=False`: the receiver knows every shape (a Receiver given `shapes`); payloads go bare."""
+        self.peer, self.device, self.group, self.depth, self.headers = peer, device, group, depth, headers
         self._pending: deque[tuple[list[dist.Work], tuple[torch.Tensor, ...]]] = deque()
         self.bytes_sent = 0
 
-    def _post(self, header: torch.Tensor, payload: torch.Tensor | None, keep: int) -> None:
-        tensors = (header,) if payload is None else (header, payload)
+    def _post(self, header: torch.Tensor | None, payload: torch.Tensor | None, keep: int) -> None:
+        tensors = tuple(t for t in (header, payload) if t is not None)
         with talking_to(self.peer):
             works = [dist.isend(t, self.peer, group=self.group) for t in tensors]
             self._pending.append((works, tensors))  # keep buffers alive until sent
@@ -247,6 +250,9 @@ class Sender:
                     w.wait()
 
     def send(self, tensor: torch.Tensor) -> None:
+        if not self.headers:
+            self._post(None, tensor.to(self.device).contiguous(), keep=self.depth)
+            return
         if tensor.ndim > _HEADER_LEN - 3:
             raise ValueError(f"cannot send a {tensor.ndim}-d tensor; at most {_HEADER_LEN - 3} dims")
         header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
@@ -255,16 +261,40 @@ class Sender:
         self._post(header.to(self.device), tensor.to(self.device).contiguous(), keep=self.depth)
 
     def close(self) -> None:
-        """Tell the peer the stream ended, then wait for every send to finish."""
-        self._post(torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device), None, keep=0)
+        """Tell the peer the stream ended (headered streams), then wait for every send to finish."""
+        end = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=self.device) if self.headers else None
+        self._post(end, None, keep=0)
 
 
 class Receiver:
-    """Iterates over the tensors one peer sends until it closes its stream."""
+    """Iterates over the tensors one peer sends until it closes its stream.
 
-    def __init__(self, peer: int, device: torch.device, group=None):
+    Given `shapes` (and `dtype`), exactly those tensors arrive without headers, and receiving
+    tensor i+1 is posted before tensor i is handed out, so the transfer overlaps the caller's
+    compute and nothing waits on the host (NCCL waits are stream-ordered).
+    """
+
+    def __init__(self, peer: int, device: torch.device, group=None,
+                 shapes: list[tuple[int, ...]] | None = None, dtype: torch.dtype | None = None):
         self.peer, self.device, self.group = peer, device, group
+        self.shapes, self.dtype = shapes, dtype
         self.bytes_received = 0
+
+    def _post_payload(self, shape: tuple[int, ...]) -> tuple[dist.Work, torch.Tensor]:
+        payload = torch.empty(shape, dtype=self.dtype, device=self.device)
+        with talking_to(self.peer):
+            return dist.irecv(payload, self.peer, group=self.group), payload
+
+    def _known_shapes(self):
+        pending = self._post_payload(self.shapes[0]) if self.shapes else None
+        for i in range(len(self.shapes)):
+            work, payload = pending
+            with talking_to(self.peer):
+                work.wait()
+            self.bytes_received += payload.numel() * payload.element_size()
+            if i + 1 < len(self.shapes):
+                pending = self._post_payload(self.shapes[i + 1])
+            yield payload
 
     def _next(self, pending: tuple[dist.Work, torch.Tensor]) -> tuple[torch.Tensor | None, tuple]:
         work, header = pending
@@ -284,6 +314,9 @@ class Receiver:
             return dist.irecv(header, self.peer, group=self.group), header
 
     def __iter__(self):
+        if self.shapes is not None:
+            yield from self._known_shapes()
+            return
         pending = self._post_header()
         while True:
             payload, pending = self._next(pending)

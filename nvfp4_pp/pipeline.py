@@ -27,19 +27,26 @@ def run_pipeline(
     """This rank's side of one pass over the calibration set; returns traffic counters.
 
     Every rank knows each micro-batch's real lengths (`lengths`, shared up front, no text), so
-    each stage masks the same pad positions out of its statistics.
+    each stage masks the same pad positions out of its statistics, and knows the shape of every
+    hidden state it receives: they travel without headers, the next one arriving during compute.
     """
     wire = info.wire_device  # CPU when gloo carries the stream, even for a CUDA stage
+    dtype = next(stage.parameters()).dtype
+    shapes = [(len(real), max(real), stage.hf_config.hidden_size) for real in lengths]
     inputs: Iterable[torch.Tensor] = (
-        (b.ids for b in batches) if info.is_first else dist.Receiver(info.rank - 1, wire, info.wire_group)
+        (b.ids for b in batches) if info.is_first
+        else dist.Receiver(info.rank - 1, wire, info.wire_group, shapes=shapes, dtype=dtype)
     )
-    sender = None if info.is_last else dist.Sender(info.rank + 1, wire, info.wire_group)
+    sender = None if info.is_last else dist.Sender(info.rank + 1, wire, info.wire_group, headers=False)
     progress = Progress("calibration", len(lengths))
     with torch.no_grad():
-        for x, real in zip(inputs, lengths, strict=True):
+        for x, real, shape in zip(inputs, lengths, shapes, strict=True):
             valid.set(valid_mask(real, x.shape[1]))
             hidden = stage(x.to(info.device))
             if sender is not None:
+                if tuple(hidden.shape) != shape or hidden.dtype != dtype:
+                    raise RuntimeError(f"stage output {hidden.dtype}{tuple(hidden.shape)}, the next rank expects "
+                                       f"{dtype}{shape}")
                 sender.send(hidden.to(wire))
             progress.step(tokens=sum(real))
         valid.set(None)
