@@ -76,15 +76,21 @@ def test_stages_compute_the_models_forward(arch, tiny_models):
             assert torch.equal(x, after_layer[stop - 1]), f"{arch}: stage {start}-{stop - 1} differs"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_three_ranks_identical_to_single_process_modelopt(arch, tiny_models, tiny_tokens, tiny_references, tmp_path):
+def quantize_with_three_ranks(model_dir, tokens, tmp_path):
+    """nvfp4_pp's output for `model_dir` calibrated on `tokens` by 3 ranks (modelopt layout)."""
     out = tmp_path / "out"
     config = write_config(
-        tmp_path / "run.yaml", model=str(tiny_models[arch]), output=str(out), format="modelopt",
-        calibration={"dataset": str(tiny_tokens), "samples": 16, "max_length": 64, "batch_size": 1},
+        tmp_path / "run.yaml", model=str(model_dir), output=str(out), format="modelopt",
+        calibration={"dataset": str(tokens), "samples": 16, "max_length": 64, "batch_size": 1},
     )
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_three_ranks_identical_to_single_process_modelopt(arch, tiny_models, tiny_tokens, tiny_references, tmp_path):
+    out = quantize_with_three_ranks(tiny_models[arch], tiny_tokens, tmp_path)
 
     ours, theirs = load_tensors(out), load_tensors(tiny_references[arch])
     assert tensor_differences(ours, theirs) == []
@@ -169,13 +175,7 @@ def test_image_text_language_model_quantized_rest_kept(arch, new_layout, image_t
     from nvfp4_pp.verify import verify
 
     case = _case(arch, new_layout)
-    out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "run.yaml", model=str(image_text_models[case]), output=str(out), format="modelopt",
-        calibration={"dataset": str(tiny_tokens), "samples": 16, "max_length": 64, "batch_size": 1},
-    )
-    result = run_nvfp4_pp(config, 3)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = quantize_with_three_ranks(image_text_models[case], tiny_tokens, tmp_path)
 
     ours, source = load_tensors(out), load_tensors(image_text_models[case])
     assert set(ours) >= set(source) - {k for k in source if k.endswith(".weight") and

@@ -88,13 +88,7 @@ def write_tiny_image_text_model(arch: str, target: Path, new_layout: bool = Fals
     torch.manual_seed(seed)
     config = TINY_IMAGE_TEXT[arch]()
     config.architectures = [arch]
-    model = getattr(transformers, arch)(config).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(target)
-    write_tiny_tokenizer(target, config.text_config.vocab_size)
+    _save_perturbed(getattr(transformers, arch)(config), target, config.text_config.vocab_size)
     if new_layout:
         tensors = load_file(target / "model.safetensors")
         renamed = {}
@@ -122,14 +116,19 @@ def write_tiny_model(arch: str, target: Path, seed: int = 0) -> Path:
     import transformers
 
     torch.manual_seed(seed)
-    model = getattr(transformers, arch)(tiny_config(arch)).to(torch.bfloat16)
+    _save_perturbed(getattr(transformers, arch)(tiny_config(arch)), target, COMMON["vocab_size"])
+    return target
+
+
+def _save_perturbed(model, target: Path, vocab_size: int) -> None:
+    """Save as BF16 with every 1-D parameter (norms, biases) perturbed off 0/1, and a tokenizer beside."""
+    model = model.to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(target)
-    write_tiny_tokenizer(target, model.config.vocab_size)
-    return target
+    write_tiny_tokenizer(target, vocab_size)
 
 
 def write_tiny_tokenizer(target: Path, vocab_size: int) -> None:
