@@ -23,7 +23,7 @@ def main(model_dir: str, tokens: str, out: str) -> None:
     from nvfp4_pp.calib import Tokenizer, micro_batches
     from nvfp4_pp.dist import RankInfo
     from nvfp4_pp.pipeline import run_pipeline
-    from nvfp4_pp.quantize import ValidTokens, calibrate
+    from nvfp4_pp.quantize import ValidTokens, calibrate, modelopt_config
     from nvfp4_pp.source import SourceCheckpoint
     from nvfp4_pp.stage import build_stage
 
@@ -48,7 +48,7 @@ def main(model_dir: str, tokens: str, out: str) -> None:
             stage.get_submodule(f"{arch.decoder}.{arch.embeddings}").weight[pad_id] *= scale_pad
         batches = micro_batches(samples, batch_size, pad_id)
         lengths = [b.lengths for b in batches]
-        calibrate(stage, lambda model: run_pipeline(model, info, batches, lengths, valid), valid)
+        calibrate(stage, lambda model: run_pipeline(model, info, batches, lengths, valid), modelopt_config(), valid)
         results[variant] = {name: float(get_activation_scaling_factor(m)) for name, m in stage.named_modules()
                             if hasattr(m, "input_quantizer") and m.input_quantizer.is_enabled}
         results[variant + "_widths"] = [b.ids.shape[1] for b in batches]
