@@ -8,6 +8,8 @@ Writes a random-weight checkpoint with the real layer shapes of Llama-3.3-70B (o
   - nvfp4_pp with 1 .. N ranks (one per GPU), N = --gpus;
   - modelopt's single-process path: from_pretrained(device_map="auto") over the same GPUs,
     mtq.quantize(NVFP4_DEFAULT_CFG) and export_hf_checkpoint, in its own process;
+  - llm-compressor's oneshot with its NVFP4 scheme (model on CPU, its sequential pipeline onloading
+    one layer at a time to GPU 0, as its examples do) and save_pretrained, in its own process;
 and checks nvfp4_pp's checkpoints against modelopt's tensor for tensor (same samples, batch 1).
 and prints one markdown table (also written to --report), plus the floor of each phase: bytes read
 over measured read bandwidth, calibration FLOPs over the measured bf16 matmul rate.
@@ -160,15 +162,16 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, ranks: int, samples: 
     }
 
 
-def run_modelopt(model_dir: Path, tokens: Path, out: Path, gpus: int) -> dict:
-    """modelopt's path in its own process, so that its total, like nvfp4_pp's, includes starting
-    Python and importing the libraries; the phases are timed inside it."""
+def run_peer(peer: str, model_dir: Path, tokens: Path, out: Path, gpus: int) -> dict:
+    """A peer's path in its own process, so that its total, like nvfp4_pp's, includes starting
+    Python and importing the libraries (and its peak GPU memory counts from zero); the phases are
+    timed inside it."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--modelopt-child", str(model_dir), str(tokens), str(out),
+    proc = subprocess.run([sys.executable, __file__, f"--{peer}-child", str(model_dir), str(tokens), str(out),
                            str(gpus)], capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"modelopt failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{peer} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
     return {**result, "in_process": result["wall"], "wall": wall}
 
@@ -179,8 +182,6 @@ def modelopt_child(model_dir: Path, rows: list[list[int]], out: Path, gpus: int)
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
-    for d in range(torch.cuda.device_count()):
-        torch.cuda.reset_peak_memory_stats(d)
     t0 = time.perf_counter()
     placement = {"device_map": "auto", "max_memory": {d: "130GiB" for d in range(gpus)}} if DEV == "cuda" else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **placement)
@@ -204,6 +205,35 @@ def modelopt_child(model_dir: Path, rows: list[list[int]], out: Path, gpus: int)
     return {"wall": load + calib + export, "load": load, "calibrate": calib, "export": export,
             "tokens_per_s": len(rows) * len(rows[0]) / calib, "loop_tokens_per_s": None,
             "peaks": peaks[:gpus], "bytes_per_token": None}
+
+
+def llmcompressor_child(model_dir: Path, rows: list[list[int]], out: Path, gpus: int) -> dict:
+    """llm-compressor's oneshot NVFP4 as its examples run it: the model loaded on CPU, the sequential
+    pipeline onloading one decoder layer at a time to the first GPU; then its compressed save."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]),
+            max_seq_length=len(rows[0]), num_calibration_samples=len(rows), shuffle_calibration_samples=False)
+    sync()
+    calib = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.save_pretrained(out, save_compressed=True)
+    export = time.perf_counter() - t0
+    peaks = gpu_peaks()
+    return {"wall": load + calib + export, "load": load, "calibrate": calib, "export": export,
+            "tokens_per_s": len(rows) * len(rows[0]) / calib, "loop_tokens_per_s": None,
+            "peaks": peaks[:1], "bytes_per_token": None}
+
+
+PEERS = {"modelopt": modelopt_child, "llmcompressor": llmcompressor_child}
 
 
 def floors(model_dir: Path, tokens: int, layers: int) -> dict:
@@ -233,23 +263,26 @@ def floors(model_dir: Path, tokens: int, layers: int) -> dict:
             "calib_flops": 2 * layer_params * tokens * layers}
 
 
-def table(results: dict[str, dict], fl: dict, weights_gb: list[float], base: str) -> str:
-    head = ("| run | load s | calib tokens/s | export s | total s | peak GPU GB per rank | "
-            "bytes sent/token | speedup vs modelopt |")
-    lines = [head, "|" + "---|" * 8]
+def table(results: dict[str, dict], peers: list[str]) -> str:
+    """One row per run; one speedup column per peer (its total over the row's total)."""
+    head = ("| run | load s | calib tokens/s | export s | total s | peak GPU GB per rank | bytes sent/token | "
+            + " | ".join(f"speedup vs {p}" for p in peers) + " |")
+    lines = [head, "|" + "---|" * (7 + len(peers))]
     for name, r in results.items():
-        speed = results[base]["wall"] / r["wall"] if base in results else float("nan")
+        speeds = [f"{results[p]['wall'] / r['wall']:.2f}x" if p in results else "-" for p in peers]
         bpt = "-" if r.get("bytes_per_token") in (None, 0) else f"{r['bytes_per_token']:.0f}"
         lines.append(f"| {name} | {r['load']:.1f} | {r['tokens_per_s']:,.0f} | {r['export']:.1f} | "
-                     f"{r['wall']:.1f} | {' / '.join(f'{p:.1f}' for p in r['peaks'])} | {bpt} | {speed:.2f}x |")
+                     f"{r['wall']:.1f} | {' / '.join(f'{p:.1f}' for p in r['peaks'])} | {bpt} | "
+                     + " | ".join(speeds) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--modelopt-child"]:
+    if sys.argv[1].endswith("-child"):
+        child = PEERS[sys.argv[1][2:-len("-child")]]
         model_dir, tokens, out, gpus = sys.argv[2:6]
         rows = [json.loads(line)["input_ids"] for line in Path(tokens).read_text().splitlines()]
-        print("RESULT " + json.dumps(modelopt_child(Path(model_dir), rows, Path(out), int(gpus))), flush=True)
+        print("RESULT " + json.dumps(child(Path(model_dir), rows, Path(out), int(gpus))), flush=True)
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, default=max(torch.cuda.device_count(), 1))
@@ -259,7 +292,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-bench"))
     ap.add_argument("--report", type=Path, default=None)
-    ap.add_argument("--skip-modelopt", action="store_true")
+    ap.add_argument("--peers", default="modelopt,llmcompressor",
+                    help="comma-separated peers to time beside nvfp4_pp (modelopt, llmcompressor; empty: none)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = args.work / f"{args.shape}-{args.layers}l"
@@ -282,12 +316,20 @@ def main() -> None:
             log(f"nvfp4_pp {n} ranks: {results[f'nvfp4_pp {n} GPU']}")
         except RuntimeError as e:  # keep measuring the others; the failure is in the log
             log(str(e))
-    if not args.skip_modelopt:
-        results[f"modelopt device_map {args.gpus} GPU"] = run_modelopt(
-            model_dir, args.work / "tokens.jsonl", args.work / "out-modelopt", args.gpus)
-        log(f"modelopt: {results[f'modelopt device_map {args.gpus} GPU']}")
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        ap.error(f"unknown peer(s) {unknown}; choose from {sorted(PEERS)}")
+    names = {"modelopt": f"modelopt device_map {args.gpus} GPU", "llmcompressor": "llm-compressor oneshot 1 GPU"}
+    for peer in peers:
+        try:
+            results[names[peer]] = run_peer(peer, model_dir, args.work / "tokens.jsonl", args.work / f"out-{peer}",
+                                            args.gpus)
+            log(f"{peer}: {results[names[peer]]}")
+        except RuntimeError as e:  # keep measuring the others; the failure is in the log
+            log(str(e))
     identity = []
-    if not args.skip_modelopt:
+    if names["modelopt"] in results:
         sys.path.insert(0, str(REPO / "tests"))
         from helpers import load_tensors, tensor_differences
 
@@ -299,12 +341,11 @@ def main() -> None:
                 identity.append(f"nvfp4_pp {n} GPU vs modelopt: {len(ours) - len(diffs)}/{len(ours)} tensors "
                                 f"bit-identical{'' if not diffs else '; e.g. ' + '; '.join(diffs[:3])}")
 
-    base = f"modelopt device_map {args.gpus} GPU"
     layer_gb = fl["layer_params"] * 2 / 1e9
     device_name = torch.cuda.get_device_name(0) if DEV == "cuda" else "CPU"
     lines = [f"# nvfp4_pp throughput, {time.strftime('%Y-%m-%d')}, {device_name} x{args.gpus}",
              f"{args.shape} shapes, {args.layers} layers ({nbytes / 1e9:.1f} GB), {args.samples} x {args.seq} "
-             f"random tokens, batch 1", "", table(results, fl, [], base), "",
+             f"random tokens, batch 1", "", table(results, [names[p] for p in peers]), "",
              f"plain BF16 forward of the decoder stack on 1 GPU: {plain['tokens_per_s']:,.0f} tokens/s",
              "totals are whole processes (start, imports, load, calibration, export; nvfp4_pp also verifies); "
              "calib tokens/s is the calibration phase (quantizer insertion + loop + closing statistics)", "",
