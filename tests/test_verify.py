@@ -60,6 +60,10 @@ BREAKAGES = {
                             f"{L}.5.mlp.gate_up_proj.weight_global_scale: parts differ"),
     "nan-scale": (lambda d: edit_tensor(d, f"{L}.7.self_attn.o_proj.weight_global_scale", torch.tensor([float("nan")])),
                   f"{L}.7.self_attn.o_proj.weight_global_scale: [nan] is not a finite positive scale"),
+    "bad-block-scales": (lambda d: edit_tensor(d, f"{L}.2.mlp.gate_proj.weight_scale",
+                                               with_bytes(load_file_tensor(d, f"{L}.2.mlp.gate_proj.weight_scale"),
+                                                          [0x7F, 0xFF, 0x00, 0xB8])),
+                         f"{L}.2.mlp.gate_proj.weight_scale: 2 NaN and 2 zero or negative block scales"),
     "uncalibrated-input-scale": (lambda d: edit_tensor(d, f"{L}.9.mlp.down_proj.input_global_scale", torch.ones(1)),
                                  f"{L}.9.mlp.down_proj.input_global_scale: exactly 1.0, the uncalibrated placeholder"),
     "dropped-shard": (lambda d: (d / "model-00002-of-00002.safetensors").unlink(),
@@ -70,6 +74,13 @@ BREAKAGES = {
                               f"{L}.0.mlp.down_proj: listed in ignore but has quantized tensors"),
     "no-tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: in the source but missing"),
 }
+
+
+def with_bytes(t: torch.Tensor, first: list[int]) -> torch.Tensor:
+    """A copy of `t` whose first raw bytes are `first` (E4M3 0x7F/0xFF: NaN, 0x00: zero, 0xB8: -1.0)."""
+    out = t.clone()
+    out.view(torch.uint8).view(-1)[: len(first)] = torch.tensor(first, dtype=torch.uint8)
+    return out
 
 
 def load_file_tensor(directory: Path, name: str) -> torch.Tensor:
