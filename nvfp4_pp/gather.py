@@ -56,9 +56,12 @@ class Gathered:
     """Files whose partial copy on rank 0 was continued."""
 
 
-def gather(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path, files: list[str],
+def gather(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path, shards: list[dict],
            chunk_bytes: int = CHUNK_BYTES) -> Gathered:
-    """Collective: every rank calls it with its own shard directory and file names."""
+    """Collective: every rank calls it with its own shard directory and the writer's record of each
+    shard in it ({"file", "sha256", ...}): the checksums taken when it was written, so no shard is
+    read again before it is sent."""
+    files = [s["file"] for s in shards]
     shard_dir = Path(shard_dir)
     if info.world_size == 1:
         return Gathered({0: shard_dir}, shared=True)
@@ -82,7 +85,7 @@ def gather(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path, files: list[
         return Gathered({r: Path(d) for r, (d, _) in enumerate(ranks)} if info.is_first else {}, shared=True)
 
     digests = dist.all_gather_objects(
-        [] if info.is_first else [(f, (shard_dir / f).stat().st_size, sha256_of(shard_dir / f)) for f in files],
+        [] if info.is_first else [(s["file"], (shard_dir / s["file"]).stat().st_size, s["sha256"]) for s in shards],
         info.world_size,
     )
     result = Gathered({0: shard_dir} if info.is_first else {}, shared=False)

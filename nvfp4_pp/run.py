@@ -292,7 +292,7 @@ def run(cfg: RunConfig, info: dist.RankInfo, args: argparse.Namespace) -> None:
     }
     dist.set_phase("assembly")
     manifests = dist.gather_to_first(manifest, info)
-    gathered = gather(cfg.gather, info, rank_dir, [s["file"] for s in exported["shards"]])
+    gathered = gather(cfg.gather, info, rank_dir, exported["shards"])
 
     calibration = {**config_to_dict(cfg)["calibration"], "samples": samples_manifest["samples"],
                    "tokens": samples_manifest["tokens"], "micro_batches": num_batches, "samples_sha256": samples_sha,

@@ -32,6 +32,7 @@ def main(base: Path) -> None:
     files = SIZES.get(info.rank, {})
     for name, size in files.items():
         (own / name).write_bytes(content(info.rank, name, size))
+    shards = [{"file": n, "sha256": sha256_of(own / n)} for n in sorted(files)]
 
     # Rank 0 already holds some of the files from an earlier, broken gather.
     if info.is_first:
@@ -50,7 +51,7 @@ def main(base: Path) -> None:
                 for f in (own.parent / f"rank{r}").iterdir():
                     f.unlink()
             (own.parent / "rank2" / "d.bin").write_bytes(b"y" * 999)
-        g = gather(cfg, info, own, sorted(files))
+        g = gather(cfg, info, own, shards)
         if info.is_first:
             observed[name] = {
                 "received_bytes": g.received_bytes, "skipped": sorted(g.skipped), "resumed": sorted(g.resumed),
@@ -61,7 +62,7 @@ def main(base: Path) -> None:
             }
 
     # The same work directory on every rank (one host, or a shared filesystem): nothing moves.
-    g = gather(GatherConfig(), info, own, sorted(files))
+    g = gather(GatherConfig(), info, own, shards)
     if info.is_first:
         observed["auto"] = {"shared": g.shared, "dirs": {r: str(d) for r, d in g.dirs.items()}}
 
