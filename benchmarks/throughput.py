@@ -278,7 +278,7 @@ def table(results: dict[str, dict], peers: list[str]) -> str:
 
 
 def main() -> None:
-    if sys.argv[1].endswith("-child"):
+    if sys.argv[1:2] and sys.argv[1].endswith("-child"):
         child = PEERS[sys.argv[1][2:-len("-child")]]
         model_dir, tokens, out, gpus = sys.argv[2:6]
         rows = [json.loads(line)["input_ids"] for line in Path(tokens).read_text().splitlines()]
@@ -295,6 +295,10 @@ def main() -> None:
     ap.add_argument("--peers", default="modelopt,llmcompressor",
                     help="comma-separated peers to time beside nvfp4_pp (modelopt, llmcompressor; empty: none)")
     args = ap.parse_args()
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        ap.error(f"unknown peer(s) {unknown}; choose from {sorted(PEERS)}")
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = args.work / f"{args.shape}-{args.layers}l"
     t0 = time.perf_counter()
@@ -316,10 +320,6 @@ def main() -> None:
             log(f"nvfp4_pp {n} ranks: {results[f'nvfp4_pp {n} GPU']}")
         except RuntimeError as e:  # keep measuring the others; the failure is in the log
             log(str(e))
-    peers = [p for p in args.peers.split(",") if p]
-    unknown = sorted(set(peers) - set(PEERS))
-    if unknown:
-        ap.error(f"unknown peer(s) {unknown}; choose from {sorted(PEERS)}")
     names = {"modelopt": f"modelopt device_map {args.gpus} GPU", "llmcompressor": "llm-compressor oneshot 1 GPU"}
     for peer in peers:
         try:
