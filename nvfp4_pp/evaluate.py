@@ -32,6 +32,7 @@ from torch import nn
 
 from .fp8_mx import dequantize_fp8, dequantize_mxfp4, fake_quantize_fp8_activation, fake_quantize_mxfp4_activation
 from .nvfp4 import dequantize_weight, fake_quantize_activation
+from .vllm_contract import read_quant_config
 
 EVAL_DATA = "builtin:pydoc"
 
@@ -42,12 +43,10 @@ class EvaluateError(ValueError):
 
 def layout_of(directory: Path):
     """What the checkpoint's config declares (layout, scheme per module), read as `verify` reads it."""
-    from .verify import _check_quant_config
-
     config = json.loads((directory / "config.json").read_text())
     qc = config.get("quantization_config") or {}
     problems: list[str] = []
-    layout = _check_quant_config(directory, qc, problems) if qc else None
+    layout = read_quant_config(directory, qc, problems) if qc else None
     if layout is None:
         raise EvaluateError(f"{directory / 'config.json'}: quantization_config.quant_method "
                             f"{qc.get('quant_method')!r} is not a known layout; is this an nvfp4_pp output?")
