@@ -13,6 +13,8 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterable
 
+from .errors import NvFp4PpError
+
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 
@@ -99,7 +101,7 @@ SUPPORTED: dict[str, Architecture] = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitecture(NvFp4PpError):
     pass
 
 

@@ -3,24 +3,42 @@ README.md model card rendered from it; `evaluate --update-card` fills in the qua
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from pathlib import Path
+
+from . import __version__
+from .config import RunConfig, config_to_dict
+from .files import write_json
+from .records import CalibrationManifest, RankReport
+from .source import SourceCheckpoint
 
 RECORD = "nvfp4_pp.json"
 CARD = "README.md"
 CALIBRATION_MANIFEST = "calibration.json"
 """The calibration set's manifest, written into rank 0's work directory when the run starts."""
+PRODUCER = {"name": "nvfp4_pp", "version": __version__}
 QUALITY_START, QUALITY_END = "<!-- nvfp4_pp:quality -->", "<!-- /nvfp4_pp:quality -->"
 
 
-def write_record(directory: Path, record: dict) -> None:
-    (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+def run_record(cfg: RunConfig, source: SourceCheckpoint, reports: list[RankReport], manifest: CalibrationManifest,
+               micro_batches: int, wall_s: float, assemble_s: float, problems: list[str], backend: str) -> dict:
+    """The output's nvfp4_pp.json: what ran, on what data, where, how long, and whether it verified."""
+    from modelopt import __version__ as modelopt_version
 
-
-def write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    calibration = {**config_to_dict(cfg)["calibration"], "samples": manifest.samples, "tokens": manifest.tokens,
+                   "micro_batches": micro_batches, "samples_sha256": manifest.token_ids_sha256,
+                   "manifest": manifest.to_dict()}
+    return {
+        "producer": PRODUCER, "modelopt_version": modelopt_version, "config": config_to_dict(cfg),
+        "base_model": source.config.get("_name_or_path") or source.path.name,
+        "backend": backend,
+        "calibration": calibration,
+        "ranks": [r.to_dict() for r in reports],
+        "schemes": dict(sorted(Counter(s for r in reports for s in r.export.schemes.values()).items())),
+        "kept_bf16": sorted({n for r in reports for n in r.export.excluded}),
+        "wall_s": wall_s, "assemble_s": assemble_s,
+        "verification": f"{len(problems)} problem(s)" if problems else "passed",
+    }
 
 
 def _manifest_lines(manifest: dict) -> list[str]:
@@ -28,7 +46,7 @@ def _manifest_lines(manifest: dict) -> list[str]:
     lines = []
     for s in manifest["sources"]:
         where = ", ".join(f"{k} `{s[k]}`" for k in ("config", "split", "field") if s.get(k))
-        share = f", share {s['share']}" if "share" in s else ""
+        share = f", share {s['share']}" if s.get("share") is not None else ""
         skipped = (f"; skipped {s['skipped_short']} too short, {s['skipped_long']} too long"
                    if s["skipped_short"] or s["skipped_long"] else "")
         lines.append(f"- Source `{s['dataset']}`{' (' + where + ')' if where else ''}{share}: "
@@ -141,7 +159,9 @@ def render_card(record: dict, output_name: str) -> str:
     return "\n".join(lines)
 
 
-def write_card(directory: Path, record: dict, output_name: str) -> None:
+def write_record_and_card(directory: Path, record: dict, output_name: str) -> None:
+    """nvfp4_pp.json and the README.md card rendered from it, into the (temporary) output directory."""
+    write_json(directory / RECORD, record)
     (directory / CARD).write_text(render_card(record, output_name))
 
 

@@ -23,10 +23,15 @@ import os
 import pickle
 import socket
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from .errors import Fault, NvFp4PpError
+
+T = TypeVar("T")
 _DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.int32, torch.uint8]
 _HEADER_LEN = 8
 _KIND_END, _KIND_TENSOR = 0, 1
@@ -47,7 +52,7 @@ def current_phase() -> str:
     return _phase
 
 
-class PeerLost(RuntimeError):
+class PeerLost(Fault):
     """Another rank died, hung or was killed; the message names it, its host and the phase."""
 
     def __init__(self, peer: int | None, cause: BaseException):
@@ -102,7 +107,7 @@ class RankInfo:
         return self.rank == self.world_size - 1
 
 
-class DeviceError(RuntimeError):
+class DeviceError(NvFp4PpError):
     """A rank's device request cannot be met; the message says which rank and the fix."""
 
 
@@ -196,6 +201,44 @@ def all_gather_objects(obj: object, world_size: int) -> list:
     with talking_to(None):
         dist.all_gather_object(out, obj)
     return out
+
+
+class Agreed(NvFp4PpError):
+    """A problem every rank learned of together; rank 0 reports it, the others exit quietly."""
+
+    def __init__(self, message: str, resumable: bool):
+        super().__init__(message)
+        self.resumable = resumable
+
+
+def everywhere(info: RankInfo, fn: Callable[[], T]) -> T:
+    """Run `fn` on every rank; if any rank fails with a user-facing error, every rank raises it."""
+    error = None
+    try:
+        result = fn()
+    except NvFp4PpError as e:
+        result, error = None, (str(e), e.resumable)
+    errors = all_gather_objects(error, info.world_size)
+    failed = {e: r for r, e in reversed(list(enumerate(errors))) if e is not None}
+    if failed:
+        alone = len(failed) == 1 and error is not None
+        raise Agreed("\n".join(text if alone else f"rank {r}: {text}" for (text, _), r in failed.items()),
+                     any(resumable for resumable in (e[1] for e in failed)))
+    return result
+
+
+def agreed(info: RankInfo, fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 only and hand its result (or its error) to every rank."""
+    result, error = None, None
+    if info.is_first:
+        try:
+            result = fn()
+        except NvFp4PpError as e:
+            error = (str(e), e.resumable)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise Agreed(*error)
+    return result
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -16,6 +16,8 @@ from torch import nn
 
 from .formats import CheckpointFormat
 from .log import logger
+from .records import ExportResult
+from .sizes import EXPORT_CHUNK_ELEMENTS
 from .source import SourceCheckpoint
 from .writer import ShardWriter
 
@@ -43,7 +45,7 @@ def dummy_input(stage) -> torch.Tensor:
     return torch.zeros((1, 2, stage.hf_config.hidden_size), dtype=dtype, device=device)
 
 
-def fuse_shared_inputs(stage: nn.Module) -> list[list[str]]:
+def fuse_shared_inputs(stage: nn.Module) -> None:
     """Prepare Linears that read the same input (q/k/v, gate/up) as modelopt's export does.
 
     vLLM fuses them into one kernel with one global scale; modelopt's export unifies them by
@@ -61,14 +63,8 @@ def fuse_shared_inputs(stage: nn.Module) -> list[list[str]]:
     x = dummy_input(stage)
     input_to_linear, output_to_layernorm = collect_shared_input_modules(stage, lambda: stage(x),
                                                                        collect_layernorms=True)
-    fused = _fuse_shared_input_modules(stage, input_to_linear, output_to_layernorm, fuse_layernorms=True,
-                                       quantization_format=scheme)
-    return list(fused.values())
-
-
-EXPORT_CHUNK_ELEMENTS = 2**25
-"""Weight elements packed at once. modelopt's packing holds ~13 bytes per element in temporaries
-(fp32 copies, bucket indices); a 28672 x 8192 Linear at once would add 3 GB to the stage's peak."""
+    _fuse_shared_input_modules(stage, input_to_linear, output_to_layernorm, fuse_layernorms=True,
+                               quantization_format=scheme)
 
 
 def _nvfp4_in_row_chunks(name: str, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -145,21 +141,31 @@ def kv_cache_scales(stage: nn.Module) -> tuple[str | None, dict[str, torch.Tenso
     return kv_format, postprocess_state_dict(found, KV_CACHE_MAX_BOUND, kv_format) if found else {}
 
 
+def excluded_modules(owned: list[str], source: SourceCheckpoint, quantized: dict[str, str],
+                     lm_head: str | None) -> tuple[str, ...]:
+    """Modules this rank writes in BF16 that a loader could take for quantized Linears: every 2-D
+    weight it owns and did not quantize (embeddings; an image-text model's vision tower and
+    projector), and `lm_head` (tied or not) when this rank writes the model's end."""
+    out = {n.removesuffix(".weight") for n in owned if n.endswith(".weight") and len(source.shape(n)) == 2}
+    return tuple(sorted((out - set(quantized)) | ({lm_head} if lm_head else set())))
+
+
 def export_stage(
     stage: nn.Module,
     owned: list[str],
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     writer: ShardWriter,
-) -> dict:
+    lm_head: str | None,
+) -> ExportResult:
     """Write this rank's tensors: quantized Linears packed, KV scales, every other owned tensor as is.
 
     Tensors the stage holds are written from it (AWQ folds scales into layernorms; everything else
-    there equals the source), the rest (lm_head, final norm) are copied from the source. Returns the
-    quantized modules with their scheme, the shared-input groups and the KV-cache format.
+    there equals the source), the rest (lm_head, final norm) are copied from the source. `lm_head`
+    is the head's module name on the last rank (listed as BF16), None elsewhere.
     """
     started = time.perf_counter()
-    fused = fuse_shared_inputs(stage)
+    fuse_shared_inputs(stage)
     dtype = next(stage.parameters()).dtype
     schemes: dict[str, str] = {}
     written: set[str] = set()
@@ -181,8 +187,8 @@ def export_stage(
     for start in range(0, len(rest), 64):
         writer.add(source.load(rest[start : start + 64], "cpu"))
     writer.close()
-    total = sum(s["bytes"] for s in writer.shards)
+    total = sum(s.bytes for s in writer.shards)
     logger.info("export: %d Linears packed and %.2f GB written in %.1f s (writer threads busy %.1f s "
                 "writing and checksumming)", len(schemes), total / 1e9, time.perf_counter() - started,
                 writer.write_seconds)
-    return {"quantized": schemes, "fused_groups": fused, "kv_cache": kv_format}
+    return ExportResult(tuple(writer.shards), schemes, kv_format, excluded_modules(owned, source, schemes, lm_head))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import NvFp4PpError
+
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 SCALE_NAMES = ("weight_scale_inv", "weight_scale")
 """The scale stored beside an FP8 `weight`; the dequantised weight is weight x scale for both names."""
@@ -43,7 +45,7 @@ CHUNK_ELEMENTS = 1 << 22
 """Elements dequantised at once: bounds the float64 temporaries to 32 MiB each, whatever the Linear's size."""
 
 
-class UnsupportedSource(ValueError):
+class UnsupportedSource(NvFp4PpError):
     """The source is quantized in a way nvfp4_pp cannot read; the message names what it can read."""
 
 

@@ -29,8 +29,10 @@ import torch.distributed as tdist
 
 from . import dist
 from .config import GatherConfig
+from .errors import NvFp4PpError
+from .files import file_intact
 from .log import logger
-from .writer import sha256_of
+from .records import ShardRecord
 
 MARKER = ".nvfp4_pp-marker"
 CHUNK_BYTES = 64 * 1024**2
@@ -38,7 +40,7 @@ RSYNC_USER = "nvfp4_pp"
 RSYNC_MODULE = "shards"
 
 
-class GatherError(RuntimeError):
+class GatherError(NvFp4PpError):
     """Rank 0 could not get every shard; the message names the rank, file and fix."""
 
 
@@ -56,12 +58,11 @@ class Gathered:
     """Files whose partial copy on rank 0 was continued."""
 
 
-def gather(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path, shards: list[dict],
+def gather(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path, shards: tuple[ShardRecord, ...],
            chunk_bytes: int = CHUNK_BYTES) -> Gathered:
     """Collective: every rank calls it with its own shard directory and the writer's record of each
-    shard in it ({"file", "sha256", ...}): the checksums taken when it was written, so no shard is
-    read again before it is sent."""
-    files = [s["file"] for s in shards]
+    shard in it: the checksums taken when it was written, so no shard is read again before it is sent."""
+    files = [s.file for s in shards]
     shard_dir = Path(shard_dir)
     if info.world_size == 1:
         return Gathered({0: shard_dir}, shared=True)
@@ -85,7 +86,7 @@ def gather(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path, shards: list
         return Gathered({r: Path(d) for r, (d, _) in enumerate(ranks)} if info.is_first else {}, shared=True)
 
     digests = dist.all_gather_objects(
-        [] if info.is_first else [(s["file"], (shard_dir / s["file"]).stat().st_size, s["sha256"]) for s in shards],
+        [] if info.is_first else [(s.file, (shard_dir / s.file).stat().st_size, s.sha256) for s in shards],
         info.world_size,
     )
     result = Gathered({0: shard_dir} if info.is_first else {}, shared=False)
@@ -139,7 +140,7 @@ def _plan_requests(directory: Path, digests: list[tuple[str, int, str]], result:
         if size == 0:
             final.write_bytes(b"")
             continue
-        if final.is_file() and final.stat().st_size == size and sha256_of(final) == digest:
+        if file_intact(final, digest, size):
             result.skipped.append(file)
             continue
         offset = part.stat().st_size if part.is_file() else 0
@@ -388,7 +389,7 @@ def _rsync_all(served: list, digests: Digests, result: Gathered, secret: str) ->
         wanted = []
         for file, size, digest in digests[r]:
             final = result.dirs[r] / file
-            if final.is_file() and final.stat().st_size == size and sha256_of(final) == digest:
+            if file_intact(final, digest, size):
                 result.skipped.append(file)
             else:
                 wanted.append(file)
@@ -420,6 +421,6 @@ def _rsync_all(served: list, digests: Digests, result: Gathered, secret: str) ->
         return error
     for r in range(1, len(served)):
         for file, size, digest in digests[r]:
-            if file not in result.skipped and sha256_of(result.dirs[r] / file) != digest:
+            if file not in result.skipped and not file_intact(result.dirs[r] / file, digest):
                 return f"rank {r}'s file {file} arrived by rsync with a wrong sha256; delete {result.dirs[r]} and rerun"
     return None

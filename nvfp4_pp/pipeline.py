@@ -12,9 +12,10 @@ from collections.abc import Iterable
 import torch
 
 from . import dist
-from .calib import MicroBatch, valid_mask
+from .calibrate import ValidTokens
+from .data.samples import MicroBatch, valid_mask
 from .log import Progress
-from .quantize import ValidTokens
+from .records import Traffic
 
 
 def run_pipeline(
@@ -23,8 +24,8 @@ def run_pipeline(
     batches: list[MicroBatch] | None,
     lengths: list[tuple[int, ...]],
     valid: ValidTokens,
-) -> dict[str, int]:
-    """This rank's side of one pass over the calibration set; returns traffic counters.
+) -> Traffic:
+    """This rank's side of one pass over the calibration set; returns what it computed and moved.
 
     Every rank knows each micro-batch's real lengths (`lengths`, shared up front, no text), so
     each stage masks the same pad positions out of its statistics, and knows the shape of every
@@ -52,8 +53,4 @@ def run_pipeline(
         valid.set(None)
         if sender is not None:
             sender.close()
-    return {
-        "tokens": progress.tokens,
-        "bytes_sent": sender.bytes_sent if sender else 0,
-        "bytes_received": 0 if info.is_first else inputs.bytes_received,
-    }
+    return Traffic(progress.tokens, sender.bytes_sent if sender else 0, 0 if info.is_first else inputs.bytes_received)

@@ -18,12 +18,13 @@ import torch
 from safetensors import safe_open
 
 from . import fp8_source
+from .errors import NvFp4PpError
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-class SourceError(RuntimeError):
+class SourceError(NvFp4PpError):
     """The source checkpoint is missing or malformed; the message says which file and why."""
 
 

@@ -21,8 +21,16 @@ from safetensors import safe_open
 
 from .fp8_source import CONFIG_KEYS as SOURCE_QUANT_KEYS
 from .source import SourceError, read_safetensors_header
-from .vllm_contract import (CONTRACTS, FUSED, KV_SCALE_NAMES, OPTIONAL_SUFFIXES, SCALAR, QuantLayout, ignored,
-                            read_quant_config)
+from .vllm_contract import (
+    CONTRACTS,
+    FUSED,
+    KV_SCALE_NAMES,
+    OPTIONAL_SUFFIXES,
+    SCALAR,
+    QuantLayout,
+    ignored,
+    read_quant_config,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 

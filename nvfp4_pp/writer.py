@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,40 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-DEFAULT_SHARD_BYTES = 2 * 1024**3
-"""Small enough that hashing and writing overlap packing; vLLM loads any number of shards."""
-WRITE_WORKERS = 2
-
-
-def sha256_of(path: Path) -> str:
-    """Checksum of a written file (resume and transfers trust a shard only when it matches)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 * 1024**2):
-            h.update(block)
-    return h.hexdigest()
-
-
-class ExportWriteError(OSError):
-    pass
-
-
-@contextlib.contextmanager
-def write_errors_named(path: Path, nbytes: int):
-    """A failed write becomes one ExportWriteError naming the file, the size and the fix."""
-    try:
-        yield
-    except ExportWriteError:
-        raise
-    except Exception as e:  # safetensors raises its own error type, with the OS message inside
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
-            raise ExportWriteError(
-                errno.ENOSPC, f"disk full while writing {path} ({nbytes / 1e9:.2f} GB); free space on "
-                f"{path.parent} (or point 'output' elsewhere) and rerun the same command to resume"
-            ) from None
-        if isinstance(e, OSError):
-            raise ExportWriteError(e.errno, f"cannot write {path}: {e.strerror}") from None
-        raise
+from .files import sha256_of, write_errors_named
+from .records import ShardRecord
+from .sizes import DEFAULT_SHARD_BYTES, WRITE_WORKERS
 
 
 class ShardWriter:
@@ -68,8 +34,8 @@ class ShardWriter:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="shard-writer")
         self._workers = workers
         self._pending: list[Future] = []
-        self.shards: list[dict] = []
-        """One entry per written file: {"file", "tensors": [names], "bytes", "sha256"}; complete after close()."""
+        self.shards: list[ShardRecord] = []
+        """One record per written file; complete after close()."""
         self.write_seconds = 0.0
         """Seconds the writer threads spent writing and hashing (overlapping the caller's work)."""
 
@@ -96,7 +62,7 @@ class ShardWriter:
         self.shards.append(shard)
         self.write_seconds += seconds
 
-    def _write(self, name: str, tensors: dict[str, torch.Tensor], nbytes: int) -> tuple[dict, float]:
+    def _write(self, name: str, tensors: dict[str, torch.Tensor], nbytes: int) -> tuple[ShardRecord, float]:
         started = time.perf_counter()
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
@@ -106,7 +72,7 @@ class ShardWriter:
                 os.replace(tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)
-        shard = {"file": name, "tensors": sorted(tensors), "bytes": nbytes, "sha256": sha256_of(final)}
+        shard = ShardRecord(name, tuple(sorted(tensors)), nbytes, sha256_of(final))
         return shard, time.perf_counter() - started
 
     def close(self) -> None:
@@ -119,4 +85,4 @@ class ShardWriter:
             for future in self._pending:
                 future.cancel()
             self._pool.shutdown(wait=True)
-        self.shards.sort(key=lambda s: s["file"])
+        self.shards.sort(key=lambda s: s.file)

@@ -53,6 +53,6 @@ def ct_output(smol_dir, token_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def eval_ids(smol_dir) -> list[list[int]]:
     """A few short held-out samples (the end of the built-in corpus; calibration reads its start)."""
-    from nvfp4_pp.evaluate import eval_samples
+    from nvfp4_pp.evaluate.quality import eval_samples
 
     return eval_samples("builtin:pydoc", 4, 96, smol_dir)

@@ -13,7 +13,9 @@ from pathlib import Path
 from nvfp4_pp import dist
 from nvfp4_pp import gather as gather_module
 from nvfp4_pp.config import GatherConfig
-from nvfp4_pp.gather import GatherError, gather, sha256_of
+from nvfp4_pp.files import sha256_of
+from nvfp4_pp.gather import GatherError, gather
+from nvfp4_pp.records import ShardRecord
 
 CHUNK = 1000
 SIZES = {1: {"a.bin": 2500, "b.bin": 4100, "empty.bin": 0}, 2: {"c.bin": 3000, "d.bin": 999}}
@@ -32,7 +34,7 @@ def main(base: Path) -> None:
     files = SIZES.get(info.rank, {})
     for name, size in files.items():
         (own / name).write_bytes(content(info.rank, name, size))
-    shards = [{"file": n, "sha256": sha256_of(own / n)} for n in sorted(files)]
+    shards = tuple(ShardRecord(n, (), 0, sha256_of(own / n)) for n in sorted(files))
 
     # Rank 0 already holds some of the files from an earlier, broken gather.
     if info.is_first:

@@ -61,7 +61,7 @@ def write_token_file(model_dir: Path, path: Path, lengths: tuple[int, ...] = TOK
     """Real-text samples of different lengths (pydoc, the model's tokenizer) as an input_ids JSONL."""
     from transformers import AutoTokenizer
 
-    from nvfp4_pp.calib import builtin_text
+    from nvfp4_pp.data.samples import builtin_text
 
     ids = AutoTokenizer.from_pretrained(model_dir)(builtin_text("pydoc")[:20000])["input_ids"]
     with open(path, "w") as f:

@@ -20,10 +20,10 @@ def main(model_dir: str, tokens: str, out: str) -> None:
     from modelopt.torch.export.quant_utils import get_activation_scaling_factor
 
     from nvfp4_pp.arch import architecture_of
-    from nvfp4_pp.calib import Tokenizer, micro_batches
+    from nvfp4_pp.data.samples import Tokenizer, micro_batches
     from nvfp4_pp.dist import RankInfo
     from nvfp4_pp.pipeline import run_pipeline
-    from nvfp4_pp.quantize import ValidTokens, calibrate, modelopt_config
+    from nvfp4_pp.calibrate import ValidTokens, calibrate, modelopt_config
     from nvfp4_pp.source import SourceCheckpoint
     from nvfp4_pp.stage import build_stage
 

@@ -26,7 +26,7 @@ def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implement
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from nvfp4_pp.quantize import modelopt_config
+    from nvfp4_pp.calibrate import modelopt_config
 
     # Image-text models are quantized whole, as modelopt's hf_ptq does: its default config leaves
     # vision towers and projectors unquantized, and text-only samples drive the language model.

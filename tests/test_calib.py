@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nvfp4_pp.calib import CalibrationDataError, load_samples, micro_batches, valid_mask
+from nvfp4_pp.data.samples import CalibrationDataError, load_samples, micro_batches, valid_mask
 from nvfp4_pp.config import CalibrationConfig
 
 

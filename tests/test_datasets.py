@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, read_json, run_nvfp4_pp, write_config, write_token_file
-from nvfp4_pp.calib import CalibrationDataError, builtin_text, load_samples
+from nvfp4_pp.data.samples import CalibrationDataError, builtin_text, load_samples
 from nvfp4_pp.config import CalibrationConfig, DataSource
 
 datasets = pytest.importorskip("datasets", reason="the 'data' extra: pip install 'nvfp4_pp[data]'")

@@ -13,7 +13,7 @@ import modelopt.torch.quantization as mtq
 from modelopt.torch.export.quant_utils import postprocess_state_dict
 from modelopt.torch.export.unified_export_hf import _export_quantized_weight
 from nvfp4_pp import export
-from nvfp4_pp.quantize import modelopt_config
+from nvfp4_pp.calibrate import modelopt_config
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(256, 200, bias=False, dtype=torch.bfloat16))  # 200 rows: last chunk short

@@ -140,7 +140,7 @@ def twin_references(fp8_pairs, token_file, tmp_path_factory) -> dict[str, Path]:
 def test_every_rank_loads_the_exact_dequantised_fp8_values(style, fp8_pairs):
     """What build_stage loads for each rank of the 3-rank split equals the twin's BF16 bit for bit."""
     from nvfp4_pp.arch import architecture_of
-    from nvfp4_pp.memory import ModelSizes
+    from nvfp4_pp.planning.memory import ModelSizes
     from nvfp4_pp.source import SourceCheckpoint
     from nvfp4_pp.stage import build_stage
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import read_json
-from nvfp4_pp.evaluate import evaluate, perplexity
+from nvfp4_pp.evaluate.quality import evaluate, perplexity
 
 
 @pytest.fixture(scope="module")

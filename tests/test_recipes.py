@@ -12,7 +12,8 @@ import torch
 
 from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
 from test_verify import copy_checkpoint, edit_tensor
-from nvfp4_pp.evaluate import decode_checkpoint, evaluate
+from nvfp4_pp.evaluate.decode import decode_checkpoint
+from nvfp4_pp.evaluate.quality import evaluate
 from nvfp4_pp.verify import verify
 
 RECIPES = ["fp8", "w4a16_nvfp4", "mxfp4_mlp_fp8_attn"]

@@ -117,6 +117,7 @@ def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_p
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import nvfp4_pp.run as run_module
+    import nvfp4_pp.runner as runner_module
     from tiny_models import write_tiny_tokenizer
 
     torch.manual_seed(0)
@@ -130,9 +131,9 @@ def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_p
     out = tmp_path / "out"
     run_config = write_config(tmp_path / "run.yaml", model=str(source), output=str(out),
                               calibration={"dataset": str(tokens), "samples": 2, "max_length": 16})
-    real_verify = run_module.verify
+    real_verify = runner_module.verify
     assert real_verify(source) != []  # a BF16 source is not a quantized checkpoint: verify says so
-    monkeypatch.setattr(run_module, "verify", lambda d, s: real_verify(d, s) + ["model.norm.weight: planted problem"])
+    monkeypatch.setattr(runner_module, "verify", lambda d, s: real_verify(d, s) + ["model.norm.weight: planted problem"])
     assert run_module.main([str(run_config)]) == 1
     err = capsys.readouterr().err
     assert "fails verification (1 problems)" in err and "model.norm.weight: planted problem" in err, err[-2000:]

@@ -13,6 +13,8 @@ import dataclasses
 
 import torch
 
+from ..errors import NvFp4PpError
+
 SCHEMES = ("nvfp4", "nvfp4_awq", "w4a16_nvfp4", "fp8", "mxfp4")
 BLOCK_SIZE = {"nvfp4": 16, "nvfp4_awq": 16, "w4a16_nvfp4": 16, "fp8": 0, "mxfp4": 32}
 """Elements per block scale along the input dimension (0: one per-tensor scale)."""
@@ -34,7 +36,7 @@ class Layers:
         return sorted(set(self.schemes.values()))
 
 
-class UnsupportedScheme(ValueError):
+class UnsupportedScheme(NvFp4PpError):
     """A recipe asked for a scheme this layout has no field for."""
 
 

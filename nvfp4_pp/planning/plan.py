@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from ..errors import NvFp4PpError
 from .budget import GB, Budget
 from .memory import ModelSizes, Need, Workload, stage_need
 
 
-class PlanError(ValueError):
+class PlanError(NvFp4PpError):
     pass
 
 

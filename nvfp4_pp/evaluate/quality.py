@@ -19,117 +19,16 @@ Perplexity is exp(mean next-token NLL); KL is mean KL(P_bf16 || P_variant) over 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from .fp8_mx import dequantize_fp8, dequantize_mxfp4, fake_quantize_fp8_activation, fake_quantize_mxfp4_activation
-from .nvfp4 import dequantize_weight, fake_quantize_activation
-from .vllm_contract import read_quant_config
+from .decode import DecodedLinear, EvaluateError, decode_checkpoint
 
 EVAL_DATA = "builtin:pydoc"
-
-
-class EvaluateError(ValueError):
-    pass
-
-
-def layout_of(directory: Path):
-    """What the checkpoint's config declares (layout, scheme per module), read as `verify` reads it."""
-    config = json.loads((directory / "config.json").read_text())
-    qc = config.get("quantization_config") or {}
-    problems: list[str] = []
-    layout = read_quant_config(directory, qc, problems) if qc else None
-    if layout is None:
-        raise EvaluateError(f"{directory / 'config.json'}: quantization_config.quant_method "
-                            f"{qc.get('quant_method')!r} is not a known layout; is this an nvfp4_pp output?")
-    return layout
-
-
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the files the index names (or of the lone model.safetensors)."""
-    index = directory / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
-        "model.safetensors"]
-    tensors = {}
-    for file in files:
-        with safe_open(directory / file, "pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    return tensors
-
-
-class DecodedLinear:
-    """One quantized Linear as read from disk: its decoded weight and how its input is quantized.
-
-    `pre_scale` (AWQ) multiplies the input before anything else; `quantize_input` (None for
-    weight-only schemes) is the activation quantization a W4A4 / W8A8 kernel applies.
-    """
-
-    def __init__(self, weight: torch.Tensor, quantize_input: Callable[[torch.Tensor, bool], torch.Tensor] | None,
-                 pre_scale: torch.Tensor | None = None):
-        self.weight, self.quantize_input, self.pre_scale = weight, quantize_input, pre_scale
-
-
-def _nvfp4_input(scale: torch.Tensor, global_form: bool):
-    scale = scale.float().reshape(())
-    return lambda x, one: fake_quantize_activation(x, torch.ones_like(scale) if one else scale.to(x.device), global_form)
-
-
-def _fp8_input(scale: torch.Tensor):
-    scale = scale.float().reshape(())
-    return lambda x, one: fake_quantize_fp8_activation(x, torch.ones_like(scale) if one else scale.to(x.device))
-
-
-def decode_linear(method: str, scheme: str, module: str, tensors: dict[str, torch.Tensor]) -> DecodedLinear:
-    """Pop one Linear's tensors (names per layout and scheme) and decode them."""
-    ct = method == "compressed-tensors"
-
-    def take(suffix: str, required: bool = True) -> torch.Tensor | None:
-        name = module + suffix
-        if name not in tensors and required:
-            raise EvaluateError(f"{module} ({scheme}) lacks {name}; run nvfp4_pp.verify on it")
-        return tensors.pop(name, None)
-
-    packed_name = ".weight_packed" if ct else ".weight"
-    if scheme in ("nvfp4", "nvfp4_awq", "w4a16_nvfp4"):
-        packed, block = take(packed_name), take(".weight_scale")
-        weight = dequantize_weight(packed, block, take(".weight_global_scale" if ct else ".weight_scale_2"), ct)
-        quantize = None
-        if scheme != "w4a16_nvfp4":
-            quantize = _nvfp4_input(take(".input_global_scale" if ct else ".input_scale"), ct)
-        return DecodedLinear(weight, quantize, take(".pre_quant_scale", required=False))
-    if scheme == "fp8":
-        weight = dequantize_fp8(take(".weight"), take(".weight_scale"))
-        return DecodedLinear(weight, _fp8_input(take(".input_scale")))
-    if scheme == "mxfp4":
-        weight = dequantize_mxfp4(take(packed_name), take(".weight_scale"))
-        return DecodedLinear(weight, lambda x, one: fake_quantize_mxfp4_activation(x))
-    raise EvaluateError(f"{module}: scheme {scheme!r} has no decoder")
-
-
-def decode_checkpoint(directory: Path) -> tuple[dict[str, DecodedLinear], dict[str, torch.Tensor]]:
-    """(quantized Linears by module name, every other tensor by name) of a written checkpoint."""
-    directory = Path(directory)
-    layout = layout_of(directory)
-    tensors = read_tensors(directory)
-    linears: dict[str, DecodedLinear] = {}
-    # Every scheme of both layouts carries `.weight_scale`; the config says which scheme it is.
-    for module in sorted(n.removesuffix(".weight_scale") for n in list(tensors) if n.endswith(".weight_scale")):
-        scheme = layout.scheme_of(module)
-        if scheme is None:
-            raise EvaluateError(f"{directory}: {module} has quantized tensors but no config group; run nvfp4_pp.verify")
-        linears[module] = decode_linear(layout.method, scheme, module, tensors)
-    for name in [n for n in tensors if n.endswith((".k_scale", ".v_scale"))]:
-        tensors.pop(name)  # KV-cache scales: what the serving engine's cache uses, not weights
-    return linears, tensors
 
 
 def quantized_model(source: Path, directory: Path, device: torch.device) -> tuple[nn.Module, dict[str, DecodedLinear]]:
@@ -186,8 +85,8 @@ class ActivationQuantization:
 def eval_samples(data: str, samples: int, max_length: int, tokenizer_dir: Path) -> list[list[int]]:
     """Held-out token samples. The built-in corpus is read from its END (calibration reads it from the
     start), so the two are disjoint while calibration uses fewer tokens than the corpus minus these."""
-    from .calib import builtin_text, load_samples
-    from .config import CalibrationConfig
+    from ..config import CalibrationConfig
+    from ..data.samples import builtin_text, load_samples
 
     if data.startswith("builtin:"):
         from transformers import AutoTokenizer
@@ -254,44 +153,3 @@ def table(results: dict[str, dict[str, float]]) -> Iterator[str]:
     yield "|---|---:|---:|"
     for name, r in results.items():
         yield f"| {LABELS.get(name, name)} | {r['perplexity']:.3f} | {r['kl']:.5f} |"
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nvfp4_pp.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--source", required=True, type=Path, help="the BF16 source checkpoint")
-    p.add_argument("--quantized", required=True, type=Path, help="the nvfp4_pp output to evaluate")
-    p.add_argument("--data", default=EVAL_DATA, help="builtin:pydoc (read from its end), a .txt or a .jsonl")
-    p.add_argument("--samples", type=int, default=32, help="number of samples (default 32)")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sample (default 512)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--input-scale-one", action="store_true", help="add W4A4 with every input scale forced to 1.0")
-    p.add_argument("--json", type=Path, help="also write the results as JSON here")
-    p.add_argument("--update-card", action="store_true", help="put the table into QUANTIZED/README.md")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        samples = eval_samples(args.data, args.samples, args.max_length, args.source)
-        results = evaluate(args.source, args.quantized, samples, args.device, args.input_scale_one)
-    except (EvaluateError, OSError) as e:
-        print(f"nvfp4_pp.evaluate: error: {e}", file=sys.stderr)
-        return 1
-    tokens = sum(len(s) - 1 for s in samples)
-    what = f"{args.data}: {len(samples)} samples, {tokens} predicted tokens"
-    print(f"{args.quantized} vs {args.source} on {what}")
-    print("\n".join(table(results)))
-    report = {"data": args.data, "samples": len(samples), "max_length": args.max_length, "tokens": tokens,
-              "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.update_card:
-        from .card import update_quality
-
-        update_quality(args.quantized, what, list(table(results)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .log import logger
+from .records import Health
 
 RECIPES: dict[str, str | dict[str, str]] = {
     "nvfp4": "NVFP4_DEFAULT_CFG",
@@ -234,12 +235,13 @@ def _make_max_hook(box: list, valid: ValidTokens):
     return hook
 
 
-def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> dict:
-    """Counts of enabled static quantizers with a usable amax ("good"), none or zero ("zero"), NaN/inf
-    ("nan"), and the names of the first `max_named` unusable ones ("bad")."""
+def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> Health:
+    """Enabled static quantizers with a usable amax, none or zero, NaN/inf; the first `max_named`
+    unusable names."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    health: dict = {"good": 0, "zero": 0, "nan": 0, "bad": []}
+    counts = {"good": 0, "zero": 0, "nan": 0}
+    bad: list[str] = []
     for name, module in stage.named_modules():
         if isinstance(module, TensorQuantizer) and module.is_enabled and not module._dynamic:
             amax = getattr(module, "_amax", None)
@@ -249,7 +251,7 @@ def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> dict:
                 kind = "nan"
             else:
                 kind = "good"
-            health[kind] += 1
-            if kind != "good" and len(health["bad"]) < max_named:
-                health["bad"].append(name)
-    return health
+            counts[kind] += 1
+            if kind != "good" and len(bad) < max_named:
+                bad.append(name)
+    return Health(**counts, bad=tuple(bad))

@@ -25,7 +25,8 @@ from typing import Literal
 import psutil
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
+from ..records import Memory
 
 GB = 10**9
 """Sizes are reported and configured in decimal gigabytes (1e9 bytes)."""
@@ -75,6 +76,15 @@ class Budget:
 def peak_rss() -> int:
     """This process's peak resident set size so far, in bytes (Linux reports KiB)."""
     return max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def measured_peak(kind: Kind) -> Memory:
+    """This rank's measured peak bytes per pool, to set beside the plan's prediction."""
+    host = peak_rss()
+    if kind == "cpu":
+        return Memory(host)
+    device = torch.cuda.max_memory_allocated()
+    return Memory(host + device) if kind == "unified" else Memory(host, device)
 
 
 def device_kind(device: torch.device) -> Kind:

@@ -11,6 +11,8 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from ..errors import NvFp4PpError
+
 INSTALL_HINT = "pip install 'nvfp4_pp[data]'"
 KNOWN_FIELDS = ("messages", "conversations", "text", "article", "content", "document")
 """Columns tried in this order when `calibration.field` is empty (chat sets, wikitext/pile, cnn_dailymail)."""
@@ -19,7 +21,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system"}
 
 
-class HFDataError(ValueError):
+class HFDataError(NvFp4PpError):
     """An `hf:` source cannot be read; the message names the dataset and the fix."""
 
 

@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
-from .config import CalibrationConfig, DataSource
-from .hf_data import HFDataError, as_messages, find_field, open_dataset
+from ..config import CalibrationConfig, DataSource
+from ..errors import NvFp4PpError
+from ..records import CalibrationManifest, SourceSummary
+from .hf_datasets import HFDataError, as_messages, find_field, open_dataset
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(NvFp4PpError):
     pass
 
 
@@ -182,7 +184,7 @@ class CalibrationSet:
     """The samples every stage sees, in order, and where they came from."""
 
     samples: list[list[int]]
-    sources: list[dict]
+    sources: tuple[SourceSummary, ...]
     tokenizer: Tokenizer = dataclasses.field(repr=False, compare=False)
 
     @property
@@ -193,12 +195,11 @@ class CalibrationSet:
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.samples).encode()).hexdigest()
 
-    def manifest(self) -> dict:
+    def manifest(self) -> CalibrationManifest:
         """Source(s), count, total tokens, min/median/max length and a hash of the token ids."""
         lengths = [len(s) for s in self.samples]
-        return {"sources": self.sources, "samples": len(lengths), "tokens": sum(lengths),
-                "min_length": min(lengths), "median_length": statistics.median(lengths),
-                "max_length": max(lengths), "token_ids_sha256": self.sha256}
+        return CalibrationManifest(self.sources, len(lengths), sum(lengths), min(lengths),
+                                   statistics.median(lengths), max(lengths), self.sha256)
 
 
 def load_samples(cfg: CalibrationConfig, tokenizer_dir: str | Path) -> CalibrationSet:
@@ -207,7 +208,7 @@ def load_samples(cfg: CalibrationConfig, tokenizer_dir: str | Path) -> Calibrati
     sources = cfg.sources()
     counts = shares_to_counts([s.share for s in sources], cfg.samples)
     samples: list[list[int]] = []
-    report: list[dict] = []
+    report: list[SourceSummary] = []
     for source, count in zip(sources, counts):
         resolved: dict = {}
         skipped = {"short": 0, "long": 0}
@@ -218,19 +219,15 @@ def load_samples(cfg: CalibrationConfig, tokenizer_dir: str | Path) -> Calibrati
                 + (f" of {cfg.min_length} to {cfg.max_length} tokens ({skipped['short']} shorter, "
                    f"{skipped['long']} longer skipped); widen calibration.min_length / max_length"
                    if any(skipped.values()) else ""))
-        entry = {"dataset": source.dataset, "samples": len(chosen), "tokens": sum(map(len, chosen)),
-                 "skipped_short": skipped["short"], "skipped_long": skipped["long"]}
-        if source.dataset.startswith("hf:"):
-            entry.update(config=source.config, split=source.split, **resolved)
-        if len(sources) > 1:
-            entry["share"] = source.share
-        report.append(entry)
+        hf = dict(config=source.config, split=source.split, **resolved) if source.dataset.startswith("hf:") else {}
+        report.append(SourceSummary(source.dataset, len(chosen), sum(map(len, chosen)), skipped["short"],
+                                    skipped["long"], share=source.share if len(sources) > 1 else None, **hf))
         samples += chosen
     if len(sources) > 1:
         random.Random(cfg.seed).shuffle(samples)
     if cfg.pack:
         samples = _pack(samples, cfg.max_length)
-    return CalibrationSet(samples, report, tok)
+    return CalibrationSet(samples, tuple(report), tok)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,28 +5,24 @@ Nothing appears under the output name until every file is written; the index is 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from .card import PRODUCER
+from .errors import NvFp4PpError
+from .files import write_errors_named, write_json
 from .formats import CheckpointFormat, Layers
 from .fp8_source import CONFIG_FILES
+from .records import ExportResult
 from .source import SourceCheckpoint
-from .writer import write_errors_named
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json", ".msgpack", ".h5")
-PRODUCER = {"name": "nvfp4_pp", "version": __version__}
 
 
-class AssembleError(RuntimeError):
+class AssembleError(NvFp4PpError):
     pass
-
-
-def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -50,20 +46,20 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def layers_of(manifests: list[dict]) -> Layers:
+def layers_of(exports: list[ExportResult]) -> Layers:
     """Every rank's quantized modules (with their scheme), BF16 modules and KV-cache format, together."""
-    kv = {m["kv_cache"] for m in manifests if m.get("kv_cache")}
+    kv = {e.kv_cache for e in exports if e.kv_cache}
     if len(kv) > 1:
         raise AssembleError(f"ranks calibrated different KV-cache formats {sorted(kv)}")
-    return Layers(schemes={name: scheme for m in manifests for name, scheme in m["schemes"].items()},
-                  exclude=sorted({name for m in manifests for name in m["excluded"]}),
+    return Layers(schemes={name: scheme for e in exports for name, scheme in e.schemes.items()},
+                  exclude=sorted({name for e in exports for name in e.excluded}),
                   kv_cache=kv.pop() if kv else None)
 
 
 def assemble(
     output: Path,
     shard_dirs: dict[int, Path],
-    manifests: list[dict],
+    exports: list[ExportResult],
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     overwrite: bool,
@@ -83,11 +79,11 @@ def assemble(
     tmp.mkdir(parents=True)
     try:
         with write_errors_named(tmp, 0):
-            shards = [(m["rank"], s) for m in manifests for s in m["shards"]]
+            shards = [(rank, s) for rank, e in enumerate(exports) for s in e.shards]
             weight_map: dict[str, str] = {}
             total = 0
             for i, (rank, shard) in enumerate(shards, 1):
-                src = Path(shard_dirs[rank]) / shard["file"]
+                src = Path(shard_dirs[rank]) / shard.file
                 if not src.is_file():
                     raise AssembleError(
                         f"rank {rank}'s shard {src} is missing on rank 0 after gathering; was the work "
@@ -95,20 +91,20 @@ def assemble(
                     )
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 link_or_copy(src, tmp / name)  # the work dir keeps its copy until the output is in place
-                for tensor in shard["tensors"]:
+                for tensor in shard.tensors:
                     if tensor in weight_map:
                         raise AssembleError(f"tensor {tensor!r} was written twice ({weight_map[tensor]}, {name})")
                     weight_map[tensor] = name
-                total += shard["bytes"]
-            layers = layers_of(manifests)
+                total += shard.bytes
+            layers = layers_of(exports)
             config = source.config_without_quantization()  # an FP8 source's block must not survive
             config["quantization_config"] = fmt.quantization_config(layers, PRODUCER)
-            _write_json(tmp / "config.json", config)
+            write_json(tmp / "config.json", config)
             for name, content in fmt.extra_files(layers, PRODUCER).items():
-                _write_json(tmp / name, content)
+                write_json(tmp / name, content)
             copy_side_files(source.path, tmp)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_json(tmp / "model.safetensors.index.json", index)
+            write_json(tmp / "model.safetensors.index.json", index)
             if finalize is not None:
                 finalize(tmp)
     except BaseException:

@@ -16,9 +16,9 @@ measured peaks by tests/test_budget_run.py on CPU):
   BF16 bytes, largest Linear).
 - export transient: packing to NVFP4 (modelopt's NVFP4QTensor.quantize) holds about 13 bytes per
   weight element at once (fp32 scaled copy, int32 bucket index, 3 comparison bytes, sign, codes):
-  7x the BF16 bytes of what is packed at once, a row chunk of at most export.EXPORT_CHUNK_ELEMENTS.
+  7x the BF16 bytes of what is packed at once, a row chunk of at most sizes.EXPORT_CHUNK_ELEMENTS.
 - export buffer: the ShardWriter holds packed tensors on the host until a shard is full
-  (`writer.DEFAULT_SHARD_BYTES`) and up to `writer.WRITE_WORKERS` full shards while its threads
+  (`sizes.DEFAULT_SHARD_BYTES`) and up to `sizes.WRITE_WORKERS` full shards while its threads
   write them, so at most min((workers + 1) x shard cap, everything the rank writes).
   On a CUDA stage each Linear's BF16 weight is freed as it is packed, and the buffer grows by
   at most 0.3 of what is freed: on a unified-memory device it therefore never raises the peak,
@@ -39,10 +39,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .arch import Architecture
-from .source import SourceCheckpoint
-from .export import EXPORT_CHUNK_ELEMENTS
-from .writer import DEFAULT_SHARD_BYTES, WRITE_WORKERS
+from ..arch import Architecture
+from ..sizes import DEFAULT_SHARD_BYTES, EXPORT_CHUNK_ELEMENTS, WRITE_WORKERS
+from ..source import SourceCheckpoint
 
 PACKED_PER_BF16_BYTE = 0.25 + 1 / 32
 """NVFP4 bytes written per BF16 weight byte: 4-bit codes plus one FP8 scale per 16 values."""

@@ -1,0 +1,21 @@
+"""The one base class of every error a user sees as a single line (never a traceback).
+
+Two kinds, because the fix differs: bad input (a config key, a source file, a plan that cannot
+fit) is fixed by changing something, and rerunning unchanged would fail the same way; a fault (a
+lost rank, a signal, a full disk) is fixed by rerunning the same command, which resumes from the
+work directory. The entry points catch `NvFp4PpError` alone.
+"""
+
+from __future__ import annotations
+
+
+class NvFp4PpError(Exception):
+    """A problem the user must fix; the message names it and the fix. Rerunning unchanged cannot help."""
+
+    resumable = False
+
+
+class Fault(NvFp4PpError):
+    """A fault outside the input (lost rank, signal, disk full): rerunning the same command resumes."""
+
+    resumable = True

@@ -1,0 +1,54 @@
+"""`python -m nvfp4_pp.evaluate`: perplexity and KL of a written checkpoint vs its BF16 source."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .decode import EvaluateError
+from .quality import EVAL_DATA, eval_samples, evaluate, table
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nvfp4_pp.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, type=Path, help="the BF16 source checkpoint")
+    p.add_argument("--quantized", required=True, type=Path, help="the nvfp4_pp output to evaluate")
+    p.add_argument("--data", default=EVAL_DATA, help="builtin:pydoc (read from its end), a .txt or a .jsonl")
+    p.add_argument("--samples", type=int, default=32, help="number of samples (default 32)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sample (default 512)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--input-scale-one", action="store_true", help="add W4A4 with every input scale forced to 1.0")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--update-card", action="store_true", help="put the table into QUANTIZED/README.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        samples = eval_samples(args.data, args.samples, args.max_length, args.source)
+        results = evaluate(args.source, args.quantized, samples, args.device, args.input_scale_one)
+    except (EvaluateError, OSError) as e:
+        print(f"nvfp4_pp.evaluate: error: {e}", file=sys.stderr)
+        return 1
+    tokens = sum(len(s) - 1 for s in samples)
+    what = f"{args.data}: {len(samples)} samples, {tokens} predicted tokens"
+    print(f"{args.quantized} vs {args.source} on {what}")
+    print("\n".join(table(results)))
+    report = {"data": args.data, "samples": len(samples), "max_length": args.max_length, "tokens": tokens,
+              "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.update_card:
+        from ..card import update_quality
+
+        update_quality(args.quantized, what, list(table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

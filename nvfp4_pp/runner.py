@@ -1,0 +1,316 @@
+"""One quantization run on this rank: one short method per phase, the phase state on the object.
+
+start-up checks -> calibration samples -> plan -> work state -> load -> calibrate -> export ->
+gather -> assemble and verify (rank 0) -> report. Each phase reads what earlier phases left on the
+object (typed records, see records.py) and leaves its own. Calibration and export are recorded
+in the work directory (`WorkState.once`), so running the same command again continues from the
+last phase every rank completed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import dist
+from .arch import Architecture, architecture_of
+from .assemble import assemble
+from .calibrate import ValidTokens, calibrate, calibration_health, modelopt_config, register_kv_attention
+from .card import CALIBRATION_MANIFEST, peaks_text, run_record, write_record_and_card
+from .config import RunConfig
+from .data.samples import CalibrationDataError, MicroBatch, load_samples, micro_batches
+from .errors import NvFp4PpError
+from .export import export_stage
+from .files import write_json
+from .formats import CheckpointFormat, get_format
+from .gather import gather
+from .log import logger
+from .pipeline import run_pipeline
+from .planning import budget
+from .planning.memory import ModelSizes, Workload
+from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
+from .records import CalibrationManifest, ExportResult, Health, Memory, RankReport, Traffic
+from .source import SourceCheckpoint, SourceError
+from .stage import Stage, build_stage
+from .verify import verify
+from .work_state import WorkState, fingerprint, work_dir_of
+from .writer import ShardWriter
+
+
+class VerificationError(NvFp4PpError):
+    """The assembled checkpoint breaks vLLM's loader contract; the output was not written."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Options:
+    """The command line's switches beside the config."""
+
+    overwrite: bool = False
+    fresh: bool = False
+    stop_after: Literal["calibrate", "export"] | None = None
+    plan_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Samples:
+    """The calibration set as every rank knows it: real lengths per micro-batch and the manifest;
+    the token ids themselves exist on the first rank only (the others receive hidden states)."""
+
+    manifest: CalibrationManifest
+    lengths: list[tuple[int, ...]]
+    batches: list[MicroBatch] | None
+
+
+class Run:
+    """This rank's part of one run; `execute()` runs the phases in order."""
+
+    def __init__(self, cfg: RunConfig, info: dist.RankInfo, options: Options):
+        self.cfg, self.info, self.options = cfg, info, options
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.work_dir = work_dir_of(cfg)
+        self.rank_dir = self.work_dir / f"rank{info.rank}"
+        self.fmt: CheckpointFormat
+        self.source: SourceCheckpoint
+        self.arch: Architecture
+        self.samples: Samples
+        self.plans: list[StagePlan]
+        self.state: WorkState
+        self.stage: Stage | None = None
+        self.traffic: Traffic
+        self.health: Health
+        self.export_result: ExportResult
+
+    def execute(self) -> None:
+        self.start_up()
+        self.prepare_samples()
+        self.plan()
+        if self.options.plan_only:
+            return
+        self.open_work_state()
+        self.load()
+        self.calibrate()
+        if self.options.stop_after == "calibrate":
+            return self.stopped_after("calibrate")
+        self.export()
+        if self.options.stop_after == "export":
+            return self.stopped_after("export")
+        self.assemble()
+        self.clean_up()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Name the phase for lost-peer messages and time it."""
+        dist.set_phase(name)
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - t0
+        logger.info("%s done in %.1f s", name, self.timings[name])
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        plan = self.plans[self.info.rank]
+        return plan.start, plan.stop
+
+    # ---- before any weight is loaded ----------------------------------------------------------
+    def start_up(self) -> None:
+        """Every rank checks the source and the split; rank 0 checks the output."""
+        dist.set_phase("startup checks")
+
+        def check() -> tuple[CheckpointFormat, SourceCheckpoint, Architecture]:
+            source = SourceCheckpoint(self.cfg.model)
+            arch = architecture_of(source.config, source.weight_map)
+            if "num_hidden_layers" not in source.text_config:
+                raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
+            check_split(source.text_config["num_hidden_layers"], self.info.world_size, self.cfg.pipeline.layers)
+            source.require_tokenizer()  # checked now: verification would refuse the output at the very end
+            return get_format(self.cfg.format), source, arch
+
+        self.fmt, self.source, self.arch = dist.everywhere(self.info, check)
+        if not self.options.plan_only:
+            dist.agreed(self.info, self.check_output)
+
+    def check_output(self) -> None:
+        from .config import ConfigError
+
+        output = Path(self.cfg.output)
+        if output.exists() and not self.options.overwrite:
+            raise ConfigError(f"output {output} already exists; pass --overwrite to replace it or choose another "
+                              "'output'")
+
+    def prepare_samples(self) -> None:
+        """Rank 0 builds the token ids; every rank learns the real lengths of each micro-batch."""
+        batches: list[MicroBatch] | None = None
+
+        def build() -> tuple[CalibrationManifest, list[tuple[int, ...]]]:
+            nonlocal batches
+            calibration_set = load_samples(self.cfg.calibration, self.cfg.model)
+            manifest = calibration_set.manifest()
+            limit = self.source.text_config.get("max_position_embeddings")
+            if limit and manifest.max_length > limit:
+                raise CalibrationDataError(
+                    f"a calibration sample has {manifest.max_length} tokens but the model's max_position_embeddings "
+                    f"is {limit}; set calibration.max_length <= {limit}")
+            batches = micro_batches(calibration_set.samples, self.cfg.calibration.batch_size, calibration_set.pad_id)
+            return manifest, [b.lengths for b in batches]
+
+        manifest, lengths = dist.agreed(self.info, build)
+        self.samples = Samples(manifest, lengths, batches)
+        logger.info("calibration: %d samples, %d tokens (lengths %d/%s/%d min/median/max), %d micro-batches, "
+                    "token ids sha256 %s", manifest.samples, manifest.tokens, manifest.min_length,
+                    manifest.median_length, manifest.max_length, len(lengths), manifest.token_ids_sha256[:16])
+
+    def plan(self) -> None:
+        """Every rank measures its budget, all share them, and each computes the same plan.
+
+        Measured after the samples are built: their memory is part of the baseline. The plan is a
+        pure function of the shared facts, so a bad plan fails on every rank alike.
+        """
+        dist.set_phase("planning")
+        info, pipeline = self.info, self.cfg.pipeline
+        facts = dist.all_gather_objects(budget.measure(info.rank, info.host, info.device), info.world_size)
+        workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length)
+
+        def plan() -> list[StagePlan]:
+            budgets = budget.budgets(facts, pipeline.memory_limit_gb, pipeline.reserve_gb)
+            return plan_stages(ModelSizes.from_source(self.source, self.arch), budgets, pipeline.layers, workload,
+                               info.wire_device.type == "cpu")
+
+        self.plans = dist.everywhere(info, plan)
+        for line in describe(self.plans):
+            logger.info("%s", line)
+
+    def open_work_state(self) -> None:
+        """This rank's record of finished phases (a stale one of another run is refused)."""
+        info = self.info
+        self.state = dist.everywhere(info, lambda: WorkState(
+            self.rank_dir, fingerprint(self.cfg, self.source, info.world_size, info.device.type, self.layers,
+                                       self.samples.manifest.token_ids_sha256), fresh=self.options.fresh))
+        if info.is_first:
+            write_json(self.rank_dir / CALIBRATION_MANIFEST, self.samples.manifest.to_dict())
+
+    # ---- the stage -------------------------------------------------------------------------
+    def load(self) -> None:
+        with self.phase("load"):
+            self.stage = build_stage(self.source, self.arch, *self.layers, self.info.device)
+
+    def calibrate(self) -> None:
+        """Quantizers calibrated through the pipeline (every rank at once), or restored from the work dir."""
+        with self.phase("calibrate"):
+            self.traffic = self.state.once(
+                "calibrate", self._calibrate_through_pipeline, self._restore_quantizers,
+                reused=f"calibration: reusing the state every rank saved in {self.work_dir}",
+                agree=lambda done: all(dist.all_gather_objects(done, self.info.world_size)))
+        self.health = calibration_health(self.stage)
+        h = self.health
+        logger.info("calibration health: %d good, %d zero, %d NaN amax", h.good, h.zero, h.nan)
+        if not h.healthy:
+            logger.warning("calibration health: %d zero and %d NaN amax, e.g. %s", h.zero, h.nan, ", ".join(h.bad[:5]))
+
+    def _calibrate_through_pipeline(self) -> Traffic:
+        cfg, samples = self.cfg, self.samples
+        quant_cfg = modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache)
+        valid = ValidTokens()
+        traffic: list[Traffic] = []
+
+        def loop(model: torch.nn.Module) -> None:
+            traffic.append(run_pipeline(model, self.info, samples.batches, samples.lengths, valid))
+
+        self.timings["calibration loop"] = calibrate(self.stage, loop, quant_cfg, valid)
+        self.state.save_quantizers(self.stage)
+        return traffic[-1]
+
+    def _restore_quantizers(self, saved: dict) -> Traffic:
+        if self.cfg.kv_cache:
+            register_kv_attention(self.stage)  # restoring re-creates the KV quantizers of those classes
+        self.state.restore_quantizers(self.stage)
+        return Traffic.from_dict(saved)
+
+    def export(self) -> None:
+        """This rank's tensors into shards in its work directory (or the ones it wrote before)."""
+
+        def write() -> ExportResult:
+            ranges = [(p.start, p.stop) for p in self.plans]
+            owned = [n for n in self.source.weight_map if owner_of(n, self.arch, ranges) == self.info.rank]
+            writer = ShardWriter(self.rank_dir, prefix=f"rank{self.info.rank:03d}")
+            return export_stage(self.stage, owned, self.source, self.fmt, writer,
+                                self.arch.lm_head if self.info.is_last else None)
+
+        with self.phase("export"):
+            self.export_result = self.state.once(
+                "export", write, ExportResult.from_dict, reused="export: reusing the shards this rank wrote before",
+                usable=lambda saved: self.state.shards_intact(ExportResult.from_dict(saved)))
+        self.stage = None  # the weights are no longer needed
+
+    def stopped_after(self, name: str) -> None:
+        dist.barrier()
+        logger.info("stopped after %s as asked; run the same command without --stop-after to continue", name)
+
+    # ---- the checkpoint ----------------------------------------------------------------------
+    def report(self) -> RankReport:
+        plan = self.plans[self.info.rank]
+        return RankReport(
+            rank=self.info.rank, host=self.info.host, device=str(self.info.device), layers=self.layers,
+            kind=plan.budget.kind, phases=dict(self.timings), health=self.health, traffic=self.traffic,
+            predicted=Memory(plan.need.host, plan.need.device), measured=budget.measured_peak(plan.budget.kind),
+            export=self.export_result)
+
+    def assemble(self) -> None:
+        """Rank 0 gathers every rank's shards and report, assembles, verifies and renames into place."""
+        dist.set_phase("assembly")
+        reports = dist.gather_to_first(self.report(), self.info)
+        gathered = gather(self.cfg.gather, self.info, self.rank_dir, self.export_result.shards)
+
+        def finish() -> None:
+            t0 = time.perf_counter()
+            output = Path(self.cfg.output)
+
+            def seal(tmp: Path) -> None:
+                problems = verify(tmp, self.source.path)
+                record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
+                                    time.perf_counter() - self.started, time.perf_counter() - t0, problems,
+                                    wire_name(self.info))
+                write_record_and_card(tmp, record, output.name)
+                if problems:
+                    shown = "\n  ".join(problems[:20]) + (
+                        f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
+                    raise VerificationError(f"the assembled checkpoint fails verification ({len(problems)} problems); "
+                                            f"{output} was not written:\n  {shown}")
+
+            assemble(output, gathered.dirs, [r.export for r in reports], self.source, self.fmt,
+                     self.options.overwrite, finalize=seal)
+            logger.info("assembled and verified %s in %.1f s", output, time.perf_counter() - t0)
+            log_report(reports)
+
+        dist.agreed(self.info, finish)  # every rank waits for the outcome, and fails with it
+
+    def clean_up(self) -> None:
+        """Each rank removes its own exports (rank 0 also the copies it received), then the dir if empty."""
+        for r in range(self.info.world_size) if self.info.is_first else [self.info.rank]:
+            shutil.rmtree(self.work_dir / f"rank{r}", ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.work_dir.rmdir()
+
+
+def wire_name(info: dist.RankInfo) -> str:
+    """What carried the hidden states between stages."""
+    if info.world_size == 1:
+        return "single process"
+    return "nccl" if info.wire_group is not None else "gloo"
+
+
+def log_report(reports: list[RankReport]) -> None:
+    """Per-rank phase times, calibration health, and measured peak memory beside the prediction."""
+    logger.info("%-5s %-12s %-8s %-9s %8s %10s %8s  %-26s %s", "rank", "host", "device", "layers", "load s",
+                "calib s", "export s", "peak GB measured/predicted", "quantizers good/zero/nan")
+    for r in reports:
+        p, h = r.phases, r.health
+        logger.info("%-5d %-12s %-8s %-9s %8.1f %10.1f %8.1f  %-26s %d/%d/%d", r.rank, r.host[:12], r.device,
+                    f"{r.layers[0]}-{r.layers[1] - 1}", p["load"], p["calibrate"], p.get("export", 0.0),
+                    peaks_text(r.to_dict()), h.good, h.zero, h.nan)

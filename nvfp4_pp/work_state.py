@@ -1,0 +1,150 @@
+"""Completed phases recorded in the output's work directory, so a rerun continues where it stopped.
+
+Each rank keeps `state.json` (the run's fingerprint and its completed phases), the calibrated
+quantizer state after calibration, and its exported shards with their sha256. A rerun with the
+same fingerprint reuses them; a different config, model or code version refuses them and says
+which field changed (`--fresh` discards them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import torch
+
+from .config import RunConfig, config_to_dict
+from .errors import NvFp4PpError
+from .files import file_intact, write_errors_named, write_json
+from .log import logger
+from .records import ExportResult
+from .source import SourceCheckpoint
+
+STATE_FILE = "state.json"
+QUANTIZER_FILE = "quantizers.pt"
+
+
+class StaleWorkState(NvFp4PpError):
+    pass
+
+
+PHASES = ("calibrate", "export")
+"""Recorded phases in run order: redoing one redoes every later one."""
+
+
+class Record(Protocol):
+    def to_dict(self) -> dict: ...
+
+
+R = TypeVar("R", bound=Record)
+
+
+def work_dir_of(cfg: RunConfig) -> Path:
+    """This host's scratch directory for exported shards (gather.work_dir, else next to the output)."""
+    if cfg.gather.work_dir:
+        return Path(cfg.gather.work_dir)
+    output = Path(cfg.output)
+    return output.parent / f"{output.name}.nvfp4_pp-work"
+
+
+def fingerprint(cfg: RunConfig, source: SourceCheckpoint, world_size: int, device_type: str,
+                layers: tuple[int, int], samples_sha256: str) -> dict:
+    """Everything that shapes this rank's result; saved progress is reused only when all of it matches."""
+    import modelopt
+    import transformers
+
+    from . import __version__
+
+    return {
+        "versions": {"nvfp4_pp": __version__, "modelopt": modelopt.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "model": str(source.path.resolve()),
+        "model_config": hashlib.sha256((source.path / "config.json").read_bytes()).hexdigest(),
+        "model_files": {f: (source.path / f).stat().st_size for f in sorted(set(source.weight_map.values()))},
+        "format": cfg.format,
+        "recipe": {"recipe": cfg.recipe, "recipe_overrides": cfg.recipe_overrides, "ignore": cfg.ignore,
+                   "kv_cache": cfg.kv_cache},
+        "calibration": config_to_dict(cfg)["calibration"],
+        "samples_sha256": samples_sha256,
+        "world_size": world_size,
+        "layers": list(layers),
+        "device_type": device_type,
+    }
+
+
+class WorkState:
+    """One rank's record of finished phases, bound to a fingerprint of everything that shapes the result."""
+
+    def __init__(self, directory: Path, fingerprint: dict, fresh: bool):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        path = self.directory / STATE_FILE
+        if fresh and self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.phases: dict[str, dict] = {}
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            changed = sorted(k for k in set(saved["fingerprint"]) | set(fingerprint)
+                             if saved["fingerprint"].get(k) != fingerprint.get(k))
+            if changed:
+                raise StaleWorkState(
+                    f"work directory {self.directory} holds state of a different run ({', '.join(changed)} "
+                    "changed); rerun with --fresh to discard it and start over"
+                )
+            self.phases = saved["phases"]
+        self._save()
+
+    def _save(self) -> None:
+        write_json(self.directory / STATE_FILE, {"fingerprint": self.fingerprint, "phases": self.phases})
+
+    def once(self, phase: str, compute: Callable[[], R], reuse: Callable[[dict], R], reused: str,
+             usable: Callable[[dict], bool] = lambda _: True, agree: Callable[[bool], bool] = lambda done: done) -> R:
+        """The phase's result: `reuse(saved)` when it was recorded and is still usable (and `agree`, told
+        whether this rank could reuse, says every rank that must can), else `compute()`, recorded.
+        Redoing a phase forgets every later one first."""
+        saved = self.phases.get(phase)
+        if agree(saved is not None and usable(saved)):
+            logger.info("%s", reused)
+            return reuse(saved)
+        for later in PHASES[PHASES.index(phase):]:
+            self.phases.pop(later, None)
+        self._save()
+        result = compute()
+        self.phases[phase] = result.to_dict()
+        self._save()
+        return result
+
+    def shards_intact(self, export: ExportResult) -> bool:
+        """True when every shard the export recorded exists here with its recorded sha256."""
+        return all(file_intact(self.directory / s.file, s.sha256) for s in export.shards)
+
+    # calibrated quantizers --------------------------------------------------------------
+    def save_quantizers(self, stage: torch.nn.Module) -> None:
+        """modelopt's mode state plus every quantizer buffer (amaxes): a few MB, no weights."""
+        import modelopt.torch.opt as mto
+
+        state = {
+            "modelopt_state": mto.modelopt_state(stage),
+            "quantizers": {k: v.cpu() for k, v in stage.state_dict().items() if "_quantizer." in k},
+        }
+        tmp = self.directory / f".{QUANTIZER_FILE}.tmp"
+        with write_errors_named(self.directory / QUANTIZER_FILE, 0):
+            torch.save(state, tmp)
+            os.replace(tmp, self.directory / QUANTIZER_FILE)
+
+    def restore_quantizers(self, stage: torch.nn.Module) -> None:
+        """Re-insert the quantizers and load the saved amaxes: the stage is as calibration left it."""
+        import modelopt.torch.opt as mto
+
+        # Our own file, written by save_quantizers; modelopt's state holds plain Python objects.
+        state = torch.load(self.directory / QUANTIZER_FILE, weights_only=False)
+        mto.restore_from_modelopt_state(stage, state["modelopt_state"])
+        result = stage.load_state_dict(state["quantizers"], strict=False)
+        if result.unexpected_keys:
+            raise StaleWorkState(f"saved quantizer state does not fit the stage: {result.unexpected_keys[:3]}")
