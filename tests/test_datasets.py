@@ -50,14 +50,14 @@ def test_cnn_like_dataset_window_and_seed(cnn_dir, smol_dir):
     again = load_samples(CalibrationConfig(**base), smol_dir)
     other = load_samples(CalibrationConfig(**base, seed=1), smol_dir)
     assert first.samples == again.samples and first.sha256 == again.sha256
-    assert other.manifest()["token_ids_sha256"] != first.manifest()["token_ids_sha256"]
+    assert other.manifest().token_ids_sha256 != first.manifest().token_ids_sha256
     assert len(first.samples) == 8 and all(64 <= len(s) <= 160 for s in first.samples)
-    source = first.manifest()["sources"][0]
-    assert source["field"] == "article" and source["split"] == "train" and source["rows"] == 40
+    source = first.manifest().sources[0]
+    assert source.field == "article" and source.split == "train" and source.rows == 40
     skipping = load_samples(CalibrationConfig(**base, too_long="skip"), smol_dir)
-    assert all(64 <= len(s) <= 160 for s in skipping.samples) and skipping.sources[0]["skipped_long"] > 0
+    assert all(64 <= len(s) <= 160 for s in skipping.samples) and skipping.sources[0].skipped_long > 0
     highlights = load_samples(CalibrationConfig(dataset=f"hf:{cnn_dir}", field="highlights", samples=3), smol_dir)
-    assert highlights.sources[0]["field"] == "highlights" and all(len(s) < 40 for s in highlights.samples)
+    assert highlights.sources[0].field == "highlights" and all(len(s) < 40 for s in highlights.samples)
 
 
 def test_chat_rows_are_the_chat_template_ids(chat_dir, smol_dir):
@@ -88,7 +88,7 @@ def test_file_forms_and_mix(cnn_dir, chat_dir, smol_dir, tmp_path, monkeypatch):
         DataSource(dataset="builtin:pydoc", share=1)])
     cal = load_samples(mix, smol_dir)
     assert [s["samples"] for s in cal.sources] == [3, 2, 2]  # 3.5, 1.75, 1.75: largest remainders and len(cal.samples) == 7
-    assert cal.manifest()["tokens"] == sum(map(len, cal.samples))
+    assert cal.manifest().tokens == sum(map(len, cal.samples))
     packed = load_samples(CalibrationConfig(dataset=f"hf:{cnn_dir}", samples=6, max_length=64, pack=True), smol_dir)
     assert len(packed.samples) >= 6 and {len(s) for s in packed.samples} == {64}
 
@@ -151,7 +151,7 @@ def test_three_ranks_offline_cnn_twice_identical(cnn_dir, smol_dir, tmp_path, mo
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
     manifest = read_json(first / "nvfp4_pp.json")["calibration"]["manifest"]
     assert manifest == read_json(second / "nvfp4_pp.json")["calibration"]["manifest"]
-    expected = load_samples(CalibrationConfig(**calibration), smol_dir).manifest()
+    expected = load_samples(CalibrationConfig(**calibration), smol_dir).manifest().to_dict()
     assert manifest == json.loads(json.dumps(expected))
     assert manifest["samples"] == 6 and 32 <= manifest["min_length"] <= manifest["max_length"] <= 96
     card = (first / "README.md").read_text()
