@@ -66,7 +66,7 @@ def test_chat_rows_are_the_chat_template_ids(chat_dir, smol_dir):
     tok = AutoTokenizer.from_pretrained(smol_dir)
     rows = datasets.load_from_disk(str(chat_dir))
     cal = load_samples(CalibrationConfig(dataset=f"hf:{chat_dir}", samples=30, max_length=2048), smol_dir)
-    assert cal.sources[0]["field"] == "messages"
+    assert cal.sources[0].field == "messages"
     expected = {tuple(tok.apply_chat_template(row["messages"])["input_ids"]) for row in rows}
     assert len(expected) == 30 and {tuple(s) for s in cal.samples} == expected  # every row, shuffled
     assert all(s[0] == tok.convert_tokens_to_ids("<|im_start|>") for s in cal.samples)
