@@ -14,7 +14,7 @@ TORCHRUN ?= $(if $(wildcard $(VENV)/bin/torchrun),$(VENV)/bin/torchrun,torchrun)
 behemoth behemoth-t1 anubis-pro: NNODES ?= 3
 llama-3.3-70b deepseek-r1-distill-llama-70b: NNODES ?= 2
 
-.PHONY: install demo test lint $(SEED_MODELS)
+.PHONY: install demo test lint docs $(SEED_MODELS)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg setup.py constraints.txt
@@ -30,6 +30,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests
+
+# docs/configuration.md is generated from config.py's field docstrings (tests/test_docs.py checks it).
+docs: install
+	$(PY) -m nvfp4_pp.config_docs docs/configuration.md
 
 lint: install
 	$(PY) -m compileall -q nvfp4_pp tests benchmarks
