@@ -18,7 +18,6 @@ import textwrap
 import typing
 from pathlib import Path
 
-from . import config
 from .config import RunConfig, _dataclass_list, _type_name
 
 COMMAND = "python -m nvfp4_pp.config_docs docs/configuration.md"
@@ -148,11 +147,8 @@ def main(argv: list[str]) -> int:
     if not argv:
         sys.stdout.write(text)
         return 0
-    path = Path(argv[0])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    print(f"wrote {path} ({len(text.splitlines())} lines) from {Path(config.__file__).name}")
+    Path(argv[0]).write_text(text)  # rendered first: a config without docstrings leaves the file as it was
+    print(f"wrote {argv[0]} ({len(text.splitlines())} lines)")
     return 0
 
 

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 200
 LINKED_DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
+FENCED = re.compile(r"^```.*?^```", flags=re.S | re.M)
 
 
 def test_configuration_reference_is_current():
@@ -54,16 +55,14 @@ def test_readme_is_short():
 
 def _prose(text: str) -> str:
     """The text outside fenced code blocks and inline code (links there are not links)."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    return re.sub(r"`[^`\n]*`", "", text)
+    return re.sub(r"`[^`\n]*`", "", FENCED.sub("", text))
 
 
 def _anchors(path: Path) -> set[str]:
     """GitHub's heading ids: lowercase, punctuation dropped, spaces to hyphens, repeats numbered."""
     seen: dict[str, int] = {}
     out = set()
-    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
-    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", text, flags=re.M):
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", FENCED.sub("", path.read_text()), flags=re.M):
         heading = LINK.sub(r"\1", heading)
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         n = seen.get(slug, 0)
