@@ -243,7 +243,7 @@ def micro_batches(samples: list[list[int]], batch_size: int, pad_id: int) -> lis
 
     Samples of equal length batch without any padding. Pads sit after every real token, so the
     causal attention of real positions never sees them, and the statistics mask them out
-    (`quantize.ValidTokens`). Batch size 1 keeps the samples' own order.
+    (`calibrate.ValidTokens`). Batch size 1 keeps the samples' own order.
     """
     order = sorted(range(len(samples)), key=lambda i: -len(samples[i])) if batch_size > 1 else range(len(samples))
     order = list(order)
