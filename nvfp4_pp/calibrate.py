@@ -122,7 +122,7 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
 
     def loop(model: torch.nn.Module) -> None:
         marks.append(time.perf_counter())
-        _no_data_parallel_group(model)
+        no_data_parallel_group(model)
         if method == "max":
             with running_max_collection(model, valid):
                 forward_loop(model)
@@ -140,6 +140,15 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
     return sum(b - a for a, b in zip(marks[1:-1:2], marks[2:-1:2]))
 
 
+def insert_quantizers(stage: torch.nn.Module, cfg: dict) -> None:
+    """modelopt's quantizers of `cfg` in `stage`, uncalibrated (layer-by-layer calibration sets them)."""
+    import modelopt.torch.quantization as mtq
+
+    if _has_kv_quantizers(cfg):
+        register_kv_attention(stage)
+    mtq.quantize(stage, {**cfg, "algorithm": None}, None)
+
+
 def _has_kv_quantizers(cfg: dict) -> bool:
     return any("bmm_quantizer" in e.get("quantizer_name", "") and e.get("enable", True) for e in cfg["quant_cfg"])
 
@@ -150,16 +159,14 @@ def register_kv_attention(stage: torch.nn.Module) -> None:
     modelopt's hook accepts only a `PreTrainedModel`; a meta-device copy of the model class (no
     memory) holds the same attention classes, and registration is per class.
     """
-    import transformers
     from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
 
-    model_class = getattr(transformers, stage.arch.builder.name)
-    with torch.device("meta"):
-        skeleton = model_class._from_config(stage.hf_config)
-    register_hf_attentions_on_the_fly(skeleton)
+    from .stage import model_skeleton
+
+    register_hf_attentions_on_the_fly(model_skeleton(stage.hf_config, stage.arch, torch.bfloat16))
 
 
-def _no_data_parallel_group(model: torch.nn.Module) -> None:
+def no_data_parallel_group(model: torch.nn.Module) -> None:
     """Give every quantized module a parallel state without a data-parallel group.
 
     Algorithms without a sync switch (AWQ-lite) all-reduce statistics over the module's

@@ -161,6 +161,20 @@ class GatherConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LayerwiseConfig:
+    """Layer-by-layer calibration: each decoder layer calibrated on the outputs of the layers before it."""
+
+    enable: bool = False
+    """`true`: capture each stage's inputs, then calibrate its layers one at a time, each on the
+    previous layer's quantized outputs (modelopt's layerwise mode, fed by the stage's own forward).
+    `false`: every layer calibrated at once in the pipelined passes."""
+    boundary: Literal["parallel", "sequential"] = "parallel"
+    """Where each stage's first layer gets its inputs: `parallel` from one pipelined BF16 pass (every
+    stage solves at once), `sequential` from the previous stage's quantized outputs once it has
+    solved its last layer (stages in turn; equals the single-process layerwise result)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     """One quantization run: source model, output, on-disk format, calibration and pipeline."""
 
@@ -180,6 +194,7 @@ class RunConfig:
     kv_cache: Union[None, Literal["fp8"]] = None
     """`fp8`: calibrate static K and V scales in the same pass (vLLM's FP8 KV cache)."""
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    layerwise: LayerwiseConfig = dataclasses.field(default_factory=LayerwiseConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     gather: GatherConfig = dataclasses.field(default_factory=GatherConfig)
 

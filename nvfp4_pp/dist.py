@@ -256,19 +256,19 @@ def gather_to_first(obj: object, info: RankInfo) -> list | None:
     if info.world_size == 1:
         return [obj]
     if info.is_first:
-        return [obj] + [_recv_object(peer) for peer in range(1, info.world_size)]
-    _send_object(obj, 0)
+        return [obj] + [recv_object(peer) for peer in range(1, info.world_size)]
+    send_object(obj, 0)
     return None
 
 
-def _send_object(obj: object, peer: int) -> None:
+def send_object(obj: object, peer: int) -> None:
     """Pickled `obj` to `peer` over the default (gloo) group, so it travels as a CPU tensor."""
     sender = Sender(peer, torch.device("cpu"))
     sender.send(torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8))
     sender.close()
 
 
-def _recv_object(peer: int) -> object:
+def recv_object(peer: int) -> object:
     payloads = list(Receiver(peer, torch.device("cpu")))
     return pickle.loads(payloads[0].numpy().tobytes())
 

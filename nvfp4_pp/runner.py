@@ -18,10 +18,18 @@ from typing import Literal
 
 import torch
 
-from . import dist
+from . import dist, layerwise
 from .arch import Architecture, architecture_of
 from .assemble import assemble
-from .calibrate import ValidTokens, calibrate, calibration_health, modelopt_config, register_kv_attention
+from .calibrate import (
+    ValidTokens,
+    calibrate,
+    calibration_health,
+    insert_quantizers,
+    modelopt_config,
+    no_data_parallel_group,
+    register_kv_attention,
+)
 from .card import CALIBRATION_MANIFEST, peaks_text, run_record, write_record_and_card
 from .config import RunConfig
 from .data.samples import CalibrationDataError, MicroBatch, load_samples, micro_batches
@@ -216,6 +224,8 @@ class Run:
     def _calibrate_through_pipeline(self) -> Traffic:
         cfg, samples = self.cfg, self.samples
         quant_cfg = modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache)
+        if cfg.layerwise.enable:
+            return self._calibrate_layer_by_layer(quant_cfg)
         valid = ValidTokens()
         traffic: list[Traffic] = []
 
@@ -225,6 +235,76 @@ class Run:
         self.timings["calibration loop"] = calibrate(self.stage, loop, quant_cfg, valid)
         self.state.save_quantizers(self.stage)
         return traffic[-1]
+
+    def _calibrate_layer_by_layer(self, quant_cfg: dict) -> Traffic:
+        """Capture this stage's inputs (or receive them), then solve its layers one at a time."""
+        algorithm = quant_cfg["algorithm"]
+        solved = set(self.state.partial.get("calibrate", {}).get("solved", []))
+        if solved:  # an interrupted run: its quantizers and solved layers, as they were
+            self._restore_quantizers({})
+            for index, layer in self.stage.layers():
+                if index in solved:
+                    self.state.restore_layer(index, layer)
+        else:
+            insert_quantizers(self.stage, {**quant_cfg, "algorithm": None})
+        no_data_parallel_group(self.stage)
+        inputs, traffic = self._layer_inputs()
+
+        def record(index: int) -> None:
+            solved.add(index)
+            self.state.save_layer(index, dict(self.stage.layers())[index])
+            self.state.save_quantizers(self.stage)
+            self.state.record_partial("calibrate", {"solved": sorted(solved)})
+
+        sequential = self.cfg.layerwise.boundary == "sequential"
+        relay = layerwise.Relay(self.info, self._successor_waits) if sequential else None
+        t0 = time.perf_counter()
+        outputs = layerwise.Solver(self.stage, algorithm, solved, record,
+                                   relay.heartbeat if relay else lambda index: None).run(inputs)
+        self.timings["calibration loop"] = time.perf_counter() - t0
+        if relay:
+            traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden))
+        return traffic
+
+    def _layer_inputs(self) -> tuple[layerwise.LayerInputs, Traffic]:
+        """This stage's first layer's inputs: from the work dir, the pipelined BF16 pass (parallel
+        boundary) or the previous stage (sequential boundary)."""
+        info, samples = self.info, self.samples
+        path = self.rank_dir / layerwise.INPUTS_FILE
+        saved = path.is_file() and self.state.partial.get("calibrate", {}).get("inputs", False)
+        waits = dist.all_gather_objects(not saved, info.world_size)
+        self._successor_waits = not info.is_last and waits[info.rank + 1]
+        parallel = self.cfg.layerwise.boundary == "parallel"
+        if parallel and any(waits):  # the pass needs every stage, whatever each has saved
+            hidden, traffic = self._capture_pass()
+            saved = False
+        elif saved:
+            hidden, traffic = layerwise.load_inputs(path, info.device), Traffic()
+        elif info.is_first:
+            with torch.no_grad():
+                hidden = [self.stage.embed(b.ids.to(info.device)) for b in samples.batches]
+            traffic = Traffic()
+        else:
+            dtype = next(self.stage.parameters()).dtype
+            shapes = [(len(real), max(real), self.stage.hf_config.hidden_size) for real in samples.lengths]
+            hidden = layerwise.Relay(info, self._successor_waits).wait_for_inputs(shapes, dtype)
+            traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in hidden))
+        if not saved:
+            layerwise.save_inputs(path, hidden)
+            self.state.record_partial("calibrate", {**self.state.partial.get("calibrate", {}), "inputs": True})
+        return layerwise.LayerInputs(self.stage, hidden), traffic
+
+    def _capture_pass(self) -> tuple[list[torch.Tensor], Traffic]:
+        """One pipelined BF16 pass (quantizers off, every stage busy) keeping each stage's inputs."""
+        captured: list[torch.Tensor] = []
+        hook = layerwise.capture_hook(self.stage, captured)
+        try:
+            with layerwise.quantizers_off(self.stage):
+                traffic = run_pipeline(self.stage, self.info, self.samples.batches, self.samples.lengths,
+                                       ValidTokens())
+        finally:
+            hook.remove()
+        return captured, traffic
 
     def _restore_quantizers(self, saved: dict) -> Traffic:
         if self.cfg.kv_cache:

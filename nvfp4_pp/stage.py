@@ -8,6 +8,8 @@ and their tensors are streamed from the safetensors shards straight onto the sta
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import transformers
 from torch import nn
@@ -29,6 +31,17 @@ def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
             root.add_module(name, nn.Module())
         root = getattr(root, name)
     root.add_module(leaf, module)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerContext:
+    """What every decoder layer of a stage needs beside the hidden states, for one micro-batch."""
+
+    position_ids: torch.Tensor
+    masks: dict[str, torch.Tensor | None]
+    """Attention type -> causal mask (None where the attention kernel builds it itself)."""
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """Attention type -> rotary (cos, sin)."""
 
 
 class Stage(nn.Module):
@@ -53,9 +66,17 @@ class Stage(nn.Module):
     def _part(self, name: str) -> nn.Module:
         return self.get_submodule(f"{self.arch.decoder}.{name}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids (first stage) or hidden states in, hidden states after this stage's layers out."""
-        hidden = self._part(self.arch.embeddings)(x) if self.is_first else x
+    def layers(self) -> list[tuple[int, nn.Module]]:
+        """(global index, decoder layer) of this stage, in order."""
+        return [(int(i), layer) for i, layer in self._part(self.arch.layers).items()]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first stage's token embeddings: the first decoder layer's input."""
+        return self._part(self.arch.embeddings)(ids)
+
+    def context(self, hidden: torch.Tensor) -> LayerContext:
+        """Positions, causal masks and rotary tables for a micro-batch, built as the model's own forward
+        builds them (one mask and one rotary table per attention type of this stage's layers)."""
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         types = {self.layer_types[i] for i in range(self.start, self.stop)}
         masks = {
@@ -69,10 +90,24 @@ class Stage(nn.Module):
         else:
             shared = rotary(hidden, position_ids)
             rope = {t: shared for t in types}
-        for index, layer in self._part(self.arch.layers).items():
-            kind = self.layer_types[int(index)]  # the global layer's type, not its place in the stage
-            hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
-                           position_embeddings=rope[kind])
+        return LayerContext(position_ids, masks, rope)
+
+    def run_layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, context: LayerContext) -> torch.Tensor:
+        """Decoder layer `index` (global) on `hidden`, with its attention type's mask and rotary table.
+
+        No KV cache is passed: every call is a fresh prefill, so replaying a layer's inputs several
+        times (layer-by-layer calibration) gives the same outputs each time.
+        """
+        kind = self.layer_types[index]  # the global layer's type, not its place in the stage
+        return layer(hidden, attention_mask=context.masks[kind], position_ids=context.position_ids,
+                     position_embeddings=context.rope[kind])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (first stage) or hidden states in, hidden states after this stage's layers out."""
+        hidden = self.embed(x) if self.is_first else x
+        context = self.context(hidden)
+        for index, layer in self.layers():
+            hidden = self.run_layer(index, layer, hidden, context)
         return hidden
 
 
@@ -81,6 +116,13 @@ def load_hf_config(source: SourceCheckpoint, arch: Architecture):
     config = AutoConfig.from_pretrained(source.path).get_text_config()
     config._attn_implementation = arch.attn_implementation
     return config
+
+
+def model_skeleton(hf_config, arch: Architecture, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's transformers model class on the meta device: module tree, no memory."""
+    model_class = getattr(transformers, arch.builder.name)
+    with torch.device("meta"):
+        return model_class._from_config(hf_config, dtype=dtype, attn_implementation=arch.attn_implementation)
 
 
 def _materialize_non_persistent_buffers(stage: nn.Module, skeleton, device: torch.device) -> None:
@@ -104,10 +146,7 @@ def build_stage(
 ) -> Stage:
     """Build layers [start, stop) on `device`, reading only their tensors from disk."""
     hf_config = load_hf_config(source, arch)
-    dtype = source.dtype  # FP8 weights are dequantised to it too
-    model_class = getattr(transformers, arch.builder.name)
-    with torch.device("meta"):
-        skeleton = model_class._from_config(hf_config, dtype=dtype, attn_implementation=arch.attn_implementation)
+    skeleton = model_skeleton(hf_config, arch, source.dtype)  # FP8 weights are dequantised to it too
     decoder = skeleton.get_submodule(arch.builder.decoder)
     stage = Stage(hf_config, arch, decoder, start, stop)
     _materialize_non_persistent_buffers(stage, skeleton, device)

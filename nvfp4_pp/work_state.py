@@ -88,6 +88,8 @@ class WorkState:
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.phases: dict[str, dict] = {}
+        self.partial: dict[str, dict] = {}
+        """Progress inside a phase not yet finished (layers solved so far), by phase."""
         if path.is_file():
             saved = json.loads(path.read_text())
             changed = sorted(k for k in set(saved["fingerprint"]) | set(fingerprint)
@@ -98,10 +100,12 @@ class WorkState:
                     "changed); rerun with --fresh to discard it and start over"
                 )
             self.phases = saved["phases"]
+            self.partial = saved.get("partial", {})
         self._save()
 
     def _save(self) -> None:
-        write_json(self.directory / STATE_FILE, {"fingerprint": self.fingerprint, "phases": self.phases})
+        write_json(self.directory / STATE_FILE,
+                   {"fingerprint": self.fingerprint, "phases": self.phases, "partial": self.partial})
 
     def once(self, phase: str, compute: Callable[[], R], reuse: Callable[[dict], R], reused: str,
              usable: Callable[[dict], bool] = lambda _: True, agree: Callable[[bool], bool] = lambda done: done) -> R:
@@ -119,6 +123,12 @@ class WorkState:
         self.phases[phase] = result.to_dict()
         self._save()
         return result
+
+    def record_partial(self, phase: str, progress: dict) -> None:
+        """Progress inside `phase`, for a rerun to continue from (kept after the phase is recorded:
+        a rank whose peers must redo a collective phase replays what it has instead of solving again)."""
+        self.partial[phase] = progress
+        self._save()
 
     def shards_intact(self, export: ExportResult) -> bool:
         """True when every shard the export recorded exists here with its recorded sha256."""
@@ -148,3 +158,20 @@ class WorkState:
         result = stage.load_state_dict(state["quantizers"], strict=False)
         if result.unexpected_keys:
             raise StaleWorkState(f"saved quantizer state does not fit the stage: {result.unexpected_keys[:3]}")
+
+    # decoder layers whose weights calibration changed (GPTQ) -------------------------------
+    def save_layer(self, index: int, layer: torch.nn.Module) -> None:
+        """One decoder layer's weights as calibration left them (quantizers: `save_quantizers`)."""
+        path = self.directory / "layers" / f"{index}.pt"
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tensors = {k: v.detach().cpu() for k, v in layer.state_dict().items() if "_quantizer." not in k}
+        with write_errors_named(path, sum(t.numel() * t.element_size() for t in tensors.values())):
+            torch.save(tensors, tmp)
+            os.replace(tmp, path)
+
+    def restore_layer(self, index: int, layer: torch.nn.Module) -> None:
+        tensors = torch.load(self.directory / "layers" / f"{index}.pt", weights_only=True)
+        result = layer.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys or [k for k in result.missing_keys if "_quantizer." not in k]:
+            raise StaleWorkState(f"saved layer {index} does not fit the stage; rerun with --fresh")

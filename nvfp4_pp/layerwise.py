@@ -1,0 +1,207 @@
+"""Layer-by-layer calibration across the pipeline: capture each stage's inputs, then solve its layers.
+
+modelopt's layerwise mode replays a decoder layer's captured call (args and kwargs) through the
+whole model; in transformers 5.x those kwargs carry the model's KV cache, which keeps growing over
+the replays, so every layer after the first is fed outputs computed against stale keys (seen on
+CPU with transformers 5.23: modelopt's own layerwise GPTQ equals this module bit for bit only when
+the reference forward runs with `use_cache=False`). Here every layer is fed by the stage's own
+forward (`Stage.context` / `Stage.run_layer`: the masks and rotary tables of the model's forward,
+no cache), and each layer is calibrated by modelopt's own algorithm function, as modelopt's
+layerwise mode calls it.
+
+Two ways to give each stage its first layer's inputs (`layerwise.boundary`):
+- `parallel`: one pipelined BF16 pass captures every stage's inputs (all stages busy), then every
+  stage solves its layers at once, each from BF16 inputs;
+- `sequential`: stage s starts from stage s-1's quantized outputs, sent once s-1 has solved its
+  last layer; stages solve in turn. This equals modelopt's single-process layerwise calibration.
+
+Each solved layer is recorded in the work directory (its tensors and the quantizer state), and the
+captured inputs are kept there too, so a killed rank resumes from its last solved layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import dist
+from .log import logger
+from .stage import LayerContext, Stage
+
+_HEARTBEAT, _DONE = 1, 0
+"""Messages a stage sends its successor in sequential mode: one per solved layer, then the outputs."""
+
+
+INPUTS_FILE = "layer_inputs.pt"
+"""The stage's captured (or received) first-layer inputs, in the rank's work directory."""
+
+
+class LayerAlgorithm:
+    """modelopt's calibration function for one algorithm config (e.g. {"method": "gptq",
+    "perc_damp": 0.01}), applied to one decoder layer at a time as modelopt's layerwise mode does."""
+
+    def __init__(self, algorithm: dict):
+        from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, CalibrateModeRegistry
+
+        name = BaseCalibrateModeDescriptor._get_mode_name(algorithm["method"], check=True)
+        self.descriptor = type(CalibrateModeRegistry[name])
+        self.config = self.descriptor().config_class(**algorithm)
+
+    @property
+    def feeds_quantized_outputs(self) -> bool:
+        """Whether the next layer is fed this layer's quantize-dequantize outputs (GPTQ) or BF16 ones."""
+        return self.config.layerwise.get_qdq_activations_from_prev_layer
+
+    def calibrate(self, layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
+        from modelopt.torch.quantization.mode import wrapped_calib_func
+
+        wrapped_calib_func(layer, self.config, forward_loop, func=self.descriptor._calib_func,
+                           supports_layerwise=self.descriptor._supports_layerwise)
+
+
+@contextlib.contextmanager
+def quantizers_off(module: nn.Module) -> Iterator[None]:
+    """Every quantizer of `module` disabled: the plain BF16 forward (to capture inputs)."""
+    from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
+
+    with set_quantizer_by_cfg_context(module, [{"quantizer_name": "*", "enable": False}]):
+        yield
+
+
+class LayerInputs:
+    """One stage's inputs for the layer it solves next: a hidden state per micro-batch, with contexts."""
+
+    def __init__(self, stage: Stage, hidden: list[torch.Tensor], contexts: list[LayerContext] | None = None):
+        self.stage = stage
+        self.hidden = hidden
+        self.contexts: list[LayerContext] = contexts or [stage.context(h) for h in hidden]
+
+    def replay(self, index: int, layer: nn.Module) -> None:
+        """Every micro-batch through layer `index` (the calibration algorithm's forward loop)."""
+        for h, c in zip(self.hidden, self.contexts):
+            self.stage.run_layer(index, layer, h, c)
+
+    @torch.no_grad()
+    def advance(self, index: int, layer: nn.Module) -> None:
+        """Replace the inputs by layer `index`'s outputs, quantizers as calibrated (quantize-dequantize)."""
+        self.hidden = [self.stage.run_layer(index, layer, h, c) for h, c in zip(self.hidden, self.contexts)]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+class Solver:
+    """Solves a stage's layers in order, recording each; resumes after the last recorded one.
+
+    `record(index)` is called after each solved layer (the caller saves the layer's tensors and
+    the quantizer state); `solved` are the layers already recorded by an earlier, interrupted run,
+    whose saved state the caller restored: they are replayed, not solved again.
+    """
+
+    def __init__(self, stage: Stage, algorithm: dict, solved: set[int], record: Callable[[int], None],
+                 heartbeat: Callable[[int], None] = lambda index: None):
+        self.stage, self.solved, self.record, self.heartbeat = stage, solved, record, heartbeat
+        self.algorithm = LayerAlgorithm(algorithm)
+
+    def _advance(self, inputs: LayerInputs, index: int, layer: nn.Module) -> None:
+        if self.algorithm.feeds_quantized_outputs:
+            inputs.advance(index, layer)
+        else:
+            with quantizers_off(layer):
+                inputs.advance(index, layer)
+
+    def run(self, inputs: LayerInputs) -> LayerInputs:
+        layers = self.stage.layers()
+        started = time.perf_counter()
+        todo = [index for index, _ in layers if index not in self.solved]
+        for step, (index, layer) in enumerate(layers, 1):
+            if index in self.solved:
+                self._advance(inputs, index, layer)
+                logger.info("layer %d: solved before, replayed (%d/%d)", index, step, len(layers))
+                continue
+            t0 = time.perf_counter()
+            replay = LayerInputs(self.stage, inputs.hidden, inputs.contexts)
+            if not self.algorithm.feeds_quantized_outputs:  # modelopt: next inputs from the BF16 layer
+                self._advance(inputs, index, layer)
+            self.algorithm.calibrate(layer, lambda module, index=index: replay.replay(index, module))
+            if self.algorithm.feeds_quantized_outputs:
+                self._advance(inputs, index, layer)
+            self.record(index)
+            done = todo.index(index) + 1
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done * (len(todo) - done)
+            logger.info("layer %d solved in %.1f s (%d/%d of this stage, %d tokens; ETA %.0f s)", index,
+                        time.perf_counter() - t0, done, len(todo), inputs.tokens, eta)
+            self.heartbeat(index)
+        return inputs
+
+
+def capture_hook(stage: Stage, captured: list[torch.Tensor]):
+    """A forward pre-hook on the stage's first decoder layer that keeps each micro-batch's input."""
+    first = stage.layers()[0][1]
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append(hidden.detach().clone())
+
+    return first.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def save_inputs(path: Path, hidden: list[torch.Tensor]) -> None:
+    """Captured inputs into the work directory (the resume point of every solve)."""
+    from .files import write_errors_named
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with write_errors_named(path, sum(h.numel() * h.element_size() for h in hidden)):
+        torch.save([h.cpu() for h in hidden], tmp)
+        tmp.replace(path)
+
+
+def load_inputs(path: Path, device: torch.device) -> list[torch.Tensor]:
+    return [h.to(device) for h in torch.load(path, weights_only=True)]
+
+
+class Relay:
+    """Sequential boundary: what a stage receives from its predecessor and sends its successor.
+
+    A stage waits while every stage before it solves; each solved layer sends a heartbeat down the
+    chain, so no wait is longer than one layer's solve (`pipeline.timeout_s` bounds that), and
+    waiting ranks log where the chain is. Then the predecessor's final outputs arrive.
+    """
+
+    def __init__(self, info: dist.RankInfo, successor_waits: bool):
+        self.info, self.successor_waits = info, successor_waits
+
+    def heartbeat(self, index: int) -> None:
+        if self.successor_waits:
+            dist.send_object((_HEARTBEAT, index), self.info.rank + 1)
+
+    def wait_for_inputs(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Block until the predecessor has solved its last layer; relay its heartbeats; its outputs."""
+        info = self.info
+        while True:
+            kind, index = dist.recv_object(info.rank - 1)
+            if kind == _DONE:
+                break
+            logger.info("waiting for the stages before this one: layer %d solved", index)
+            self.heartbeat(index)
+        receiver = dist.Receiver(info.rank - 1, info.wire_device, info.wire_group, shapes=shapes, dtype=dtype)
+        return [h.to(info.device) for h in receiver]
+
+    def send_outputs(self, hidden: list[torch.Tensor]) -> int:
+        """The stage's final outputs to its successor, if it waits for them; the bytes sent."""
+        info = self.info
+        if not self.successor_waits:
+            return 0
+        dist.send_object((_DONE, -1), info.rank + 1)
+        sender = dist.Sender(info.rank + 1, info.wire_device, info.wire_group, headers=False)
+        for h in hidden:
+            sender.send(h.to(info.wire_device))
+        sender.close()
+        return sender.bytes_sent
