@@ -262,3 +262,8 @@ def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> Health:
             if kind != "good" and len(bad) < max_named:
                 bad.append(name)
     return Health(**counts, bad=tuple(bad))
+
+
+def uses_hessians(cfg) -> bool:
+    """Whether the run's algorithm collects GPTQ Hessians (the planner counts them)."""
+    return getattr(cfg, "algorithm", "max") == "gptq"

@@ -203,6 +203,9 @@ class RunConfig:
             raise ConfigError("config key 'model' is empty; set it to the source checkpoint directory")
         if not self.output:
             raise ConfigError("config key 'output' is empty; set it to the output directory")
+        if self.layerwise.enable and self.calibration.batch_size > 1 and not self.calibration.pack:
+            raise ConfigError("layerwise.enable calibrates each layer with modelopt's own statistics, which cannot "
+                              "skip pad positions; set calibration.batch_size: 1 or calibration.pack: true")
         awq = self.recipe == "nvfp4_awq" or "nvfp4_awq" in self.recipe_overrides.values()
         if awq and self.format == "compressed-tensors":
             raise ConfigError("recipe nvfp4_awq keeps AWQ pre-quant scales, which compressed-tensors has no field "

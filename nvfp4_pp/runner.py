@@ -29,6 +29,7 @@ from .calibrate import (
     modelopt_config,
     no_data_parallel_group,
     register_kv_attention,
+    uses_hessians,
 )
 from .card import CALIBRATION_MANIFEST, peaks_text, run_record, write_record_and_card
 from .config import RunConfig
@@ -183,7 +184,9 @@ class Run:
         dist.set_phase("planning")
         info, pipeline = self.info, self.cfg.pipeline
         facts = dist.all_gather_objects(budget.measure(info.rank, info.host, info.device), info.world_size)
-        workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length)
+        workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
+                            calibration_tokens=self.samples.manifest.tokens, hessians=uses_hessians(self.cfg),
+                            layerwise=self.cfg.layerwise.enable)
 
         def plan() -> list[StagePlan]:
             budgets = budget.budgets(facts, pipeline.memory_limit_gb, pipeline.reserve_gb)

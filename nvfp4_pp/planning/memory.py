@@ -25,6 +25,9 @@ measured peaks by tests/test_budget_run.py on CPU):
   on a discrete GPU it lives in host RAM. On a CPU stage the weights are memory-mapped from the
   shards, freeing one does not unmap the file, so the buffer adds on top.
 - quantizer state: a few scalars per quantized Linear (QUANTIZER_BYTES each).
+- algorithm state (`algorithm_bytes`): GPTQ's FP32 Hessians, in_features^2 x 4 bytes per Linear
+  (every Linear of the stage when flat; one layer's when layer by layer), and, layer by layer, the
+  whole calibration set's hidden states twice.
 - runtime: RUNTIME_BYTES for what the libraries allocate lazily (modules, gloo/NCCL buffers,
   allocator rounding), plus CUDA_FRAGMENTATION of device memory for the caching allocator. A
   CUDA rank also maps kernel images and library handles (cuBLAS, NCCL) into host RAM on first
@@ -76,6 +79,9 @@ class ModelSizes:
     kv_heads: int
     head_dim: int
     dtype_bytes: int = 2
+    layer_hessian_bytes: int = 0
+    """GPTQ's FP32 Hessians of one decoder layer: in_features^2 x 4 bytes per Linear (modelopt keeps
+    one per Linear, shared inputs included), largest layer."""
 
     @property
     def num_layers(self) -> int:
@@ -86,7 +92,7 @@ class ModelSizes:
         """Sizes from config.json and the safetensors headers (no tensor is read)."""
         c = source.text_config
         n = c["num_hidden_layers"]
-        layer_bytes, linear_bytes, linears = [0] * n, [0] * n, [0] * n
+        layer_bytes, linear_bytes, linears, hessians = [0] * n, [0] * n, [0] * n, [0] * n
         embed = head = largest = 0
         for name in source.weight_map:
             nbytes = source.nbytes(name)
@@ -101,13 +107,14 @@ class ModelSizes:
             if len(source.shape(name)) == 2 and name.endswith(".weight"):
                 linear_bytes[layer] += nbytes
                 linears[layer] += 1
+                hessians[layer] += source.shape(name)[1] ** 2 * 4
                 largest = max(largest, nbytes)
         heads = c["num_attention_heads"]
         return cls(
             layer_bytes=tuple(layer_bytes), layer_linear_bytes=tuple(linear_bytes), layer_linears=max(linears),
             largest_linear=largest, embed_bytes=embed, head_bytes=head, hidden=c["hidden_size"],
             intermediate=c["intermediate_size"], heads=heads, kv_heads=c.get("num_key_value_heads", heads),
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads, layer_hessian_bytes=max(hessians, default=0),
         )
 
 
@@ -117,6 +124,12 @@ class Workload:
 
     batch_size: int
     max_length: int
+    calibration_tokens: int = 0
+    """Tokens of the whole calibration set (layer-by-layer calibration keeps them all as hidden states)."""
+    hessians: bool = False
+    """The algorithm collects Hessians (GPTQ): flat, for every Linear of the stage at once."""
+    layerwise: bool = False
+    """Layers calibrated one at a time: the stage's inputs for the whole set, one layer's Hessians."""
 
     @property
     def tokens(self) -> int:
@@ -151,6 +164,15 @@ def activation_bytes(s: ModelSizes, w: Workload, sends: bool) -> int:
     return buffers + max(attention, mlp) + amax_copy
 
 
+def algorithm_bytes(s: ModelSizes, w: Workload, layers: int) -> int:
+    """What the calibration algorithm holds beside the weights: GPTQ's Hessians (every Linear of the
+    stage at once when flat, one layer's when layer by layer) and, layer by layer, the whole set's
+    hidden states twice (a layer's inputs and its outputs while they are computed)."""
+    if w.layerwise:
+        return 2 * w.calibration_tokens * s.hidden * s.dtype_bytes + (s.layer_hessian_bytes if w.hessians else 0)
+    return s.layer_hessian_bytes * layers if w.hessians else 0
+
+
 def stage_need(
     s: ModelSizes,
     kind: str,
@@ -179,11 +201,12 @@ def stage_need(
     wire = s.dtype_bytes * workload.tokens * s.hidden * (SENDS_IN_FLIGHT + 1) if wire_on_host else 0
 
     # Calibration (activations + the weight quantizers' amax pass) and export never overlap.
-    calibrate = weights + quantizers + activations + CALIBRATION_TRANSIENT_PER_BF16_BYTE * s.largest_linear
+    algorithm = algorithm_bytes(s, workload, len(layers))
+    calibrate = weights + quantizers + activations + CALIBRATION_TRANSIENT_PER_BF16_BYTE * s.largest_linear + algorithm
     export = weights + quantizers + transient
     items = {"baseline": baseline, "weights": weights, "activations": activations,
              "export transient": transient, "export buffer": buffer, "quantizers": quantizers,
-             "runtime": RUNTIME_BYTES, "wire copies": wire}
+             "runtime": RUNTIME_BYTES, "wire copies": wire, "layer inputs and Hessians": algorithm}
     if kind == "cpu":
         host = baseline + RUNTIME_BYTES + wire + max(calibrate, export + buffer)
         return Need(device=host, host=host, items=items)
