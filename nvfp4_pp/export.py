@@ -19,6 +19,7 @@ from .log import logger
 from .records import ExportResult
 from .sizes import EXPORT_CHUNK_ELEMENTS
 from .source import SourceCheckpoint
+from .stage import Stage
 from .writer import ShardWriter
 
 STATIC_INPUT_SCALE = ("nvfp4", "nvfp4_awq", "fp8")
@@ -36,34 +37,27 @@ def _quant_linears(stage: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def dummy_input(stage) -> torch.Tensor:
-    """A two-token input of the right kind for this stage (ids first, hidden states after)."""
-    device = next(stage.parameters()).device
-    if stage.is_first:
-        return torch.ones((1, 2), dtype=torch.long, device=device)
-    dtype = next(stage.parameters()).dtype
-    return torch.zeros((1, 2, stage.hf_config.hidden_size), dtype=dtype, device=device)
-
-
-def fuse_shared_inputs(stage: nn.Module) -> None:
-    """Prepare Linears that read the same input (q/k/v, gate/up) as modelopt's export does.
+def fuse_shared_inputs(stage: Stage, index: int, layer: nn.Module) -> None:
+    """Prepare a decoder layer's Linears that read the same input (q/k/v, gate/up) as modelopt's export does.
 
     vLLM fuses them into one kernel with one global scale; modelopt's export unifies them by
     taking the max amax (FP8 excepted: vLLM requantizes FP8 parts itself). For AWQ it first folds
     pre-quant scales into the previous Linear where shapes allow, and those of a shared input into
-    the layernorm before it. Groups are found as modelopt finds them: by hooking a dummy forward.
-    A stage never cuts a decoder layer, so every group lies inside one stage.
+    the layernorm before it. Groups are found as modelopt finds them: by hooking a dummy forward
+    (here of the one layer). Every group lies inside one decoder layer.
     """
     from modelopt.torch.export.quant_utils import fuse_prequant_to_linear, get_quantization_format
     from modelopt.torch.export.unified_export_hf import _fuse_shared_input_modules, collect_shared_input_modules
 
-    scheme = get_quantization_format(stage)
+    scheme = get_quantization_format(layer)
     if scheme is not None and "nvfp4_awq" in scheme:
-        fuse_prequant_to_linear(stage)
-    x = dummy_input(stage)
-    input_to_linear, output_to_layernorm = collect_shared_input_modules(stage, lambda: stage(x),
-                                                                       collect_layernorms=True)
-    _fuse_shared_input_modules(stage, input_to_linear, output_to_layernorm, fuse_layernorms=True,
+        fuse_prequant_to_linear(layer)
+    weight = next(layer.parameters())
+    x = torch.zeros((1, 2, stage.hf_config.hidden_size), dtype=weight.dtype, device=weight.device)
+    context = stage.context(x)
+    input_to_linear, output_to_layernorm = collect_shared_input_modules(
+        layer, lambda: stage.run_layer(index, layer, x, context), collect_layernorms=True)
+    _fuse_shared_input_modules(layer, input_to_linear, output_to_layernorm, fuse_layernorms=True,
                                quantization_format=scheme)
 
 
@@ -124,12 +118,13 @@ def quantize_linear(name: str, module: nn.Module, dtype: torch.dtype) -> tuple[s
     return scheme, postprocess_state_dict(state, KV_CACHE_MAX_BOUND, None)
 
 
-def kv_cache_scales(stage: nn.Module) -> tuple[str | None, dict[str, torch.Tensor]]:
-    """(KV-cache format, K and V scales in modelopt's names) of the stage's attention modules."""
+def kv_cache_scales(layer: nn.Module, prefix: str) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(KV-cache format, K and V scales in modelopt's names) of a decoder layer's attention modules."""
     from modelopt.torch.export.quant_utils import get_kv_cache_dtype, postprocess_state_dict
 
     found, kv_format = {}, None
-    for name, module in stage.named_modules():
+    for local, module in layer.named_modules():
+        name = f"{prefix}.{local}"
         k_q, v_q = getattr(module, "k_bmm_quantizer", None), getattr(module, "v_bmm_quantizer", None)
         if k_q is None or not (k_q.is_enabled or v_q.is_enabled):
             continue
@@ -150,45 +145,72 @@ def excluded_modules(owned: list[str], source: SourceCheckpoint, quantized: dict
     return tuple(sorted((out - set(quantized)) | ({lm_head} if lm_head else set())))
 
 
-def export_stage(
-    stage: nn.Module,
-    owned: list[str],
-    source: SourceCheckpoint,
-    fmt: CheckpointFormat,
-    writer: ShardWriter,
-    lm_head: str | None,
-) -> ExportResult:
-    """Write this rank's tensors: quantized Linears packed, KV scales, every other owned tensor as is.
+class StageExporter:
+    """Writes one rank's tensors: each decoder layer's (packed Linears, KV scales, norms) as soon as
+    the layer is calibrated, then every other tensor the rank owns.
 
     Tensors the stage holds are written from it (AWQ folds scales into layernorms; everything else
-    there equals the source), the rest (lm_head, final norm) are copied from the source. `lm_head`
-    is the head's module name on the last rank (listed as BF16), None elsewhere.
+    there equals the source), the rest (lm_head, final norm) are copied from the source.
     """
-    started = time.perf_counter()
-    fuse_shared_inputs(stage)
-    dtype = next(stage.parameters()).dtype
-    schemes: dict[str, str] = {}
-    written: set[str] = set()
-    for name, module in _quant_linears(stage):
-        module.name = name
-        scheme, tensors = quantize_linear(name, module, dtype)
-        out = fmt.linear_tensors(name, scheme, tensors)
-        writer.add(out)
-        written.update(tensors)
-        schemes[name] = scheme
-        # Free the packed weight once written: peak memory stays near the stage's weights.
-        module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=module.weight.device), requires_grad=False)
-    kv_format, kv = kv_cache_scales(stage)
-    if kv:
-        writer.add(fmt.kv_cache_tensors(kv))
-    held = {k: v for k, v in stage.state_dict().items() if k in set(owned) and k not in written}
-    writer.add(held)
-    rest = [n for n in owned if n not in written and n not in held]
-    for start in range(0, len(rest), 64):
-        writer.add(source.load(rest[start : start + 64], "cpu"))
-    writer.close()
-    total = sum(s.bytes for s in writer.shards)
-    logger.info("export: %d Linears packed and %.2f GB written in %.1f s (writer threads busy %.1f s "
-                "writing and checksumming)", len(schemes), total / 1e9, time.perf_counter() - started,
-                writer.write_seconds)
-    return ExportResult(tuple(writer.shards), schemes, kv_format, excluded_modules(owned, source, schemes, lm_head))
+
+    def __init__(self, stage: Stage, owned: list[str], source: SourceCheckpoint, fmt: CheckpointFormat,
+                 writer: ShardWriter):
+        self.stage, self.owned, self.source, self.fmt, self.writer = stage, owned, source, fmt, writer
+        self.owned_set = set(owned)
+        self.schemes: dict[str, str] = {}
+        self.kv_formats: set[str] = set()
+        self.written: set[str] = set()
+        self.started = time.perf_counter()
+
+    def layer(self, index: int, layer: nn.Module) -> None:
+        """Pack and write decoder layer `index`; its weights are freed as they are written."""
+        prefix = self.stage.layer_prefix(index)
+        fuse_shared_inputs(self.stage, index, layer)
+        dtype = next(layer.parameters()).dtype
+        for local, module in _quant_linears(layer):
+            name = f"{prefix}.{local}"
+            module.name = name
+            scheme, tensors = quantize_linear(name, module, dtype)
+            self.writer.add(self.fmt.linear_tensors(name, scheme, tensors))
+            self.written.update(tensors)
+            self.schemes[name] = scheme
+            # Free the packed weight once written: peak memory stays near the stage's weights.
+            module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=module.weight.device), requires_grad=False)
+        kv_format, kv = kv_cache_scales(layer, prefix)
+        if kv:
+            self.kv_formats.add(kv_format)
+            self.writer.add(self.fmt.kv_cache_tensors(kv))
+        self._write_held(layer, f"{prefix}.")
+
+    def _write_held(self, module: nn.Module, prefix: str) -> None:
+        held = {f"{prefix}{k}": v for k, v in module.state_dict().items()
+                if f"{prefix}{k}" in self.owned_set and f"{prefix}{k}" not in self.written}
+        self.writer.add(held)
+        self.written.update(held)
+
+    def finish(self, lm_head: str | None) -> ExportResult:
+        """Everything else the rank owns; `lm_head` is the head's module name on the last rank (listed
+        as BF16), None elsewhere."""
+        self._write_held(self.stage, "")
+        rest = [n for n in self.owned if n not in self.written]
+        for start in range(0, len(rest), 64):
+            self.writer.add(self.source.load(rest[start : start + 64], "cpu"))
+        self.writer.close()
+        total = sum(s.bytes for s in self.writer.shards)
+        logger.info("export: %d Linears packed and %.2f GB written in %.1f s (writer threads busy %.1f s "
+                    "writing and checksumming)", len(self.schemes), total / 1e9, time.perf_counter() - self.started,
+                    self.writer.write_seconds)
+        if len(self.kv_formats) > 1:
+            raise RuntimeError(f"layers of one stage got different KV-cache formats {sorted(self.kv_formats)}")
+        kv_format = next(iter(self.kv_formats), None)
+        return ExportResult(tuple(self.writer.shards), self.schemes, kv_format,
+                            excluded_modules(self.owned, self.source, self.schemes, lm_head))
+
+
+def export_stage(stage: Stage, owned: list[str], source: SourceCheckpoint, fmt: CheckpointFormat,
+                 writer: ShardWriter, lm_head: str | None) -> ExportResult:
+    """Write this rank's tensors (a resident stage: every layer calibrated already)."""
+    exporter = StageExporter(stage, owned, source, fmt, writer)
+    for index, layer in stage.layers():
+        exporter.layer(index, layer)
+    return exporter.finish(lm_head)

@@ -66,6 +66,10 @@ class Stage(nn.Module):
     def _part(self, name: str) -> nn.Module:
         return self.get_submodule(f"{self.arch.decoder}.{name}")
 
+    def layer_prefix(self, index: int) -> str:
+        """Global module name of decoder layer `index` (`model.layers.41`)."""
+        return f"{self.arch.decoder}.{self.arch.layers}.{index}"
+
     def layers(self) -> list[tuple[int, nn.Module]]:
         """(global index, decoder layer) of this stage, in order."""
         return [(int(i), layer) for i, layer in self._part(self.arch.layers).items()]

@@ -87,7 +87,7 @@ def test_file_forms_and_mix(cnn_dir, chat_dir, smol_dir, tmp_path, monkeypatch):
         DataSource(dataset=f"hf:{cnn_dir}", share=2), DataSource(dataset=f"hf:{chat_dir}", share=1),
         DataSource(dataset="builtin:pydoc", share=1)])
     cal = load_samples(mix, smol_dir)
-    assert [s["samples"] for s in cal.sources] == [3, 2, 2]  # 3.5, 1.75, 1.75: largest remainders and len(cal.samples) == 7
+    assert [s.samples for s in cal.sources] == [3, 2, 2]  # 3.5, 1.75, 1.75: largest remainders and len(cal.samples) == 7
     assert cal.manifest().tokens == sum(map(len, cal.samples))
     packed = load_samples(CalibrationConfig(dataset=f"hf:{cnn_dir}", samples=6, max_length=64, pack=True), smol_dir)
     assert len(packed.samples) >= 6 and {len(s) for s in packed.samples} == {64}
