@@ -122,6 +122,10 @@ class PipelineConfig:
     """GB of host RAM left untouched on each host (budgets of CPU and unified-memory ranks)."""
     timeout_s: int = 1800
     """Seconds any collective or send/recv may wait before the run fails."""
+    stream: Literal["auto", "always", "never"] = "auto"
+    """`auto`: a stage whose layers do not fit its budget streams them (layers brought to the device a
+    window at a time, all samples through one layer before the next; stages then run in turn),
+    the others stay resident; `always`: every stage streams; `never`: refuse a model that does not fit."""
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list) and any(n < 1 for n in self.layers):

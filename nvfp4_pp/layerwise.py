@@ -104,9 +104,12 @@ class Solver:
     whose saved state the caller restored: they are replayed, not solved again.
     """
 
-    def __init__(self, stage: Stage, algorithm: dict, solved: set[int], record: Callable[[int], None],
-                 heartbeat: Callable[[int], None] = lambda index: None):
-        self.stage, self.solved, self.record, self.heartbeat = stage, solved, record, heartbeat
+    def __init__(self, stage: Stage, algorithm: dict, solved: set[int], record: Callable[[int, nn.Module], None],
+                 heartbeat: Callable[[int], None] = lambda index: None,
+                 before: Callable[[int, nn.Module], None] = lambda index, layer: None):
+        """`before(index, layer)` runs ahead of each layer (a streaming stage loads it there); `record`
+        after each layer solved here (save it for resume; a streaming stage writes and frees it)."""
+        self.stage, self.solved, self.record, self.heartbeat, self.before = stage, solved, record, heartbeat, before
         self.algorithm = LayerAlgorithm(algorithm)
 
     def _advance(self, inputs: LayerInputs, index: int, layer: nn.Module) -> None:
@@ -121,6 +124,7 @@ class Solver:
         started = time.perf_counter()
         todo = [index for index, _ in layers if index not in self.solved]
         for step, (index, layer) in enumerate(layers, 1):
+            self.before(index, layer)
             if index in self.solved:
                 self._advance(inputs, index, layer)
                 logger.info("layer %d: solved before, replayed (%d/%d)", index, step, len(layers))
@@ -132,7 +136,7 @@ class Solver:
             self.algorithm.calibrate(layer, lambda module, index=index: replay.replay(index, module))
             if self.algorithm.feeds_quantized_outputs:
                 self._advance(inputs, index, layer)
-            self.record(index)
+            self.record(index, layer)
             done = todo.index(index) + 1
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (len(todo) - done)

@@ -35,7 +35,7 @@ from .card import CALIBRATION_MANIFEST, peaks_text, run_record, write_record_and
 from .config import RunConfig
 from .data.samples import CalibrationDataError, MicroBatch, load_samples, micro_batches
 from .errors import NvFp4PpError
-from .export import export_stage
+from .export import StageExporter, export_stage
 from .files import write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
@@ -47,8 +47,9 @@ from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stag
 from .records import CalibrationManifest, ExportResult, Health, Memory, RankReport, Traffic
 from .source import SourceCheckpoint, SourceError
 from .stage import Stage, build_stage
+from .streaming import LayerStream
 from .verify import verify
-from .work_state import WorkState, fingerprint, work_dir_of
+from .work_state import StaleWorkState, WorkState, fingerprint, work_dir_of
 from .writer import ShardWriter
 
 
@@ -92,6 +93,8 @@ class Run:
         self.plans: list[StagePlan]
         self.state: WorkState
         self.stage: Stage | None = None
+        self.exporter: StageExporter | None = None
+        """A streaming stage's exporter, which writes each layer as soon as it is calibrated."""
         self.traffic: Traffic
         self.health: Health
         self.export_result: ExportResult
@@ -186,15 +189,16 @@ class Run:
         facts = dist.all_gather_objects(budget.measure(info.rank, info.host, info.device), info.world_size)
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
                             calibration_tokens=self.samples.manifest.tokens, hessians=uses_hessians(self.cfg),
-                            layerwise=self.cfg.layerwise.enable)
+                            layer_major=self.cfg.layerwise.enable)
 
         def plan() -> list[StagePlan]:
             budgets = budget.budgets(facts, pipeline.memory_limit_gb, pipeline.reserve_gb)
-            return plan_stages(ModelSizes.from_source(self.source, self.arch), budgets, pipeline.layers, workload,
-                               info.wire_device.type == "cpu")
+            return plan_stages(sizes, budgets, pipeline.layers, workload, info.wire_device.type == "cpu",
+                               pipeline.stream)
 
+        sizes = ModelSizes.from_source(self.source, self.arch)
         self.plans = dist.everywhere(info, plan)
-        for line in describe(self.plans):
+        for line in describe(self.plans, sizes):
             logger.info("%s", line)
 
     def open_work_state(self) -> None:
@@ -202,14 +206,30 @@ class Run:
         info = self.info
         self.state = dist.everywhere(info, lambda: WorkState(
             self.rank_dir, fingerprint(self.cfg, self.source, info.world_size, info.device.type, self.layers,
-                                       self.samples.manifest.token_ids_sha256), fresh=self.options.fresh))
+                                       self.streaming, self.samples.manifest.token_ids_sha256),
+            fresh=self.options.fresh))
         if info.is_first:
             write_json(self.rank_dir / CALIBRATION_MANIFEST, self.samples.manifest.to_dict())
 
     # ---- the stage -------------------------------------------------------------------------
+    @property
+    def streaming(self) -> bool:
+        """This rank's stage brings its layers to the device a window at a time (the plan says so)."""
+        return self.plans[self.info.rank].streaming
+
+    @property
+    def layer_major(self) -> bool:
+        """Layers calibrated one at a time, all samples through a layer before the next: asked for
+        (layerwise.enable), or needed because some stage streams (then stages go in turn)."""
+        return self.cfg.layerwise.enable or any(p.streaming for p in self.plans)
+
+    @property
+    def boundary(self) -> str:
+        return self.cfg.layerwise.boundary if self.cfg.layerwise.enable else "sequential"
+
     def load(self) -> None:
         with self.phase("load"):
-            self.stage = build_stage(self.source, self.arch, *self.layers, self.info.device)
+            self.stage = build_stage(self.source, self.arch, *self.layers, self.info.device, self.streaming)
 
     def calibrate(self) -> None:
         """Quantizers calibrated through the pipeline (every rank at once), or restored from the work dir."""
@@ -217,6 +237,8 @@ class Run:
             self.traffic = self.state.once(
                 "calibrate", self._calibrate_through_pipeline, self._restore_quantizers,
                 reused=f"calibration: reusing the state every rank saved in {self.work_dir}",
+                # a streaming stage writes its layers while calibrating: reusable only once written
+                usable=lambda saved: not self.streaming or "export" in self.state.phases,
                 agree=lambda done: all(dist.all_gather_objects(done, self.info.world_size)))
         self.health = calibration_health(self.stage)
         h = self.health
@@ -227,7 +249,7 @@ class Run:
     def _calibrate_through_pipeline(self) -> Traffic:
         cfg, samples = self.cfg, self.samples
         quant_cfg = modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache)
-        if cfg.layerwise.enable:
+        if self.layer_major:
             return self._calibrate_layer_by_layer(quant_cfg)
         valid = ValidTokens()
         traffic: list[Traffic] = []
@@ -242,7 +264,10 @@ class Run:
     def _calibrate_layer_by_layer(self, quant_cfg: dict) -> Traffic:
         """Capture this stage's inputs (or receive them), then solve its layers one at a time."""
         algorithm = quant_cfg["algorithm"]
-        solved = set(self.state.partial.get("calibrate", {}).get("solved", []))
+        if not self.cfg.layerwise.enable:  # streaming alone: each layer's inputs as in one pass (BF16)
+            algorithm = {**algorithm, "layerwise": {"get_qdq_activations_from_prev_layer": False}}
+        # A streaming stage's layers are written as they are solved: an interrupted one starts over.
+        solved = set() if self.streaming else set(self.state.partial.get("calibrate", {}).get("solved", []))
         if solved:  # an interrupted run: its quantizers and solved layers, as they were
             self._restore_quantizers({})
             for index, layer in self.stage.layers():
@@ -253,18 +278,32 @@ class Run:
         no_data_parallel_group(self.stage)
         inputs, traffic = self._layer_inputs()
 
-        def record(index: int) -> None:
+        def record(index: int, layer: torch.nn.Module) -> None:
             solved.add(index)
-            self.state.save_layer(index, dict(self.stage.layers())[index])
+            self.state.save_layer(index, layer)
             self.state.save_quantizers(self.stage)
-            self.state.record_partial("calibrate", {"solved": sorted(solved)})
+            self.state.record_partial("calibrate", {**self.state.partial.get("calibrate", {}), "solved": sorted(solved)})
 
-        sequential = self.cfg.layerwise.boundary == "sequential"
-        relay = layerwise.Relay(self.info, self._successor_waits) if sequential else None
+        def write_and_free(index: int, layer: torch.nn.Module) -> None:
+            self.exporter.layer(index, layer)
+            stream.unload(layer)
+
+        stream = LayerStream(self.stage, self.source, self.info.device) if self.streaming else None
+        if stream:
+            self.exporter = StageExporter(self.stage, self.owned(), self.source, self.fmt, self.writer())
+        relay = layerwise.Relay(self.info, self._successor_waits) if self.boundary == "sequential" else None
         t0 = time.perf_counter()
-        outputs = layerwise.Solver(self.stage, algorithm, solved, record,
-                                   relay.heartbeat if relay else lambda index: None).run(inputs)
+        try:
+            outputs = layerwise.Solver(
+                self.stage, algorithm, solved, write_and_free if stream else record,
+                heartbeat=relay.heartbeat if relay else lambda index: None,
+                before=stream.load if stream else lambda index, layer: None).run(inputs)
+        finally:
+            if stream:
+                stream.close()
         self.timings["calibration loop"] = time.perf_counter() - t0
+        if stream:
+            logger.info("streaming: calibration waited %.1f s for layer reads", stream.wait_seconds)
         if relay:
             traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden))
         return traffic
@@ -277,7 +316,7 @@ class Run:
         saved = path.is_file() and self.state.partial.get("calibrate", {}).get("inputs", False)
         waits = dist.all_gather_objects(not saved, info.world_size)
         self._successor_waits = not info.is_last and waits[info.rank + 1]
-        parallel = self.cfg.layerwise.boundary == "parallel"
+        parallel = self.boundary == "parallel"
         if parallel and any(waits):  # the pass needs every stage, whatever each has saved
             hidden, traffic = self._capture_pass()
             saved = False
@@ -315,15 +354,25 @@ class Run:
         self.state.restore_quantizers(self.stage)
         return Traffic.from_dict(saved)
 
+    def owned(self) -> list[str]:
+        """The source tensors this rank writes: its layers', plus embeddings (first) or head (last)."""
+        ranges = [(p.start, p.stop) for p in self.plans]
+        return [n for n in self.source.weight_map if owner_of(n, self.arch, ranges) == self.info.rank]
+
+    def writer(self) -> ShardWriter:
+        return ShardWriter(self.rank_dir, prefix=f"rank{self.info.rank:03d}")
+
     def export(self) -> None:
         """This rank's tensors into shards in its work directory (or the ones it wrote before)."""
+        lm_head = self.arch.lm_head if self.info.is_last else None
 
         def write() -> ExportResult:
-            ranges = [(p.start, p.stop) for p in self.plans]
-            owned = [n for n in self.source.weight_map if owner_of(n, self.arch, ranges) == self.info.rank]
-            writer = ShardWriter(self.rank_dir, prefix=f"rank{self.info.rank:03d}")
-            return export_stage(self.stage, owned, self.source, self.fmt, writer,
-                                self.arch.lm_head if self.info.is_last else None)
+            if self.streaming:  # its layers were written while calibrating
+                if self.exporter is None:
+                    raise StaleWorkState(f"{self.rank_dir}: recorded shards of this streaming stage are damaged; "
+                                         "rerun with --fresh")
+                return self.exporter.finish(lm_head)
+            return export_stage(self.stage, self.owned(), self.source, self.fmt, self.writer(), lm_head)
 
         with self.phase("export"):
             self.export_result = self.state.once(

@@ -70,6 +70,9 @@ class Stage(nn.Module):
         """Global module name of decoder layer `index` (`model.layers.41`)."""
         return f"{self.arch.decoder}.{self.arch.layers}.{index}"
 
+    def layer_prefixes(self) -> list[str]:
+        return [f"{self.layer_prefix(index)}." for index in range(self.start, self.stop)]
+
     def layers(self) -> list[tuple[int, nn.Module]]:
         """(global index, decoder layer) of this stage, in order."""
         return [(int(i), layer) for i, layer in self._part(self.arch.layers).items()]
@@ -146,17 +149,24 @@ def _materialize_non_persistent_buffers(stage: nn.Module, skeleton, device: torc
 
 
 def build_stage(
-    source: SourceCheckpoint, arch: Architecture, start: int, stop: int, device: torch.device
+    source: SourceCheckpoint, arch: Architecture, start: int, stop: int, device: torch.device,
+    streaming: bool = False,
 ) -> Stage:
-    """Build layers [start, stop) on `device`, reading only their tensors from disk."""
+    """Build layers [start, stop) on `device`, reading only their tensors from disk.
+
+    `streaming`: the decoder layers' tensors stay on the meta device (no memory); `streaming.LayerStream`
+    brings each layer in when it is calibrated and frees it once it is written.
+    """
     hf_config = load_hf_config(source, arch)
     skeleton = model_skeleton(hf_config, arch, source.dtype)  # FP8 weights are dequantised to it too
     decoder = skeleton.get_submodule(arch.builder.decoder)
     stage = Stage(hf_config, arch, decoder, start, stop)
     _materialize_non_persistent_buffers(stage, skeleton, device)
     names = list(stage.state_dict().keys())
-    tensors = source.load(names, device)
-    stage.load_state_dict(tensors, strict=True, assign=True)
-    still_meta = [n for n, t in [*stage.named_parameters(), *stage.named_buffers()] if t.is_meta]
+    if streaming:
+        names = [n for n in names if not any(n.startswith(p) for p in stage.layer_prefixes())]
+    stage.load_state_dict(source.load(names, device), strict=False, assign=True)
+    still_meta = [n for n, t in [*stage.named_parameters(), *stage.named_buffers()]
+                  if t.is_meta and not (streaming and any(n.startswith(p) for p in stage.layer_prefixes()))]
     assert not still_meta, f"stage tensors left unloaded: {still_meta[:3]}"
     return stage.eval()

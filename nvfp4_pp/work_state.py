@@ -53,7 +53,7 @@ def work_dir_of(cfg: RunConfig) -> Path:
 
 
 def fingerprint(cfg: RunConfig, source: SourceCheckpoint, world_size: int, device_type: str,
-                layers: tuple[int, int], samples_sha256: str) -> dict:
+                layers: tuple[int, int], streaming: bool, samples_sha256: str) -> dict:
     """Everything that shapes this rank's result; saved progress is reused only when all of it matches."""
     import modelopt
     import transformers
@@ -70,6 +70,8 @@ def fingerprint(cfg: RunConfig, source: SourceCheckpoint, world_size: int, devic
         "recipe": {"recipe": cfg.recipe, "recipe_overrides": cfg.recipe_overrides, "ignore": cfg.ignore,
                    "kv_cache": cfg.kv_cache},
         "calibration": config_to_dict(cfg)["calibration"],
+        "layerwise": config_to_dict(cfg)["layerwise"],
+        "streaming": streaming,
         "samples_sha256": samples_sha256,
         "world_size": world_size,
         "layers": list(layers),

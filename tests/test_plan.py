@@ -190,3 +190,17 @@ def test_ranks_agree_on_the_hidden_state_backend():
     assert requested_device(["cuda", "cpu"], 1, 2) == "cpu"
     with pytest.raises(DeviceError, match="pipeline.device has 2 entries but 3 ranks are running"):
         requested_device(["cuda", "cpu"], 0, 3)
+
+
+def test_a_model_larger_than_two_sparks_streams_instead_of_failing(behemoth):
+    """Behemoth-X-123B (246 GB in BF16) on two 128 GiB DGX Sparks and no third node: resident
+    stages cannot fit (refused with the GB missing); `auto` plans streaming stages that fit."""
+    facts = [spark(0), spark(1)]
+    with pytest.raises(PlanError, match=r"GB missing in all"):
+        plan_stages(behemoth, budgets(facts, reserve_gb=4), "auto", CALIBRATION, stream="never")
+    plans = plan_stages(behemoth, budgets(facts, reserve_gb=4), "auto", CALIBRATION, stream="auto")
+    assert [p.stop - p.start for p in plans] == [44, 44] or sum(p.layers for p in plans) == 88
+    assert any(p.streaming for p in plans)
+    assert_within_budgets(plans)
+    streamed = [p for p in plans if p.streaming]
+    assert all(p.need.items["weights"] < 3 * behemoth.layer_bytes[0] + behemoth.embed_bytes for p in streamed)

@@ -56,6 +56,8 @@ RUNTIME_BYTES = 256 * 2**20
 CUDA_FRAGMENTATION = 0.02
 CUDA_HOST_BYTES = 768 * 2**20
 CUDA_DEVICE_BYTES = 64 * 2**20
+STREAM_WINDOW = 2
+"""Layers a streaming stage holds at once: the one being calibrated and the next one being read."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,8 +130,9 @@ class Workload:
     """Tokens of the whole calibration set (layer-by-layer calibration keeps them all as hidden states)."""
     hessians: bool = False
     """The algorithm collects Hessians (GPTQ): flat, for every Linear of the stage at once."""
-    layerwise: bool = False
-    """Layers calibrated one at a time: the stage's inputs for the whole set, one layer's Hessians."""
+    layer_major: bool = False
+    """Layers calibrated one at a time (layerwise.enable, or a streaming run): the stage holds the
+    whole set's hidden states, and one layer's Hessians."""
 
     @property
     def tokens(self) -> int:
@@ -168,7 +171,7 @@ def algorithm_bytes(s: ModelSizes, w: Workload, layers: int) -> int:
     """What the calibration algorithm holds beside the weights: GPTQ's Hessians (every Linear of the
     stage at once when flat, one layer's when layer by layer) and, layer by layer, the whole set's
     hidden states twice (a layer's inputs and its outputs while they are computed)."""
-    if w.layerwise:
+    if w.layer_major:
         return 2 * w.calibration_tokens * s.hidden * s.dtype_bytes + (s.layer_hessian_bytes if w.hessians else 0)
     return s.layer_hessian_bytes * layers if w.hessians else 0
 
@@ -183,15 +186,18 @@ def stage_need(
     last: bool,
     workload: Workload,
     wire_on_host: bool = False,
+    streaming: bool = False,
 ) -> Need:
     """Peak memory of the stage holding decoder layers [start, stop) on a rank of `kind`.
 
     `wire_on_host`: hidden states cross to the next rank through host memory (gloo with a CUDA
-    stage), adding host copies of what is in flight.
+    stage), adding host copies of what is in flight. `streaming`: only a window of two layers (the
+    one calibrated, the next one being read) is held at once.
     """
     layers = s.layer_bytes[start:stop]
     linear = sum(s.layer_linear_bytes[start:stop])
-    weights = sum(layers) + (s.embed_bytes if first else 0)
+    held = sum(sorted(layers)[-STREAM_WINDOW:]) if streaming else sum(layers)
+    weights = held + (s.embed_bytes if first else 0)
     quantizers = QUANTIZER_BYTES * s.layer_linears * len(layers)
     activations = activation_bytes(s, workload, sends=not last)
     transient = EXPORT_TRANSIENT_PER_BF16_BYTE * min(s.largest_linear, EXPORT_CHUNK_ELEMENTS * s.dtype_bytes)

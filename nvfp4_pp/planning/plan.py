@@ -25,11 +25,16 @@ from typing import Literal
 
 from ..errors import NvFp4PpError
 from .budget import GB, Budget
-from .memory import ModelSizes, Need, Workload, stage_need
+from .memory import STREAM_WINDOW, ModelSizes, Need, Workload, stage_need
 
 
 class PlanError(NvFp4PpError):
     pass
+
+
+Stream = Literal["auto", "never", "always", "layer-major"]
+"""How a planning pass treats stages: resident only, streaming only, or (layer-major) each stage
+resident where it fits and streaming where it does not."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +45,8 @@ class StagePlan:
     start: int
     stop: int
     need: Need
+    streaming: bool = False
+    """The stage's layers do not all fit: they are brought to the device a window at a time."""
 
     @property
     def layers(self) -> int:
@@ -72,8 +79,10 @@ def _fill(need: Need, budget: Budget) -> float:
 class _Problem:
     """Prefix sums and per-rank need for one planning problem."""
 
-    def __init__(self, sizes: ModelSizes, budgets: list[Budget], workload: Workload, wire_on_host: bool):
+    def __init__(self, sizes: ModelSizes, budgets: list[Budget], workload: Workload, wire_on_host: bool,
+                 stream: Stream = "never"):
         self.sizes, self.budgets, self.workload, self.wire_on_host = sizes, budgets, workload, wire_on_host
+        self.stream = stream
         self.n, self.world = sizes.num_layers, len(budgets)
         self.prefix = [0]
         for b in sizes.layer_bytes:
@@ -83,11 +92,23 @@ class _Problem:
         return self.prefix[stop] - self.prefix[start]
 
     def stage(self, rank: int, start: int, stop: int) -> StagePlan:
+        """The stage's plan: resident, or streaming where `stream` asks for it (`auto`: when resident
+        does not fit)."""
         b = self.budgets[rank]
-        need = stage_need(self.sizes, b.kind, b.baseline, start, stop, first=rank == 0,
-                          last=rank == self.world - 1, workload=self.workload,
-                          wire_on_host=self.wire_on_host and b.kind != "cpu")
-        return StagePlan(b, start, stop, need)
+
+        def plan(streaming: bool) -> StagePlan:
+            need = stage_need(self.sizes, b.kind, b.baseline, start, stop, first=rank == 0,
+                              last=rank == self.world - 1, workload=self.workload,
+                              wire_on_host=self.wire_on_host and b.kind != "cpu", streaming=streaming)
+            return StagePlan(b, start, stop, need, streaming)
+
+        if self.stream == "always":
+            return plan(True)
+        resident = plan(False)
+        if self.stream == "never" or resident.fill <= 1.0:
+            return resident
+        streaming = plan(True)
+        return streaming if streaming.fill < resident.fill else resident
 
     def greedy(self, max_compute: float, max_fill: float) -> list[StagePlan] | None:
         """The front-loaded split within (max_compute, max_fill), or None if there is none."""
@@ -127,15 +148,27 @@ def plan_stages(
     layers: Literal["auto"] | list[int],
     workload: Workload,
     wire_on_host: bool = False,
+    stream: Stream = "never",
 ) -> list[StagePlan]:
     """One StagePlan per rank, covering every layer once, each within its rank's budget.
 
-    Raises PlanError naming how many GB are missing on which rank when nothing fits, and when an
-    explicit `pipeline.layers` list does not fit or does not match the model and ranks.
+    `stream` (pipeline.stream): `never` plans resident stages only; `auto` plans them first and,
+    when they do not fit, plans again with every stage layer-major (all samples through a layer
+    before the next, which a streaming stage needs), each stage streaming where it must;
+    `always` streams every stage. Raises PlanError naming how many GB are missing on which rank
+    when nothing fits, and when an explicit `pipeline.layers` list does not fit or does not match.
     """
     check_split(sizes.num_layers, len(budgets), layers)
+    if stream == "auto":
+        try:
+            return plan_stages(sizes, budgets, layers, workload, wire_on_host, "never")
+        except PlanError:
+            layer_major = dataclasses.replace(workload, layer_major=True)
+            return plan_stages(sizes, budgets, layers, layer_major, wire_on_host, "layer-major")
+    if stream == "always":
+        workload = dataclasses.replace(workload, layer_major=True)
     n = sizes.num_layers
-    problem = _Problem(sizes, budgets, workload, wire_on_host)
+    problem = _Problem(sizes, budgets, workload, wire_on_host, stream)
     if layers != "auto":
         plans = _explicit(problem, list(layers))
         missing = [m for p in plans for m in p.overflows()]
@@ -212,16 +245,24 @@ def _does_not_fit(problem: _Problem) -> str:
     )
 
 
-def describe(plans: list[StagePlan]) -> list[str]:
-    """The plan as table lines: per rank host, device, budget, layers, predicted peak."""
+def describe(plans: list[StagePlan], sizes: ModelSizes | None = None) -> list[str]:
+    """The plan as table lines: per rank host, device, budget, layers, shape, predicted peak; with
+    `sizes`, a line comparing the time of the two shapes when any stage streams."""
     lines = [f"{'rank':<5} {'host':<14} {'device':<8} {'memory':<9} {'budget GB':>9} {'layers':>12} "
-             f"{'peak GB':>8} {'fill':>5}  host RAM peak/budget GB"]
+             f"{'shape':<9} {'peak GB':>8} {'fill':>5}  host RAM peak/budget GB"]
     for p in plans:
         b = p.budget
         host = "(same pool)" if b.shared else f"{p.need.host / GB:.2f}/{b.host_pool / GB:.2f}"
         cap = " (capped)" if b.capped else ""
+        shape = "streaming" if p.streaming else "resident"
         lines.append(f"{b.rank:<5} {b.host[:14]:<14} {b.device:<8} {b.kind:<9} {b.pool / GB:>9.2f} "
-                     f"{f'{p.start}-{p.stop - 1} ({p.layers})':>12} {p.peak / GB:>8.2f} {p.fill:>5.0%}  {host}{cap}")
+                     f"{f'{p.start}-{p.stop - 1} ({p.layers})':>12} {shape:<9} {p.peak / GB:>8.2f} {p.fill:>5.0%}  "
+                     f"{host}{cap}")
+    if sizes is not None and any(p.streaming for p in plans):
+        stages = [sum(sizes.layer_bytes[p.start:p.stop]) for p in plans]
+        lines.append(f"layer-major: stages calibrate in turn, a streaming stage holding {STREAM_WINDOW} layers at a "
+                     f"time; predicted calibration time {sum(stages) / max(stages):.1f}x that of this split with "
+                     "every stage resident and all busy at once")
     return lines
 
 

@@ -1,0 +1,64 @@
+"""Streaming stages: decoder layers brought to the device a window at a time, for stages larger than memory.
+
+A streaming stage is built with its layers on the meta device. Layer-major calibration (layerwise.py)
+asks for layer k right before calibrating it; the next layer is already being read from the
+source shards in a background thread while layer k computes, so the transfer hides behind the
+compute (a layer's compute on the whole calibration set dwarfs its read). Once layer k is written
+(export.StageExporter.layer) its weights are freed. The device holds at most two layers' weights,
+the calibration set's hidden states and the export buffers.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from .source import SourceCheckpoint
+from .stage import Stage
+
+
+class LayerStream:
+    """Loads a streaming stage's layers in order, one ahead; frees each when asked."""
+
+    def __init__(self, stage: Stage, source: SourceCheckpoint, device: torch.device):
+        self.stage, self.source, self.device = stage, source, device
+        self.order = [index for index, _ in stage.layers()]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="layer-stream")
+        self._pending: dict[int, Future] = {}
+        self.wait_seconds = 0.0
+        """Time calibration waited for a layer that was not read yet (the transfer not hidden)."""
+
+    def _names(self, index: int) -> list[str]:
+        prefix = f"{self.stage.layer_prefix(index)}."
+        return [n for n in self.source.weight_map if n.startswith(prefix)]
+
+    def _prefetch(self, index: int) -> None:
+        if index not in self._pending:
+            self._pending[index] = self._pool.submit(self.source.load, self._names(index), self.device)
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Layer `index`'s tensors into `layer` (waiting for the read if needed); the next read starts."""
+        self._prefetch(index)
+        t0 = time.perf_counter()
+        tensors = self._pending.pop(index).result()
+        self.wait_seconds += time.perf_counter() - t0
+        position = self.order.index(index)
+        if position + 1 < len(self.order):
+            self._prefetch(self.order[position + 1])
+        prefix = f"{self.stage.layer_prefix(index)}."
+        local = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
+        result = layer.load_state_dict(local, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise RuntimeError(f"layer {index}: unexpected tensors {result.unexpected_keys[:3]}")
+
+    def unload(self, layer: nn.Module) -> None:
+        """Free a written layer: its parameters go back to the meta device (quantizer state stays)."""
+        for module in layer.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
