@@ -199,7 +199,7 @@ def test_a_model_larger_than_two_sparks_streams_instead_of_failing(behemoth):
     with pytest.raises(PlanError, match=r"GB missing in all"):
         plan_stages(behemoth, budgets(facts, reserve_gb=4), "auto", CALIBRATION, stream="never")
     plans = plan_stages(behemoth, budgets(facts, reserve_gb=4), "auto", CALIBRATION, stream="auto")
-    assert [p.stop - p.start for p in plans] == [44, 44] or sum(p.layers for p in plans) == 88
+    assert plans[0].start == 0 and plans[0].stop == plans[1].start and plans[1].stop == 88
     assert any(p.streaming for p in plans)
     assert_within_budgets(plans)
     streamed = [p for p in plans if p.streaming]
