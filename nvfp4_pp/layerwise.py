@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import dist
+from .calibrate import ValidTokens, running_max_collection
 from .log import logger
 from .stage import LayerContext, Stage
 
@@ -58,9 +59,17 @@ class LayerAlgorithm:
         return self.config.layerwise.get_qdq_activations_from_prev_layer
 
     def calibrate(self, layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
+        """Max calibration collects input maxima on the device (calibrate.running_max_collection: the
+        same amaxes, no host sync per quantizer and micro-batch), as the pipelined pass does."""
         from modelopt.torch.quantization.mode import wrapped_calib_func
 
-        wrapped_calib_func(layer, self.config, forward_loop, func=self.descriptor._calib_func,
+        loop = forward_loop
+        if self.config.method == "max":
+            def loop(module: nn.Module) -> None:
+                with running_max_collection(module, ValidTokens()):
+                    forward_loop(module)
+
+        wrapped_calib_func(layer, self.config, loop, func=self.descriptor._calib_func,
                            supports_layerwise=self.descriptor._supports_layerwise)
 
 
