@@ -183,7 +183,10 @@ class StageExporter:
         self._write_held(layer, f"{prefix}.")
 
     def _write_held(self, module: nn.Module, prefix: str) -> None:
-        held = {f"{prefix}{k}": v for k, v in module.state_dict().items()
+        """Norms and other unquantized tensors, copied: on a CPU stage they are views into the memory
+        map of the shard their layer was read from, which the writer's buffer would keep alive (a
+        streaming stage would then hold every layer it has freed)."""
+        held = {f"{prefix}{k}": v.detach().clone() for k, v in module.state_dict().items()
                 if f"{prefix}{k}" in self.owned_set and f"{prefix}{k}" not in self.written}
         self.writer.add(held)
         self.written.update(held)
