@@ -150,6 +150,11 @@ def excluded_modules(owned: list[str], source: SourceCheckpoint, quantized: dict
     return tuple(sorted((out - set(quantized)) | ({lm_head} if lm_head else set())))
 
 
+def embedding_modules(stage: nn.Module, excluded: tuple[str, ...]) -> tuple[str, ...]:
+    """The excluded modules that are embeddings (any nn.Embedding, Gemma's scaled one included)."""
+    return tuple(sorted(n for n, m in stage.named_modules() if isinstance(m, nn.Embedding) and n in excluded))
+
+
 def export_stage(
     stage: nn.Module,
     owned: list[str],
@@ -191,4 +196,5 @@ def export_stage(
     logger.info("export: %d Linears packed and %.2f GB written in %.1f s (writer threads busy %.1f s "
                 "writing and checksumming)", len(schemes), total / 1e9, time.perf_counter() - started,
                 writer.write_seconds)
-    return ExportResult(tuple(writer.shards), schemes, kv_format, excluded_modules(owned, source, schemes, lm_head))
+    excluded = excluded_modules(owned, source, schemes, lm_head)
+    return ExportResult(tuple(writer.shards), schemes, kv_format, excluded, embedding_modules(stage, excluded))

@@ -84,6 +84,9 @@ class ExportResult:
     schemes: dict[str, str]
     kv_cache: str | None
     excluded: tuple[str, ...]
+    embeddings: tuple[str, ...] = ()
+    """The modules of `excluded` that are embeddings, not Linears: modelopt's exclude list names them,
+    compressed-tensors' `ignore` must not (see formats/compressed_tensors.py)."""
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -91,7 +94,7 @@ class ExportResult:
     @classmethod
     def from_dict(cls, d: dict) -> ExportResult:
         return cls(tuple(ShardRecord.from_dict(s) for s in d["shards"]), dict(d["schemes"]), d["kv_cache"],
-                   tuple(d["excluded"]))
+                   tuple(d["excluded"]), tuple(d.get("embeddings", ())))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
