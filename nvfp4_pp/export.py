@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .formats import CheckpointFormat
+from .linear_stats import linear_stats
 from .log import logger
-from .records import ExportResult
+from .records import ExportResult, LinearStats
 from .sizes import EXPORT_CHUNK_ELEMENTS
 from .source import SourceCheckpoint
 from .writer import ShardWriter
@@ -173,14 +174,18 @@ def export_stage(
     fuse_shared_inputs(stage)
     dtype = next(stage.parameters()).dtype
     schemes: dict[str, str] = {}
+    stats: dict[str, LinearStats] = {}
     written: set[str] = set()
     for name, module in _quant_linears(stage):
         module.name = name
+        weight = module.weight  # packing replaces the parameter; the BF16 tensor is measured against
         scheme, tensors = quantize_linear(name, module, dtype)
         out = fmt.linear_tensors(name, scheme, tensors)
         writer.add(out)
         written.update(tensors)
         schemes[name] = scheme
+        stats[name] = linear_stats(name, module, weight, scheme, tensors)
+        del weight
         # Free the packed weight once written: peak memory stays near the stage's weights.
         module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=module.weight.device), requires_grad=False)
     kv_format, kv = kv_cache_scales(stage)
@@ -197,4 +202,4 @@ def export_stage(
                 "writing and checksumming)", len(schemes), total / 1e9, time.perf_counter() - started,
                 writer.write_seconds)
     excluded = excluded_modules(owned, source, schemes, lm_head)
-    return ExportResult(tuple(writer.shards), schemes, kv_format, excluded, embedding_modules(stage, excluded))
+    return ExportResult(tuple(writer.shards), schemes, kv_format, excluded, embedding_modules(stage, excluded), stats)

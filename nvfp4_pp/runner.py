@@ -22,7 +22,7 @@ from . import dist
 from .arch import Architecture, architecture_of
 from .assemble import assemble
 from .calibrate import ValidTokens, calibrate, calibration_health, modelopt_config, register_kv_attention
-from .card import CALIBRATION_MANIFEST, peaks_text, run_record, write_record_and_card
+from .card import CALIBRATION_MANIFEST, final_line, peaks_text, run_record, write_record_and_card
 from .config import RunConfig
 from .data.samples import CalibrationDataError, MicroBatch, load_samples, micro_batches
 from .errors import NvFp4PpError
@@ -35,7 +35,7 @@ from .pipeline import run_pipeline
 from .planning import budget
 from .planning.memory import ModelSizes, Workload
 from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
-from .records import CalibrationManifest, ExportResult, Health, Memory, RankReport, Traffic
+from .records import CalibrationManifest, ExportResult, Health, Memory, PhaseSpan, RankReport, Traffic
 from .source import SourceCheckpoint, SourceError
 from .stage import Stage, build_stage
 from .verify import verify
@@ -72,8 +72,9 @@ class Run:
 
     def __init__(self, cfg: RunConfig, info: dist.RankInfo, options: Options):
         self.cfg, self.info, self.options = cfg, info, options
-        self.started = time.perf_counter()
+        self.started, self.started_wall = time.perf_counter(), time.time()
         self.timings: dict[str, float] = {}
+        self.spans: list[PhaseSpan] = [PhaseSpan("start-up", self.started_wall, self.started_wall)]
         self.work_dir = work_dir_of(cfg)
         self.rank_dir = self.work_dir / f"rank{info.rank}"
         self.fmt: CheckpointFormat
@@ -86,6 +87,7 @@ class Run:
         self.traffic: Traffic
         self.health: Health
         self.export_result: ExportResult
+        self.record: dict
 
     def execute(self) -> None:
         self.start_up()
@@ -103,14 +105,19 @@ class Run:
             return self.stopped_after("export")
         self.assemble()
         self.clean_up()
+        if self.info.is_first:
+            logger.info("%s", final_line(self.record, time.perf_counter() - self.started))
 
     @contextlib.contextmanager
     def phase(self, name: str):
         """Name the phase for lost-peer messages and time it."""
         dist.set_phase(name)
-        t0 = time.perf_counter()
+        t0, wall = time.perf_counter(), time.time()
+        if self.spans[-1].name == "start-up":  # start-up lasts until the first timed phase
+            self.spans[-1] = PhaseSpan("start-up", self.started_wall, wall)
         yield
         self.timings[name] = time.perf_counter() - t0
+        self.spans.append(PhaseSpan(name, wall, time.time()))
         logger.info("%s done in %.1f s", name, self.timings[name])
 
     @property
@@ -259,13 +266,14 @@ class Run:
             rank=self.info.rank, host=self.info.host, device=str(self.info.device), layers=self.layers,
             kind=plan.budget.kind, phases=dict(self.timings), health=self.health, traffic=self.traffic,
             predicted=Memory(plan.need.host, plan.need.device), measured=budget.measured_peak(plan.budget.kind),
-            export=self.export_result)
+            export=self.export_result, spans=tuple(self.spans))
 
     def assemble(self) -> None:
         """Rank 0 gathers every rank's shards and report, assembles, verifies and renames into place."""
+        with self.phase("gather"):
+            gathered = gather(self.cfg.gather, self.info, self.rank_dir, self.export_result.shards)
         dist.set_phase("assembly")
         reports = dist.gather_to_first(self.report(), self.info)
-        gathered = gather(self.cfg.gather, self.info, self.rank_dir, self.export_result.shards)
 
         def finish() -> None:
             t0 = time.perf_counter()
@@ -276,7 +284,7 @@ class Run:
                 record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
                                     time.perf_counter() - self.started, time.perf_counter() - t0, problems,
                                     wire_name(self.info))
-                write_record_and_card(tmp, record, output.name)
+                self.record = write_record_and_card(tmp, record, output.name)
                 if problems:
                     shown = "\n  ".join(problems[:20]) + (
                         f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")

@@ -15,6 +15,7 @@ import pytest
 
 from helpers import REPO, run_nvfp4_pp, write_config
 from nvfp4_pp.card import RECORD
+from nvfp4_pp.charts import TIMELINE
 
 TIMEOUT_S = 60
 
@@ -28,8 +29,9 @@ def _config(tmp: Path, smol_dir: Path, output: Path, samples: int = 24) -> Path:
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    """Every file of the checkpoint, byte for byte (the run record and model card hold this run's timings)."""
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name not in (RECORD, "README.md")}
+    """Every file of the checkpoint, byte for byte (the run record, model card and its timeline picture hold
+    this run's timings)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name not in (RECORD, "README.md", TIMELINE)}
 
 
 @pytest.fixture(scope="module")
