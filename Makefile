@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.cfg setup.py constraints.txt
 
 demo: install
 	$(PY) -m nvfp4_pp.demo_model $(DEMO_MODEL)
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m nvfp4_pp.run configs/demo.yaml \
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m nvfp4_pp.run configs/demo.yaml \
 		--set model=$(DEMO_MODEL) --overwrite
 
 test: install

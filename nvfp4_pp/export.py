@@ -17,6 +17,7 @@ from torch import nn
 from .formats import CheckpointFormat
 from .linear_stats import linear_stats
 from .log import logger
+from .progress import Progress
 from .records import ExportResult, LinearStats
 from .sizes import EXPORT_CHUNK_ELEMENTS
 from .source import SourceCheckpoint
@@ -176,7 +177,10 @@ def export_stage(
     schemes: dict[str, str] = {}
     stats: dict[str, LinearStats] = {}
     written: set[str] = set()
-    for name, module in _quant_linears(stage):
+    linears = list(_quant_linears(stage))
+    progress = Progress("export", sum(m.weight.numel() * m.weight.element_size() for _, m in linears), "GB",
+                        scale=1e9, steps=len(linears), step_unit="Linears")
+    for name, module in linears:
         module.name = name
         weight = module.weight  # packing replaces the parameter; the BF16 tensor is measured against
         scheme, tensors = quantize_linear(name, module, dtype)
@@ -185,6 +189,7 @@ def export_stage(
         written.update(tensors)
         schemes[name] = scheme
         stats[name] = linear_stats(name, module, weight, scheme, tensors)
+        progress.advance(weight.numel() * weight.element_size())
         del weight
         # Free the packed weight once written: peak memory stays near the stage's weights.
         module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=module.weight.device), requires_grad=False)

@@ -30,7 +30,7 @@ from .export import export_stage
 from .files import write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
-from .log import logger
+from .log import RELAY, attach_file, finish, logger
 from .pipeline import run_pipeline
 from .planning import budget
 from .planning.memory import ModelSizes, Workload
@@ -106,7 +106,7 @@ class Run:
         self.assemble()
         self.clean_up()
         if self.info.is_first:
-            logger.info("%s", final_line(self.record, time.perf_counter() - self.started))
+            finish(final_line(self.record, time.perf_counter() - self.started))
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -118,7 +118,7 @@ class Run:
         yield
         self.timings[name] = time.perf_counter() - t0
         self.spans.append(PhaseSpan(name, wall, time.time()))
-        logger.info("%s done in %.1f s", name, self.timings[name])
+        logger.info("%s done in %.1f s", name, self.timings[name], extra=RELAY)
 
     @property
     def layers(self) -> tuple[int, int]:
@@ -199,6 +199,7 @@ class Run:
         self.state = dist.everywhere(info, lambda: WorkState(
             self.rank_dir, fingerprint(self.cfg, self.source, info.world_size, info.device.type, self.layers,
                                        self.samples.manifest.token_ids_sha256), fresh=self.options.fresh))
+        logger.info("log: every line of this rank in %s", attach_file(self.rank_dir))
         if info.is_first:
             write_json(self.rank_dir / CALIBRATION_MANIFEST, self.samples.manifest.to_dict())
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .arch import FULL, SLIDING, Architecture
+from .progress import Progress
 from .source import SourceCheckpoint
 
 MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
@@ -112,7 +113,8 @@ def build_stage(
     stage = Stage(hf_config, arch, decoder, start, stop)
     _materialize_non_persistent_buffers(stage, skeleton, device)
     names = list(stage.state_dict().keys())
-    tensors = source.load(names, device)
+    progress = Progress("load", sum(source.nbytes(n) for n in names), "GB", scale=1e9)
+    tensors = source.load(names, device, loaded=progress.advance)
     stage.load_state_dict(tensors, strict=True, assign=True)
     still_meta = [n for n, t in [*stage.named_parameters(), *stage.named_buffers()] if t.is_meta]
     assert not still_meta, f"stage tensors left unloaded: {still_meta[:3]}"
