@@ -182,6 +182,8 @@ def setup(rank: int, world_size: int = 1) -> None:
     state.showwarning = warnings.showwarning
     logging.captureWarnings(True)
     _quiet_transformers()
+    for progress_bars_off in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # bars: third-party output too
+        os.environ.setdefault(progress_bars_off, "1")
     state.stdout = sys.stdout
     sys.stdout = _PrintedLines(state.third_party, sys.stdout)
     console.stream = state.stdout
@@ -238,7 +240,7 @@ def third_party_summary() -> str | None:
     return f"third-party output kept off the console: {parts}; {where}; NVFP4_PP_LOG=INFO shows it"
 
 
-def finish(line: str) -> None:
+def end_of_run(line: str) -> None:
     """Rank 0's last lines: what the others relayed so far, the third-party summary, then `line`."""
     if _state is not None and _state.listener is not None:
         _state.listener.poll()

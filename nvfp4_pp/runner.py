@@ -30,7 +30,7 @@ from .export import export_stage
 from .files import write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
-from .log import RELAY, attach_file, finish, logger
+from .log import RELAY, attach_file, end_of_run, logger
 from .pipeline import run_pipeline
 from .planning import budget
 from .planning.memory import ModelSizes, Workload
@@ -106,7 +106,7 @@ class Run:
         self.assemble()
         self.clean_up()
         if self.info.is_first:
-            finish(final_line(self.record, time.perf_counter() - self.started))
+            end_of_run(final_line(self.record, time.perf_counter() - self.started))
 
     @contextlib.contextmanager
     def phase(self, name: str):
