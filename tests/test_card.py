@@ -163,3 +163,16 @@ def test_base_model_is_the_sources_own_hub_id(tmp_path):
     assert read_source_card(local, {"_name_or_path": "org/Model-7B"}).hub_id == "org/Model-7B"
     card = read_source_card(local, {}, configured="me/Model-7B")
     assert card.hub_id == "me/Model-7B" and card.license == {"license": "other", "license_name": "custom"}
+
+
+def test_without_matplotlib_the_card_has_no_pictures_and_says_how(monkeypatch, tmp_path, caplog):
+    import logging
+
+    from nvfp4_pp.charts import render_charts
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if the charts extra were not installed
+    record = {"ranks": [{"rank": 0, "layers": [0, 1], "spans": [{"name": "load", "start": 0.0, "end": 1.0}]}],
+              "linears": {"model.layers.0.mlp.up_proj": {"scheme": "nvfp4", "weight_error": 0.1, "input_amax": 2.0}}}
+    with caplog.at_level(logging.INFO, logger="nvfp4_pp"):
+        assert render_charts(tmp_path, record) == {}
+    assert "pip install 'nvfp4_pp[charts]'" in caplog.text and not list(tmp_path.iterdir())
