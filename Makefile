@@ -1,5 +1,6 @@
 # Fresh machine: `make demo` (quantize the built-in SmolLM2-135M with 3 local ranks), `make test`.
-# Seed models: `make behemoth MODEL_DIR=... OUT=... RDZV=node0:29500`, the same command on every node
+# Seed models: `make behemoth MODEL_DIR=... OUT=... RDZV=node0:29500`, the same command on every node; each
+# reproduces its release's recipe and data (configs/<name>.yaml says which, and how to fill the data cache)
 # (NNODES per model below; one host with several GPUs: NNODES=1 NPROC_PER_NODE=<GPUs>).
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,8 @@ DEMO_MODEL ?= models/SmolLM2-135M
 SEED_MODELS := behemoth behemoth-t1 anubis-pro llama-3.3-70b deepseek-r1-distill-llama-70b
 NPROC_PER_NODE ?= 1
 RDZV ?= localhost:29500
-TORCHRUN ?= $(if $(wildcard $(VENV)/bin/torchrun),$(VENV)/bin/torchrun,torchrun)
+# torchrun's own launcher run in-process, so a failed run ends with the run's error line (nvfp4_pp/launch.py).
+LAUNCH ?= $(if $(wildcard $(PY)),$(PY),python3) -m nvfp4_pp.launch
 behemoth behemoth-t1 anubis-pro: NNODES ?= 3
 llama-3.3-70b deepseek-r1-distill-llama-70b: NNODES ?= 2
 
@@ -25,7 +27,7 @@ $(VENV)/.installed: setup.cfg setup.py constraints.txt
 
 demo: install
 	$(PY) -m nvfp4_pp.demo_model $(DEMO_MODEL)
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m nvfp4_pp.run configs/demo.yaml \
+	OMP_NUM_THREADS=1 $(LAUNCH) --standalone --nproc-per-node $(NPROC) -m nvfp4_pp.run configs/demo.yaml \
 		--set model=$(DEMO_MODEL) --overwrite
 
 test: install
@@ -40,4 +42,4 @@ lint: install
 
 $(SEED_MODELS):
 	$(if $(and $(MODEL_DIR),$(OUT)),,$(error usage: make $@ MODEL_DIR=/path/to/bf16-model OUT=/path/to/output [RDZV=node0:29500] [NNODES=n] [NPROC_PER_NODE=g]))
-	$(TORCHRUN) --nnodes $(NNODES) --nproc-per-node $(NPROC_PER_NODE) --rdzv-backend c10d --rdzv-endpoint $(RDZV) --rdzv-id nvfp4_pp-$@ -m nvfp4_pp.run configs/$@.yaml --set model=$(MODEL_DIR) --set output=$(OUT)
+	$(LAUNCH) --nnodes $(NNODES) --nproc-per-node $(NPROC_PER_NODE) --rdzv-backend c10d --rdzv-endpoint $(RDZV) --rdzv-id nvfp4_pp-$@ -m nvfp4_pp.run configs/$@.yaml --set model=$(MODEL_DIR) --set output=$(OUT)

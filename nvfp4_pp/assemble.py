@@ -53,7 +53,8 @@ def layers_of(exports: list[ExportResult]) -> Layers:
         raise AssembleError(f"ranks calibrated different KV-cache formats {sorted(kv)}")
     return Layers(schemes={name: scheme for e in exports for name, scheme in e.schemes.items()},
                   exclude=sorted({name for e in exports for name in e.excluded}),
-                  kv_cache=kv.pop() if kv else None)
+                  kv_cache=kv.pop() if kv else None,
+                  embeddings=tuple(sorted({name for e in exports for name in e.embeddings})))
 
 
 def assemble(

@@ -1,5 +1,7 @@
-"""The output's own record: `nvfp4_pp.json` (what ran, where, how long, calibration health) and a
-README.md model card rendered from it; `evaluate --update-card` fills in the quality section later."""
+"""The output's own record: `nvfp4_pp.json` (what ran, where, how long, calibration health, what the
+checkpoint holds) and a README.md model card rendered from it alone, with the Hub's front matter,
+the pictures (charts.py) and the Serving section (serving.py); `evaluate --update-card` fills in the
+quality section later."""
 
 from __future__ import annotations
 
@@ -7,10 +9,13 @@ from collections import Counter
 from pathlib import Path
 
 from . import __version__
+from .charts import render_charts
 from .config import RunConfig, config_to_dict
 from .files import write_json
 from .records import CalibrationManifest, RankReport
+from .serving import checkpoint_facts, serve_command, serving_lines
 from .source import SourceCheckpoint
+from .source_card import read_source_card
 
 RECORD = "nvfp4_pp.json"
 CARD = "README.md"
@@ -30,10 +35,11 @@ def run_record(cfg: RunConfig, source: SourceCheckpoint, reports: list[RankRepor
                    "manifest": manifest.to_dict()}
     return {
         "producer": PRODUCER, "modelopt_version": modelopt_version, "config": config_to_dict(cfg),
-        "base_model": source.config.get("_name_or_path") or source.path.name,
+        "source": read_source_card(source.path, source.config, cfg.base_model).to_dict(),
         "backend": backend,
         "calibration": calibration,
         "ranks": [r.to_dict() for r in reports],
+        "linears": {name: stats.to_dict() for r in reports for name, stats in sorted(r.export.linears.items())},
         "schemes": dict(sorted(Counter(s for r in reports for s in r.export.schemes.values()).items())),
         "kept_bf16": sorted({n for r in reports for n in r.export.excluded}),
         "wall_s": wall_s, "assemble_s": assemble_s,
@@ -41,19 +47,26 @@ def run_record(cfg: RunConfig, source: SourceCheckpoint, reports: list[RankRepor
     }
 
 
-def _manifest_lines(manifest: dict) -> list[str]:
-    """The calibration set as the card shows it: one line per source, then counts and the ids' hash."""
-    lines = []
-    for s in manifest["sources"]:
-        where = ", ".join(f"{k} `{s[k]}`" for k in ("config", "split", "field") if s.get(k))
-        share = f", share {s['share']}" if s.get("share") is not None else ""
-        skipped = (f"; skipped {s['skipped_short']} too short, {s['skipped_long']} too long"
-                   if s["skipped_short"] or s["skipped_long"] else "")
-        lines.append(f"- Source `{s['dataset']}`{' (' + where + ')' if where else ''}{share}: "
-                     f"{s['samples']} samples, {s['tokens']} tokens{skipped}.")
-    lines.append(f"- Set: {manifest['samples']} samples, {manifest['tokens']} tokens, lengths "
-                 f"{manifest['min_length']} / {manifest['median_length']} / {manifest['max_length']} "
-                 f"(min / median / max); token ids sha256 `{manifest['token_ids_sha256']}`.")
+def _source_text(s: dict) -> str:
+    """One calibration source: where it was read and what it gave."""
+    where = ", ".join(f"{k} `{s[k]}`" for k in ("config", "split", "field") if s.get(k))
+    share = f", share {s['share']}" if s.get("share") is not None else ""
+    skipped = (f"; skipped {s['skipped_short']} too short, {s['skipped_long']} too long"
+               if s["skipped_short"] or s["skipped_long"] else "")
+    return f"`{s['dataset']}`{' (' + where + ')' if where else ''}{share}: {s['samples']} samples, {s['tokens']} tokens{skipped}"
+
+
+def _calibration_lines(cal: dict) -> list[str]:
+    """The calibration set as measured: one line for the set (a mix adds one per source)."""
+    m = cal["manifest"]
+    sources = m["sources"]
+    what = _source_text(sources[0]) if len(sources) == 1 else f"{m['samples']} samples, {m['tokens']} tokens"
+    lines = [f"- Data: {what}; lengths {m['min_length']} / {m['median_length']} / {m['max_length']} tokens "
+             f"(min / median / max){', packed' if cal['pack'] else ''}, seed {cal['seed']}; {cal['micro_batches']} "
+             f"micro-batches of up to {cal['batch_size']} grouped by length (pad positions never enter a "
+             f"statistic); token ids sha256 `{m['token_ids_sha256']}`."]
+    if len(sources) > 1:
+        lines += [f"  - {_source_text(s)}." for s in sources]
     return lines
 
 
@@ -86,54 +99,74 @@ RECIPE_TEXT = {
     "mxfp4_mlp_fp8_attn": "MLP Linears MXFP4 (E2M1, blocks of 32, E8M0 scales); attention Linears FP8 W8A8 "
                           "with per-tensor static scales calibrated on the data below",
 }
+LIBRARY = {"compressed-tensors": "transformers", "modelopt": "Model Optimizer"}
+"""The card's `library_name`: transformers loads compressed-tensors checkpoints; modelopt-layout ones have
+no transformers loader, and NVIDIA's own releases of that layout name Model Optimizer."""
+
+
+def front_matter(record: dict) -> list[str]:
+    """The YAML block the Hub reads (written by huggingface_hub's ModelCardData), with a comment for
+    each field left out and why."""
+    from huggingface_hub import ModelCardData
+
+    cfg, source = record["config"], record["source"]
+    tags = sorted({"nvfp4_pp", "quantized", "vllm", cfg["format"], cfg.get("recipe", "nvfp4"),
+                   *record["checkpoint"]["schemes"]} | ({"fp8-kv-cache"} if record["checkpoint"]["kv_cache_scales"] else set()))
+    data = ModelCardData(base_model=source["hub_id"], base_model_relation="quantized" if source["hub_id"] else None,
+                         library_name=LIBRARY[cfg["format"]], pipeline_tag=source["pipeline_tag"], tags=tags,
+                         **source["license"])
+    comments = []
+    if not source["hub_id"]:
+        comments.append(f"# base_model left out: {source['found_in']}")
+    if not source["license"]:
+        comments.append("# license left out: the source's README.md front matter names none; add the source's "
+                        "license before publishing")
+    return ["---", *data.to_yaml().splitlines(), *comments, "---"]
 
 
 def render_card(record: dict, output_name: str) -> str:
-    """Markdown model card: base model, recipe, calibration, stage split, timings, health, serving."""
-    cfg, cal = record["config"], record["calibration"]
-    dataset = cal["dataset"] if isinstance(cal["dataset"], str) else "a mix of " + ", ".join(
-        s["dataset"] for s in cal["dataset"])
-    base = record["base_model"]
+    """Markdown model card: front matter, recipe, calibration, pipeline, verification, quality, serving."""
+    cfg, cal, source = record["config"], record["calibration"], record["source"]
+    recipe = cfg.get("recipe", "nvfp4")
+    of = f"[`{source['hub_id']}`](https://huggingface.co/{source['hub_id']})" if source["hub_id"] else f"`{cfg['model']}`"
+    charts = record.get("charts", {})
     unhealthy = [f"rank {m['rank']}: {', '.join(m['health'].get('bad', []))}" for m in record["ranks"]
                  if m["health"]["zero"] or m["health"]["nan"]]
     lines = [
-        "---",
-        f"base_model: {base}",
-        f"tags: [{cfg.get('recipe', 'nvfp4')}, vllm, " + cfg["format"] + "]",
-        "---",
+        *front_matter(record),
         f"# {output_name}",
         "",
-        f"`{cfg.get('recipe', 'nvfp4')}` quantization of `{base}` (source: `{cfg['model']}`), written by "
-        f"nvfp4_pp {record['producer']['version']} "
-        f"with nvidia-modelopt {record['modelopt_version']} in the `{cfg['format']}` layout.",
+        f"`{recipe}` quantization of {of}, written by nvfp4_pp {record['producer']['version']} with "
+        f"nvidia-modelopt {record['modelopt_version']} in the `{cfg['format']}` layout.",
         "",
         "## Recipe",
-        f"- Every decoder Linear: {RECIPE_TEXT[cfg.get('recipe', 'nvfp4')]}; q/k/v and gate/up share their "
+        f"- Every decoder Linear: {RECIPE_TEXT[recipe]}; q/k/v and gate/up share their "
         "per-tensor scales (vLLM fuses them). No cross-rank amax sync: each stage's statistics are its own.",
-        *[f"- Linears matching `{pattern}`: {RECIPE_TEXT[recipe]}" for pattern, recipe in
-          (cfg.get("recipe_overrides") or {}).items()],
+        *[f"- Linears matching `{pattern}`: {RECIPE_TEXT[r]}" for pattern, r in (cfg.get("recipe_overrides") or {}).items()],
         *([f"- KV cache: {cfg['kv_cache'].upper()} K and V scales calibrated on the data below"]
           if cfg.get("kv_cache") else []),
         f"- Kept in BF16: {', '.join(f'`{n}`' for n in record['kept_bf16']) or 'nothing'} (plus norms).",
         "",
         "## Calibration",
-        f"- Data: `{dataset}`, {cal['samples']} samples, {cal['tokens']} tokens "
-        f"({cal['min_length']} to {cal['max_length']} tokens each{', packed' if cal['pack'] else ''}, "
-        f"seed {cal['seed']}), micro-batches of up to {cal['batch_size']} grouped by length "
-        "(pad positions never enter a statistic).",
-        *_manifest_lines(cal["manifest"]),
+        *_calibration_lines(cal),
         "- Health (quantizers with a usable / zero or missing / NaN amax, per rank): "
         + "; ".join(f"rank {m['rank']} {m['health']['good']} / {m['health']['zero']} / {m['health']['nan']}"
                     for m in record["ranks"]) + ".",
     ]
     if unhealthy:
         lines.append("- Quantizers without a usable amax: " + "; ".join(unhealthy))
+    if "layers" in charts:
+        lines += ["", f"![Weight error per Linear and input-scale range per layer]({charts['layers']})", "",
+                  "Relative weight error ‖W − dequant(quant(W))‖ / ‖W‖ of every quantized Linear (decoded from the "
+                  "written tensors), and per decoder layer the range of its Linears' calibrated input amax."]
     lines += [
         "",
         "## Pipeline",
         f"{len(record['ranks'])} rank(s), torch.distributed pipeline ({record['backend']}); "
         f"wall time {record['wall_s']:.1f} s, assembly and verification {record['assemble_s']:.1f} s.",
         "",
+        *([f"![Pipeline timeline: each rank's phases over wall time]({charts['timeline']})", ""]
+          if "timeline" in charts else []),
         *_pipeline_rows(record["ranks"]),
         "",
         "## Verification",
@@ -144,25 +177,37 @@ def render_card(record: dict, output_name: str) -> str:
         "Not measured by the run. Measure it (weights decoded from these files, W4A16 and emulated W4A4) with:",
         "",
         "```bash",
-        f"python -m nvfp4_pp.evaluate --source {cfg['model']} --quantized {cfg['output']} --input-scale-one --update-card",
+        evaluate_command(record),
         "```",
         QUALITY_END,
         "",
-        "## Serving",
-        "```bash",
-        f"vllm serve {cfg['output']}",
-        "```",
-        "vLLM reads the quantization from `config.json`. Native W4A4 kernels need Blackwell (SM100+); "
-        "on Hopper and Ampere vLLM runs the weights through a weight-only FP4 kernel (Marlin).",
-        "",
+        *serving_lines(record["checkpoint"], cfg["output"], output_name),
     ]
     return "\n".join(lines)
 
 
-def write_record_and_card(directory: Path, record: dict, output_name: str) -> None:
-    """nvfp4_pp.json and the README.md card rendered from it, into the (temporary) output directory."""
+def evaluate_command(record: dict) -> str:
+    cfg = record["config"]
+    return (f"python -m nvfp4_pp.evaluate --source {cfg['model']} --quantized {cfg['output']} --input-scale-one "
+            "--update-card")
+
+
+def write_record_and_card(directory: Path, record: dict, output_name: str) -> dict:
+    """Complete the record with what the (temporary) output directory holds and the pictures drawn from
+    it, then write nvfp4_pp.json and the README.md card rendered from it; returns the record."""
+    record = {**record, "checkpoint": checkpoint_facts(directory)}
+    record["charts"] = render_charts(directory, record)
     write_json(directory / RECORD, record)
     (directory / CARD).write_text(render_card(record, output_name))
+    return record
+
+
+def final_line(record: dict, wall_s: float) -> str:
+    """The run's last line: what was written, how big, how long, whether it verified, what to run next."""
+    cfg = record["config"]
+    return (f"done: {cfg['output']} ({record['checkpoint']['bytes'] / 1e9:.2f} GB) in {wall_s:.0f} s, verification "
+            f"{record['verification']}; evaluate: {evaluate_command(record)}; serve: "
+            f"{serve_command(record['checkpoint'], cfg['output'])}")
 
 
 def update_quality(directory: Path, what: str, table: list[str]) -> None:

@@ -186,6 +186,9 @@ class RunConfig:
     """Directory of the BF16 Hugging Face checkpoint (config.json, *.safetensors, tokenizer)."""
     output: str
     """Directory the quantized checkpoint is written to (created atomically at the end)."""
+    base_model: str = ""
+    """Hugging Face Hub id of the source (`org/name`), for the model card's `base_model`; empty: taken from
+    the source when it says it (a Hub cache path, or config.json `_name_or_path` of that form), else left out."""
     format: Literal["compressed-tensors", "modelopt"] = "compressed-tensors"
     """On-disk layout: `compressed-tensors` (vLLM and transformers read it) or `modelopt`."""
     recipe: Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4", "mxfp4_mlp_fp8_attn"] = "nvfp4"

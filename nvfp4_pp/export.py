@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from .formats import CheckpointFormat
+from .linear_stats import linear_stats
 from .log import logger
-from .records import ExportResult
+from .progress import Progress
+from .records import ExportResult, LinearStats
 from .sizes import EXPORT_CHUNK_ELEMENTS
 from .source import SourceCheckpoint
 from .stage import Stage
@@ -145,6 +147,11 @@ def excluded_modules(owned: list[str], source: SourceCheckpoint, quantized: dict
     return tuple(sorted((out - set(quantized)) | ({lm_head} if lm_head else set())))
 
 
+def embedding_modules(stage: nn.Module, excluded: tuple[str, ...]) -> tuple[str, ...]:
+    """The excluded modules that are embeddings (any nn.Embedding, Gemma's scaled one included)."""
+    return tuple(sorted(n for n, m in stage.named_modules() if isinstance(m, nn.Embedding) and n in excluded))
+
+
 class StageExporter:
     """Writes one rank's tensors: each decoder layer's (packed Linears, KV scales, norms) as soon as
     the layer is calibrated, then every other tensor the rank owns.
@@ -158,9 +165,15 @@ class StageExporter:
         self.stage, self.owned, self.source, self.fmt, self.writer = stage, owned, source, fmt, writer
         self.owned_set = set(owned)
         self.schemes: dict[str, str] = {}
+        self.stats: dict[str, LinearStats] = {}
         self.kv_formats: set[str] = set()
         self.written: set[str] = set()
         self.started = time.perf_counter()
+        # Sized from the source (a streaming stage's layers are not loaded yet): its layers' 2-D weights.
+        prefixes = tuple(stage.layer_prefixes())
+        linears = [n for n in owned if n.startswith(prefixes) and n.endswith(".weight") and len(source.shape(n)) == 2]
+        self.progress = Progress("export", sum(source.nbytes(n) for n in linears), "GB", scale=1e9,
+                                 steps=len(linears), step_unit="Linears")
 
     def layer(self, index: int, layer: nn.Module) -> None:
         """Pack and write decoder layer `index`; its weights are freed as they are written."""
@@ -170,10 +183,14 @@ class StageExporter:
         for local, module in _quant_linears(layer):
             name = f"{prefix}.{local}"
             module.name = name
+            weight = module.weight  # packing replaces the parameter; the BF16 tensor is measured against
             scheme, tensors = quantize_linear(name, module, dtype)
             self.writer.add(self.fmt.linear_tensors(name, scheme, tensors))
             self.written.update(tensors)
             self.schemes[name] = scheme
+            self.stats[name] = linear_stats(name, module, weight, scheme, tensors)
+            self.progress.advance(weight.numel() * weight.element_size())
+            del weight
             # Free the packed weight once written: peak memory stays near the stage's weights.
             module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=module.weight.device), requires_grad=False)
         kv_format, kv = kv_cache_scales(layer, prefix)
@@ -205,9 +222,9 @@ class StageExporter:
                     self.writer.write_seconds)
         if len(self.kv_formats) > 1:
             raise RuntimeError(f"layers of one stage got different KV-cache formats {sorted(self.kv_formats)}")
-        kv_format = next(iter(self.kv_formats), None)
-        return ExportResult(tuple(self.writer.shards), self.schemes, kv_format,
-                            excluded_modules(self.owned, self.source, self.schemes, lm_head))
+        excluded = excluded_modules(self.owned, self.source, self.schemes, lm_head)
+        return ExportResult(tuple(self.writer.shards), self.schemes, next(iter(self.kv_formats), None), excluded,
+                            embedding_modules(self.stage, excluded), self.stats)
 
 
 def export_stage(stage: Stage, owned: list[str], source: SourceCheckpoint, fmt: CheckpointFormat,

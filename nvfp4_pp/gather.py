@@ -32,6 +32,7 @@ from .config import GatherConfig
 from .errors import NvFp4PpError
 from .files import file_intact
 from .log import logger
+from .progress import Progress
 from .records import ShardRecord
 
 MARKER = ".nvfp4_pp-marker"
@@ -197,6 +198,7 @@ def _pull_process_group(cfg: GatherConfig, info: dist.RankInfo, shard_dir: Path,
 def _send(shard_dir: Path, jobs: list[_Job], device: torch.device, chunk_bytes: int) -> None:
     """Stream the requested byte ranges to rank 0, at most two chunks in flight."""
     in_flight: deque[tuple[tdist.Work, torch.Tensor]] = deque()
+    progress = Progress("gather: sending", sum(job.size - job.offset for job in jobs), "GB", scale=1e9)
     for job in jobs:
         with open(shard_dir / job.file, "rb") as f:
             f.seek(job.offset)
@@ -208,6 +210,7 @@ def _send(shard_dir: Path, jobs: list[_Job], device: torch.device, chunk_bytes: 
                 in_flight.append((tdist.isend(chunk, 0), chunk))
                 while len(in_flight) > 2:
                     in_flight.popleft()[0].wait()
+                progress.advance(n)
     while in_flight:
         in_flight.popleft()[0].wait()
 
@@ -268,6 +271,7 @@ def _receive(result: Gathered, requests: dict[int, list[_Job]], device: torch.de
     plans = {r: deque(n for job in jobs for n in job.chunks(chunk_bytes)) for r, jobs in requests.items() if jobs}
     pending: dict[int, tuple[tdist.Work, torch.Tensor]] = {}
     error = None
+    progress = Progress("gather: receiving", sum(sum(p) for p in plans.values()), "GB", scale=1e9)
 
     def post(r: int) -> None:
         if plans[r]:
@@ -283,6 +287,7 @@ def _receive(result: Gathered, requests: dict[int, list[_Job]], device: torch.de
                 work.wait()
                 post(r)
                 result.received_bytes += buf.numel()
+                progress.advance(buf.numel())
                 if error is None:
                     try:
                         sinks[r].write(memoryview(buf.cpu().numpy()))

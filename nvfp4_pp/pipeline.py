@@ -14,7 +14,8 @@ import torch
 from . import dist
 from .calibrate import ValidTokens
 from .data.samples import MicroBatch, valid_mask
-from .log import Progress
+from .log import logger
+from .progress import Progress
 from .records import Traffic
 
 
@@ -39,7 +40,7 @@ def run_pipeline(
         else dist.Receiver(info.rank - 1, wire, info.wire_group, shapes=shapes, dtype=dtype)
     )
     sender = None if info.is_last else dist.Sender(info.rank + 1, wire, info.wire_group, headers=False)
-    progress = Progress("calibration", len(lengths))
+    progress = Progress("calibration", sum(map(sum, lengths)), "tokens", steps=len(lengths), step_unit="micro-batches")
     with torch.no_grad():
         for x, real, shape in zip(inputs, lengths, shapes, strict=True):
             valid.set(valid_mask(real, x.shape[1]))
@@ -49,8 +50,9 @@ def run_pipeline(
                     raise RuntimeError(f"stage output {hidden.dtype}{tuple(hidden.shape)}, the next rank expects "
                                        f"{dtype}{shape}")
                 sender.send(hidden.to(wire))
-            progress.step(tokens=sum(real))
+            progress.advance(sum(real))
+            logger.debug("calibration micro-batch %d/%d done", progress.steps_done, len(lengths))
         valid.set(None)
         if sender is not None:
             sender.close()
-    return Traffic(progress.tokens, sender.bytes_sent if sender else 0, 0 if info.is_first else inputs.bytes_received)
+    return Traffic(int(progress.done), sender.bytes_sent if sender else 0, 0 if info.is_first else inputs.bytes_received)

@@ -76,6 +76,21 @@ class ShardRecord:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LinearStats:
+    """One quantized Linear as written: its scheme, how far its decoded weight is from the BF16 one,
+    and its calibrated input amax (for the card's per-layer chart)."""
+
+    scheme: str
+    weight_error: float | None
+    """‖W − decoded‖ / ‖W‖ over the whole weight; None for a scheme without an independent decoder."""
+    input_amax: float | None
+    """The calibrated input amax (None for schemes that scale inputs at run time, or none at all)."""
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ExportResult:
     """What one rank's export wrote: its shards, the scheme of each quantized Linear, the KV-cache
     format, and the BF16 modules a loader could take for quantized Linears (for the exclude lists)."""
@@ -84,6 +99,11 @@ class ExportResult:
     schemes: dict[str, str]
     kv_cache: str | None
     excluded: tuple[str, ...]
+    embeddings: tuple[str, ...] = ()
+    """The modules of `excluded` that are embeddings, not Linears: modelopt's exclude list names them,
+    compressed-tensors' `ignore` must not (see formats/compressed_tensors.py)."""
+    linears: dict[str, LinearStats] = dataclasses.field(default_factory=dict)
+    """Quantized Linear name -> its error and input amax."""
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -91,7 +111,8 @@ class ExportResult:
     @classmethod
     def from_dict(cls, d: dict) -> ExportResult:
         return cls(tuple(ShardRecord.from_dict(s) for s in d["shards"]), dict(d["schemes"]), d["kv_cache"],
-                   tuple(d["excluded"]))
+                   tuple(d["excluded"]), tuple(d.get("embeddings", ())),
+                   {k: LinearStats(**v) for k, v in d.get("linears", {}).items()})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,6 +157,16 @@ class Memory:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PhaseSpan:
+    """When one phase ran on one rank, in wall-clock seconds since the epoch (for the timeline chart;
+    ranks on different hosts compare as well as their clocks agree)."""
+
+    name: str
+    start: float
+    end: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RankReport:
     """What one rank did, sent to rank 0 after export: where it ran, how long, how healthy, how big."""
 
@@ -152,6 +183,8 @@ class RankReport:
     predicted: Memory
     measured: Memory
     export: ExportResult
+    spans: tuple[PhaseSpan, ...] = ()
+    """Start and end of each phase (start-up, load, calibrate, export, gather), in run order."""
 
     def to_dict(self) -> dict:
         """The rank's entry in nvfp4_pp.json (shards and schemes are summarised for the whole run)."""

@@ -14,7 +14,7 @@ import sys
 from . import __version__, dist
 from .config import load_config
 from .errors import Fault, NvFp4PpError
-from .log import setup
+from .log import report_error, setup, teardown
 from .runner import Options, Run
 from .work_state import PHASES
 
@@ -53,21 +53,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     previous_handler = signal.signal(signal.SIGTERM, _raise_stopped)
     options = Options(overwrite=args.overwrite, fresh=args.fresh, stop_after=args.stop_after, plan_only=args.plan)
+    error, shown = None, True  # printed after the process group is gone, so it is this rank's last line
     try:
         info = dist.init(cfg.pipeline.backend, cfg.pipeline.device, cfg.pipeline.timeout_s)
-        setup(info.rank)
+        setup(info.rank, info.world_size)
         Run(cfg, info, options).execute()
         return 0
     except dist.Agreed as e:
-        if rank == 0:
-            print(f"nvfp4_pp: error: {e}", file=sys.stderr)
+        error, shown = f"nvfp4_pp: error: {e}", rank == 0  # every rank knows it; rank 0 says it
         return 1
     except NvFp4PpError as e:
-        print(f"nvfp4_pp: error (rank {rank}): {e}", file=sys.stderr)
+        error = f"nvfp4_pp: error (rank {rank}): {e}"
         return 1
     finally:
         dist.shutdown()
         signal.signal(signal.SIGTERM, previous_handler)
+        if error:
+            report_error(error, shown)
+        teardown()
 
 
 if __name__ == "__main__":

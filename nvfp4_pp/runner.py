@@ -31,7 +31,7 @@ from .calibrate import (
     register_kv_attention,
     uses_hessians,
 )
-from .card import CALIBRATION_MANIFEST, peaks_text, run_record, write_record_and_card
+from .card import CALIBRATION_MANIFEST, final_line, peaks_text, run_record, write_record_and_card
 from .config import RunConfig
 from .data.samples import CalibrationDataError, MicroBatch, load_samples, micro_batches
 from .errors import NvFp4PpError
@@ -39,12 +39,12 @@ from .export import StageExporter, export_stage
 from .files import write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
-from .log import logger
+from .log import RELAY, attach_file, end_of_run, logger
 from .pipeline import run_pipeline
 from .planning import budget
 from .planning.memory import ModelSizes, Workload
 from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
-from .records import CalibrationManifest, ExportResult, Health, Memory, RankReport, Traffic
+from .records import CalibrationManifest, ExportResult, Health, Memory, PhaseSpan, RankReport, Traffic
 from .source import SourceCheckpoint, SourceError
 from .stage import Stage, build_stage
 from .streaming import LayerStream
@@ -82,8 +82,9 @@ class Run:
 
     def __init__(self, cfg: RunConfig, info: dist.RankInfo, options: Options):
         self.cfg, self.info, self.options = cfg, info, options
-        self.started = time.perf_counter()
+        self.started, self.started_wall = time.perf_counter(), time.time()
         self.timings: dict[str, float] = {}
+        self.spans: list[PhaseSpan] = [PhaseSpan("start-up", self.started_wall, self.started_wall)]
         self.work_dir = work_dir_of(cfg)
         self.rank_dir = self.work_dir / f"rank{info.rank}"
         self.fmt: CheckpointFormat
@@ -98,6 +99,7 @@ class Run:
         self.traffic: Traffic
         self.health: Health
         self.export_result: ExportResult
+        self.record: dict
 
     def execute(self) -> None:
         self.start_up()
@@ -115,15 +117,20 @@ class Run:
             return self.stopped_after("export")
         self.assemble()
         self.clean_up()
+        if self.info.is_first:
+            end_of_run(final_line(self.record, time.perf_counter() - self.started))
 
     @contextlib.contextmanager
     def phase(self, name: str):
         """Name the phase for lost-peer messages and time it."""
         dist.set_phase(name)
-        t0 = time.perf_counter()
+        t0, wall = time.perf_counter(), time.time()
+        if self.spans[-1].name == "start-up":  # start-up lasts until the first timed phase
+            self.spans[-1] = PhaseSpan("start-up", self.started_wall, wall)
         yield
         self.timings[name] = time.perf_counter() - t0
-        logger.info("%s done in %.1f s", name, self.timings[name])
+        self.spans.append(PhaseSpan(name, wall, time.time()))
+        logger.info("%s done in %.1f s", name, self.timings[name], extra=RELAY)
 
     @property
     def layers(self) -> tuple[int, int]:
@@ -208,6 +215,7 @@ class Run:
             self.rank_dir, fingerprint(self.cfg, self.source, info.world_size, info.device.type, self.layers,
                                        self.streaming, self.samples.manifest.token_ids_sha256),
             fresh=self.options.fresh))
+        logger.info("log: every line of this rank in %s", attach_file(self.rank_dir))
         if info.is_first:
             write_json(self.rank_dir / CALIBRATION_MANIFEST, self.samples.manifest.to_dict())
 
@@ -391,13 +399,14 @@ class Run:
             rank=self.info.rank, host=self.info.host, device=str(self.info.device), layers=self.layers,
             kind=plan.budget.kind, phases=dict(self.timings), health=self.health, traffic=self.traffic,
             predicted=Memory(plan.need.host, plan.need.device), measured=budget.measured_peak(plan.budget.kind),
-            export=self.export_result)
+            export=self.export_result, spans=tuple(self.spans))
 
     def assemble(self) -> None:
         """Rank 0 gathers every rank's shards and report, assembles, verifies and renames into place."""
+        with self.phase("gather"):
+            gathered = gather(self.cfg.gather, self.info, self.rank_dir, self.export_result.shards)
         dist.set_phase("assembly")
         reports = dist.gather_to_first(self.report(), self.info)
-        gathered = gather(self.cfg.gather, self.info, self.rank_dir, self.export_result.shards)
 
         def finish() -> None:
             t0 = time.perf_counter()
@@ -408,7 +417,7 @@ class Run:
                 record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
                                     time.perf_counter() - self.started, time.perf_counter() - t0, problems,
                                     wire_name(self.info))
-                write_record_and_card(tmp, record, output.name)
+                self.record = write_record_and_card(tmp, record, output.name)
                 if problems:
                     shown = "\n  ".join(problems[:20]) + (
                         f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")

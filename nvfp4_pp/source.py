@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -141,11 +141,12 @@ class SourceCheckpoint:
         """config.json minus the source's own quantization block (the output gets its own)."""
         return {k: v for k, v in self.config.items() if k not in fp8_source.CONFIG_KEYS}
 
-    def load(self, names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def load(self, names: list[str], device: torch.device | str = "cpu",
+             loaded: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
         """Read just `names`, shard by shard, onto `device`; FP8 weights come dequantised to `dtype`.
 
         Each FP8 weight is dequantised as soon as it is read, so one FP8 tensor at a time is held
-        beside the loaded ones.
+        beside the loaded ones. `loaded(bytes)` is told of each tensor as it arrives (progress).
         """
         missing = [n for n in names if n not in self.weight_map]
         if missing:
@@ -156,6 +157,8 @@ class SourceCheckpoint:
             if name in self.fp8_scales:
                 tensor = fp8_source.dequantize(tensor, scales[self.fp8_scales[name]], self.fp8.block, self.dtype)
             out[name] = tensor
+            if loaded is not None:
+                loaded(tensor.numel() * tensor.element_size())
         return out
 
     def _read(self, names: list[str], device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,6 +17,7 @@ from transformers import AutoConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .arch import FULL, SLIDING, Architecture
+from .progress import Progress
 from .source import SourceCheckpoint
 
 MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
@@ -165,7 +166,8 @@ def build_stage(
     names = list(stage.state_dict().keys())
     if streaming:
         names = [n for n in names if not any(n.startswith(p) for p in stage.layer_prefixes())]
-    stage.load_state_dict(source.load(names, device), strict=False, assign=True)
+    progress = Progress("load", sum(source.nbytes(n) for n in names), "GB", scale=1e9)
+    stage.load_state_dict(source.load(names, device, loaded=progress.advance), strict=False, assign=True)
     still_meta = [n for n, t in [*stage.named_parameters(), *stage.named_buffers()]
                   if t.is_meta and not (streaming and any(n.startswith(p) for p in stage.layer_prefixes()))]
     assert not still_meta, f"stage tensors left unloaded: {still_meta[:3]}"

@@ -276,6 +276,20 @@ def _check_ignore_agrees(linears: dict, ignore: list[str], method: str, problems
                     problems.append(f"{parent}.{fused}: ignore covers only some parts {states}; fused parts must agree")
 
 
+def _check_ignore_names_linears(model, layout: QuantLayout, problems: list[str]) -> None:
+    """compressed-tensors' `ignore` may name only Linears: older vLLM releases (0.7 to at least 0.9)
+    consulted it before the layer type and gave any listed layer a Linear method, which has no
+    embedding lookup (a model that builds its embedding with the quantization config fails)."""
+    if layout.method != "compressed-tensors":
+        return
+    linears, params, _ = model
+    modules = {n.rpartition(".")[0] for n in params}
+    for entry in layout.ignore:
+        if entry in modules and entry not in linears:
+            problems.append(f"quantization_config.ignore: {entry!r} is not a Linear; older vLLM gives every listed "
+                            "layer a Linear method (an embedding has none): list only Linears")
+
+
 def _check_source(directory: Path, config: dict, source: Path, problems: list[str]) -> None:
     if not (source / "config.json").is_file():
         problems.append(f"source {source}: has no config.json to compare with")
@@ -313,6 +327,7 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
     if layout is None or model is None or tensors is None:
         return problems
     _check_ignore_agrees(model[0], layout.ignore, layout.method, problems)
+    _check_ignore_names_linears(model, layout, problems)
     quantized = _check_linears(layout, tensors, model, problems)
     kv_names = _check_kv_cache(layout, model[0], tensors, problems)
     _check_scales(directory, layout.method, quantized, kv_names, tensors, problems)

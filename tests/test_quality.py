@@ -38,6 +38,7 @@ def test_output_records_the_run(ct_output, smol_dir):
     assert all(r["health"]["zero"] == r["health"]["nan"] == 0 for r in record["ranks"])
     assert record["calibration"]["samples"] == 4 and record["verification"] == "passed"
     card = (ct_output / "README.md").read_text()
-    for expected in ("base_model: SmolLM2-135M", "compressed-tensors", "rank 0 210 / 0 / 0", "| 1 |",
+    for expected in ("# base_model left out: the source (SmolLM2-135M) names no Hub id", "compressed-tensors",
+                     "rank 0 210 / 0 / 0", "| 1 |",
                      f"vllm serve {ct_output}", "4 samples, 240 tokens", "lm_head"):
         assert expected in card, expected

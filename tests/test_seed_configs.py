@@ -1,4 +1,5 @@
-"""Seed model configs: valid against a config.json of each model's real shape, and `make -n <model>`.
+"""Seed model configs: valid against a config.json of each model's real shape, reproduce their release's
+data (read offline from a cnn_dailymail-shaped set), and `make -n <model>`.
 
 The checkpoints are synthetic: the real config.json fields and safetensors shards whose headers
 declare every tensor with its real name, dtype and shape (sparse files, no bytes on disk), so
@@ -7,6 +8,7 @@ validation, architecture lookup, the layer split and per-rank sizes run exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -51,6 +53,14 @@ SEEDS = {
     "llama-3.3-70b": (LLAMA_33_70B, 70.6),
     "deepseek-r1-distill-llama-70b": ({**LLAMA_33_70B, "eos_token_id": 128001}, 70.6),
 }
+RELEASES = {"behemoth": "TheDrummer/Behemoth-X-123B-v2.2", "behemoth-t1": "TheDrummer/Behemoth-T1-123B-v1",
+            "anubis-pro": "TheDrummer/Anubis-Pro-105B-v1", "llama-3.3-70b": "meta-llama/Llama-3.3-70B-Instruct",
+            "deepseek-r1-distill-llama-70b": "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"}
+"""Config name -> the Hub id of the model its seed release quantized."""
+RELEASE_DATA = {"dataset": "hf:abisee/cnn_dailymail", "config": "3.0.0", "split": "train", "field": "article",
+                "samples": 256, "min_length": 150, "max_length": 1200, "too_long": "skip"}
+"""The seed releases' calibration data: 256 cnn_dailymail articles of 150 to 1200 tokens."""
+FILL_CACHE = "python -c \"import datasets; datasets.load_dataset('abisee/cnn_dailymail', '3.0.0', split='train')\""
 
 
 def target_hardware(nnodes: int, small_last: bool) -> list[RankFacts]:
@@ -60,6 +70,11 @@ def target_hardware(nnodes: int, small_last: bool) -> list[RankFacts]:
     if small_last:
         facts[-1] = RankFacts(nnodes - 1, "desktop", "cuda:0", "discrete", int(23.5 * gib), 48 * gib, 3 * GB)
     return facts
+
+
+def launcher() -> str:
+    python = ".venv/bin/python" if (REPO / ".venv" / "bin" / "python").exists() else "python3"
+    return f"{python} -m nvfp4_pp.launch"
 
 
 def make_dry_run(target: str, *args: str) -> str:
@@ -79,9 +94,8 @@ def test_seed_config_is_valid_for_the_real_model_shape(name, tmp_path):
 
     command = make_dry_run(name, f"MODEL_DIR={model}", f"OUT={tmp_path / 'out'}")
     nnodes = int(re.search(r"--nnodes (\d+)", command).group(1))
-    torchrun = ".venv/bin/torchrun" if (REPO / ".venv" / "bin" / "torchrun").exists() else "torchrun"
     assert command == (
-        f"{torchrun} --nnodes {nnodes} --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint localhost:29500 "
+        f"{launcher()} --nnodes {nnodes} --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint localhost:29500 "
         f"--rdzv-id nvfp4_pp-{name} -m nvfp4_pp.run configs/{name}.yaml --set model={model} "
         f"--set output={tmp_path / 'out'}"
     )
@@ -104,6 +118,39 @@ def test_seed_config_is_valid_for_the_real_model_shape(name, tmp_path):
 
 def test_make_overrides_and_usage_error():
     command = make_dry_run("llama-3.3-70b", "MODEL_DIR=/m", "OUT=/o", "NNODES=1", "NPROC_PER_NODE=2", "RDZV=n0:29511")
-    assert command.split(" ", 1)[1].startswith("--nnodes 1 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint n0:29511 ")
+    assert command.removeprefix(launcher() + " ").startswith("--nnodes 1 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint n0:29511 ")
     result = subprocess.run(["make", "-n", "behemoth"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and "usage: make behemoth MODEL_DIR=" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def cnn_like(tmp_path_factory) -> Path:
+    """A save_to_disk set shaped like cnn_dailymail 3.0.0's train split: articles of real English text,
+    from a few dozen to a few thousand tokens."""
+    datasets = pytest.importorskip("datasets", reason="the 'data' extra: pip install 'nvfp4_pp[data]'")
+    from pydoc_data.topics import topics
+
+    rows = [{"article": topics[k], "highlights": topics[k][:80], "id": f"{i:040x}"} for i, k in enumerate(sorted(topics)[:40])]
+    path = tmp_path_factory.mktemp("hf") / "cnn_dailymail"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(SEEDS))
+def test_seed_config_reproduces_its_release_data(name, cnn_like, smol_dir):
+    """The release's data and layout, its Hub id for the card, the header naming the release and the one
+    command that fills the data cache; the data section reads a cnn_dailymail-shaped set offline with
+    every sample a whole article inside the window."""
+    from nvfp4_pp.data.samples import load_samples
+
+    path = REPO / "configs" / f"{name}.yaml"
+    cfg = load_config(path, ["model=/m", "output=/o"])
+    assert {k: getattr(cfg.calibration, k) for k in RELEASE_DATA} == RELEASE_DATA
+    assert cfg.format == "compressed-tensors" and cfg.base_model == RELEASES[name]
+    header = path.read_text().split("\nmodel:")[0]
+    assert f"Seed release: {RELEASES[name]}" in header and FILL_CACHE in header and "differs" in header
+    calibration = dataclasses.replace(cfg.calibration, dataset=f"hf:{cnn_like}", config="")
+    chosen = load_samples(calibration, smol_dir)
+    source = chosen.manifest().sources[0]
+    assert source.field == "article" and source.skipped_long > 0 and source.skipped_short > 0
+    assert chosen.samples and all(150 <= len(s) <= 1200 for s in chosen.samples)

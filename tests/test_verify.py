@@ -73,6 +73,8 @@ BREAKAGES = {
     "ignored-but-quantized": (lambda d: edit_quant_config(d, "ignore", ["lm_head", f"{L}.0.mlp.down_proj"]),
                               f"{L}.0.mlp.down_proj: listed in ignore but has quantized tensors"),
     "no-tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: in the source but missing"),
+    "embedding-in-ignore": (lambda d: edit_quant_config(d, "ignore", ["lm_head", "model.embed_tokens"]),
+                            "quantization_config.ignore: 'model.embed_tokens' is not a Linear"),
 }
 
 

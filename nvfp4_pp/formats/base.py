@@ -30,6 +30,13 @@ class Layers:
     """Modules kept in BF16 (lm_head, embeddings, ignored Linears)."""
     kv_cache: str | None = None
     """KV-cache format (modelopt's name, "FP8") when K/V scales were calibrated."""
+    embeddings: tuple[str, ...] = ()
+    """The modules of `exclude` that are embeddings rather than Linears."""
+
+    @property
+    def linears_kept(self) -> list[str]:
+        """`exclude` without the embeddings: the BF16 modules a reader would otherwise quantize."""
+        return [m for m in self.exclude if m not in self.embeddings]
 
     @property
     def distinct(self) -> list[str]:

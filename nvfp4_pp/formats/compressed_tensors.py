@@ -94,6 +94,8 @@ class CompressedTensorsFormat(CheckpointFormat):
             "quantization_status": "compressed",  # transformers refuses anything else for packed weights
             "config_groups": groups,
             "kv_cache_scheme": KV_CACHE_SCHEMES[layers.kv_cache] if layers.kv_cache else None,
-            # Module names, matched exactly by vLLM and compressed-tensors (never `.weight` names).
-            "ignore": list(layers.exclude),
+            # Module names, matched exactly by vLLM and compressed-tensors (never `.weight` names); only
+            # Linears, as llm-compressor writes it: older vLLM releases (0.7 to at least 0.9) gave every
+            # listed layer a Linear method before looking at its type, which an embedding cannot run.
+            "ignore": layers.linears_kept,
         }
