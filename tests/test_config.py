@@ -83,3 +83,23 @@ def test_yaml_and_overrides(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(path)
+
+
+def test_malformed_set_value_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: /m\noutput: /o\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["pipeline.layers=[41,41"])
+    assert str(e.value).startswith("--set 'pipeline.layers=[41,41': the value '[41,41' is not valid YAML (")
+
+
+def test_paths_expand_home_and_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NVFP4_PP_DATA", str(tmp_path / "data"))
+    cfg = config_from_dict({"model": "~/models/m", "output": "${NVFP4_PP_DATA}/out", "gather": {"work_dir": "~/w"},
+                            "calibration": {"dataset": "$NVFP4_PP_DATA/calib.jsonl"}})
+    assert cfg.model == f"{tmp_path}/home/models/m" and cfg.output == f"{tmp_path}/data/out"
+    assert cfg.gather.work_dir == f"{tmp_path}/home/w" and cfg.calibration.dataset == f"{tmp_path}/data/calib.jsonl"
+    mix = config_from_dict({**BASE, "calibration": {"samples": 4, "dataset": [{"dataset": "hf:~/sets/chat"},
+                                                                             {"dataset": "builtin:pydoc"}]}})
+    assert [s.dataset for s in mix.calibration.dataset] == [f"hf:{tmp_path}/home/sets/chat", "builtin:pydoc"]
