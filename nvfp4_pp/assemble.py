@@ -26,10 +26,11 @@ class AssembleError(NvFp4PpError):
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the work dir shares the output's filesystem, else a copy with a fresh mode."""
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copyfile(src, dst)
 
 
 def copy_side_files(source: Path, target: Path) -> list[str]:
@@ -37,11 +38,12 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 
     Files describing the source's own quantization (an FP8 source's hf_quant_config.json, recipe.yaml)
     are not copied: they would contradict, or for the modelopt layout overwrite, the output's.
+    Copies get the process umask's mode, as the shards do, whatever the source file's mode.
     """
     copied, own_files = [], ("config.json", *CONFIG_FILES)
     for f in sorted(source.iterdir()):
         if f.is_file() and f.name not in own_files and not f.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(f, target / f.name)
+            shutil.copyfile(f, target / f.name)
             copied.append(f.name)
     return copied
 
