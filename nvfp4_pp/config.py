@@ -92,8 +92,9 @@ class CalibrationConfig:
     """`hf:` dataset split (single dataset; a mix names it per source)."""
     field: str = ""
     """Column with the text or chat messages; empty: found by name (single dataset; a mix names it per source)."""
-    samples: int = 256
-    """Number of calibration samples (fewer if the dataset has fewer)."""
+    samples: Union[int, Literal["all"]] = 64
+    """Number of calibration samples: a dataset that yields fewer is an error naming what was skipped;
+    `all` takes every sample a single dataset yields."""
     min_length: int = 1
     """Samples with fewer tokens are skipped."""
     max_length: int = 1024
@@ -124,6 +125,9 @@ class CalibrationConfig:
             _check_dataset_form(self.dataset, "calibration.dataset")
         elif not self.dataset:
             raise ConfigError("config key 'calibration.dataset' is an empty list; name at least one source")
+        elif self.samples == "all":
+            raise ConfigError("config key 'calibration.samples' is 'all', which takes every sample of a single "
+                              "dataset; a mix splits a number of samples by share: give a number")
         elif self.config or self.field or self.split != "train":
             raise ConfigError(
                 "config keys 'calibration.config', 'split' and 'field' apply to a single dataset; "

@@ -24,7 +24,8 @@ from .assemble import assemble
 from .calibrate import ValidTokens, calibrate, calibration_health, modelopt_config, register_kv_attention
 from .card import CALIBRATION_MANIFEST, peaks_text, run_record, write_record_and_card
 from .config import RunConfig
-from .data.samples import CalibrationDataError, MicroBatch, load_samples, micro_batches
+from .data.samples import CalibrationDataError, MicroBatch, Tokenizer, load_samples, micro_batches
+from .data.vocabulary import check_vocabulary
 from .errors import NvFp4PpError
 from .export import export_stage
 from .files import write_json
@@ -150,7 +151,8 @@ class Run:
 
         def build() -> tuple[CalibrationManifest, list[tuple[int, ...]]]:
             nonlocal batches
-            calibration_set = load_samples(self.cfg.calibration, self.cfg.model)
+            vocab_size = check_vocabulary(self.source, self.arch, Tokenizer(self.source.path))
+            calibration_set = load_samples(self.cfg.calibration, self.source.path, vocab_size)
             manifest = calibration_set.manifest()
             limit = self.source.text_config.get("max_position_embeddings")
             if limit and manifest.max_length > limit:

@@ -158,7 +158,7 @@ def test_bad_calibration_file(tmp_path, capsys, tiny_llama, content, message):
 def test_samples_longer_than_max_position_embeddings(tmp_path, capsys, tiny_llama):
     (tmp_path / "calib.jsonl").write_text(json.dumps({"input_ids": list(range(40))}) + "\n")
     code, err = _run(tmp_path, capsys, tiny_llama, calibration__dataset=str(tmp_path / "calib.jsonl"),
-                     calibration__max_length=64)
+                     calibration__max_length=64, calibration__samples=1)
     assert code == 1
     assert ("a calibration sample has 40 tokens but the model's max_position_embeddings is 32; "
             "set calibration.max_length <= 32") in _one_error(err)

@@ -43,7 +43,12 @@ def test_per_rank_and_per_host_pipeline_keys():
      "['batch_size', 'config', 'dataset', 'field', 'max_length', 'min_length', 'pack', 'samples', 'seed', "
      "'split', 'too_long']"),
     ({**BASE, "colour": 1}, "unknown config key 'colour'"),
-    ({**BASE, "calibration": {"samples": "3"}}, "config key 'calibration.samples' must be an integer, got '3'"),
+    ({**BASE, "calibration": {"samples": "3"}},
+     "config key 'calibration.samples' must be an integer or one of 'all', got '3'"),
+    ({**BASE, "calibration": {"samples": "all", "dataset": [{"dataset": "a.jsonl"}, {"dataset": "b.jsonl"}]}},
+     "config key 'calibration.samples' is 'all', which takes every sample of a single dataset; a mix splits"),
+    ({**BASE, "model": "$NVFP4_PP_UNSET_VAR/m"},
+     "config key 'model' = '$NVFP4_PP_UNSET_VAR/m' uses $NVFP4_PP_UNSET_VAR, which is not set in the environment"),
     ({**BASE, "calibration": {"samples": 0}}, "config key 'calibration.samples' must be >= 1, got 0"),
     ({**BASE, "pipeline": {"layers": "even"}},
      "config key 'pipeline.layers' must be one of 'auto' or a list of integers, got 'even'"),
