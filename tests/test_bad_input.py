@@ -141,8 +141,10 @@ def test_source_without_tokenizer(tmp_path, capsys, tiny_llama):
 
 def test_output_exists_without_overwrite(tmp_path, capsys, tiny_llama):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "nvfp4_pp.json").write_text("{}")  # an earlier run's checkpoint
     code, err = _run(tmp_path, capsys, tiny_llama)
-    assert code == 1 and f"output {tmp_path / 'out'} already exists; pass --overwrite" in _one_error(err)
+    assert code == 1
+    assert f"output {tmp_path / 'out'} already holds an nvfp4_pp checkpoint; pass --overwrite" in _one_error(err)
 
 
 @pytest.mark.parametrize("content,message", [
