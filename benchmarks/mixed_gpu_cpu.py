@@ -113,7 +113,7 @@ def main() -> int:
         config = args.work / f"{name}.yaml"
         config.write_text(yaml.safe_dump({
             "model": str(args.model), "output": str(out), "format": "modelopt",
-            "calibration": {"dataset": str(tokens), "samples": 16, "max_length": 128, "batch_size": 1},
+            "calibration": {"dataset": str(tokens), "samples": "all", "max_length": 128, "batch_size": 1},
             "pipeline": {"layers": "auto", "device": device},
         }))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

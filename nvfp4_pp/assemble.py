@@ -10,11 +10,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from . import stopping
 from .card import PRODUCER
 from .errors import NvFp4PpError
 from .files import write_errors_named, write_json
 from .formats import CheckpointFormat, Layers
 from .fp8_source import CONFIG_FILES
+from .output_guard import check_output
 from .records import ExportResult
 from .source import SourceCheckpoint
 
@@ -26,10 +28,11 @@ class AssembleError(NvFp4PpError):
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the work dir shares the output's filesystem, else a copy with a fresh mode."""
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copyfile(src, dst)
 
 
 def copy_side_files(source: Path, target: Path) -> list[str]:
@@ -37,11 +40,12 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 
     Files describing the source's own quantization (an FP8 source's hf_quant_config.json, recipe.yaml)
     are not copied: they would contradict, or for the modelopt layout overwrite, the output's.
+    Copies get the process umask's mode, as the shards do, whatever the source file's mode.
     """
     copied, own_files = [], ("config.json", *CONFIG_FILES)
     for f in sorted(source.iterdir()):
         if f.is_file() and f.name not in own_files and not f.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(f, target / f.name)
+            shutil.copyfile(f, target / f.name)
             copied.append(f.name)
     return copied
 
@@ -74,8 +78,9 @@ def assemble(
     if it raises, `output` is left untouched.
     """
     output = Path(output)
-    for stale in output.parent.glob(f".{output.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # an earlier assembly that was cut off
+    for pattern in (f".{output.name}.tmp-*", f".{output.name}.old-*"):
+        for stale in output.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)  # an earlier assembly that was cut off (the lock is ours)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
@@ -108,16 +113,24 @@ def assemble(
             write_json(tmp / "model.safetensors.index.json", index)
             if finalize is not None:
                 finalize(tmp)
+        check_output(output, overwrite)  # again: something may have appeared there during the run
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-assembled directory behind
         raise
-    if output.exists():
-        if not overwrite:
-            raise AssembleError(f"output {output} appeared during the run; rerun with --overwrite")
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, output)
+    put_in_place(tmp, output)
     return output
+
+
+def put_in_place(tmp: Path, output: Path) -> None:
+    """Rename `tmp` to `output`. An existing output (already checked replaceable) is moved aside first and
+    removed after; an interrupt waits until both renames are done, so one of the two is always in place."""
+    old = None
+    with stopping.deferred():
+        if output.exists() or output.is_symlink():
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+        os.replace(tmp, output)
+    if old is not None and old.is_symlink():
+        old.unlink()  # a link to a checkpoint: the link is replaced, its target stays
+    elif old is not None:
+        shutil.rmtree(old)

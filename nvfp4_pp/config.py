@@ -6,6 +6,8 @@ Every error names the key, the value and the fix, so a typo costs seconds, not a
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +20,32 @@ from .errors import NvFp4PpError
 
 class ConfigError(NvFp4PpError):
     """A configuration problem; the message names the key and how to fix it."""
+
+
+def expand_path(value: str, key: str) -> str:
+    """`~` and `$VARS` expanded, as a shell would; an unset variable is an error, never a literal directory."""
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    if unset:
+        raise ConfigError(f"config key '{key}' = {value!r} uses ${unset.group(1)}, which is not set in the "
+                          "environment; set it or write the path out")
+    return expanded
+
+
+def expand_dataset(dataset: str, key: str) -> str:
+    """A dataset name with its path part expanded (`hf:~/data/x`, `$DATA/calib.jsonl`; `builtin:` as is)."""
+    if dataset.startswith("builtin:"):
+        return dataset
+    if dataset.startswith("hf:"):
+        return "hf:" + expand_path(dataset.removeprefix("hf:"), key)
+    return expand_path(dataset, key)
+
+
+def _expand(record: object, key: str, field: str, expand=expand_path) -> None:
+    """Replace a path field of a frozen config record by its expansion (in __post_init__)."""
+    value = getattr(record, field)
+    if value:
+        object.__setattr__(record, field, expand(value, key))
 
 
 def _check_dataset_form(dataset: str, key: str) -> None:
@@ -45,6 +73,7 @@ class DataSource:
     """Column holding the text or chat messages; empty: found by name (article, text, messages, ...)."""
 
     def __post_init__(self) -> None:
+        _expand(self, "calibration.dataset", "dataset", expand_dataset)
         if self.share <= 0:
             raise ConfigError(f"config key 'calibration.dataset' share of {self.dataset!r} must be > 0, got {self.share}")
         _check_dataset_form(self.dataset, "calibration.dataset")
@@ -63,8 +92,9 @@ class CalibrationConfig:
     """`hf:` dataset split (single dataset; a mix names it per source)."""
     field: str = ""
     """Column with the text or chat messages; empty: found by name (single dataset; a mix names it per source)."""
-    samples: int = 256
-    """Number of calibration samples (fewer if the dataset has fewer)."""
+    samples: Union[int, Literal["all"]] = 64
+    """Number of calibration samples: a dataset that yields fewer is an error naming what was skipped;
+    `all` takes every sample a single dataset yields."""
     min_length: int = 1
     """Samples with fewer tokens are skipped."""
     max_length: int = 1024
@@ -79,8 +109,10 @@ class CalibrationConfig:
     """Concatenate the samples and cut the stream into rows of exactly `max_length` tokens (no padding)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.dataset, str):
+            _expand(self, "calibration.dataset", "dataset", expand_dataset)
         for key in ("samples", "min_length", "max_length", "batch_size"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) != "all" and getattr(self, key) < 1:
                 raise ConfigError(
                     f"config key 'calibration.{key}' must be >= 1, got {getattr(self, key)}"
                 )
@@ -93,6 +125,9 @@ class CalibrationConfig:
             _check_dataset_form(self.dataset, "calibration.dataset")
         elif not self.dataset:
             raise ConfigError("config key 'calibration.dataset' is an empty list; name at least one source")
+        elif self.samples == "all":
+            raise ConfigError("config key 'calibration.samples' is 'all', which takes every sample of a single "
+                              "dataset; a mix splits a number of samples by share: give a number")
         elif self.config or self.field or self.split != "train":
             raise ConfigError(
                 "config keys 'calibration.config', 'split' and 'field' apply to a single dataset; "
@@ -160,6 +195,7 @@ class GatherConfig:
     """Port (+ LOCAL_RANK) of the short-lived rsync daemon each sending rank serves (transfer: rsync)."""
 
     def __post_init__(self) -> None:
+        _expand(self, "gather.work_dir", "work_dir")
         if not 1 <= self.rsync_port <= 65535 - 64:
             raise ConfigError(f"config key 'gather.rsync_port' must be a TCP port below 65471, got {self.rsync_port}")
 
@@ -210,6 +246,8 @@ class RunConfig:
             raise ConfigError("config key 'model' is empty; set it to the source checkpoint directory")
         if not self.output:
             raise ConfigError("config key 'output' is empty; set it to the output directory")
+        _expand(self, "model", "model")
+        _expand(self, "output", "output")
         if self.layerwise.enable and self.calibration.batch_size > 1 and not self.calibration.pack:
             raise ConfigError("layerwise.enable calibrates each layer with modelopt's own statistics, which cannot "
                               "skip pad positions; set calibration.batch_size: 1 or calibration.pack: true")
@@ -312,7 +350,12 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {assignment!r}: the value {raw!r} is not valid YAML ({problem}); write a list "
+                          f"as [1, 2] or quote text: --set '{key}=\"...\"'") from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

@@ -29,7 +29,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import Fault, NvFp4PpError
+from .errors import Fault, Interrupted, NvFp4PpError
 
 T = TypeVar("T")
 _DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.int32, torch.uint8]
@@ -156,19 +156,29 @@ def wire_backend(requested: str, device_types: list[str]) -> str:
 
 
 def init(backend: str, device_request: str | list[str], timeout_s: int) -> RankInfo:
-    """Join the process group torchrun describes (or act alone when started as one process)."""
+    """Join the process group torchrun describes (or act alone when started as one process).
+
+    The group is joined before the device is checked, so a rank without its device fails together
+    with the others instead of leaving them waiting for it.
+    """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     global _timeout_s
     _timeout_s = timeout_s
-    device = pick_device(requested_device(device_request, rank, world_size), local_rank)
     host = socket.gethostname()
     if world_size == 1:
         _hosts[:] = [host]
+        device = pick_device(requested_device(device_request, rank, world_size), local_rank)
         return RankInfo(rank, world_size, local_rank, host, device, (host,), wire_device=device)
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend="gloo", timeout=timeout)
+    device, error = None, None
+    try:
+        device = pick_device(requested_device(device_request, rank, world_size), local_rank)
+    except NvFp4PpError as e:
+        error = (str(e), e.resumable)
+    _share_errors(error, world_size)
     facts = all_gather_objects((host, device.type), world_size)
     hosts = tuple(h for h, _ in facts)
     _hosts[:] = hosts
@@ -212,19 +222,29 @@ class Agreed(NvFp4PpError):
 
 
 def everywhere(info: RankInfo, fn: Callable[[], T]) -> T:
-    """Run `fn` on every rank; if any rank fails with a user-facing error, every rank raises it."""
+    """Run `fn` on every rank; if any rank fails with a user-facing error, every rank raises it.
+
+    An interrupt is not shared: every rank that gets one reports it itself.
+    """
     error = None
     try:
         result = fn()
+    except Interrupted:
+        raise
     except NvFp4PpError as e:
         result, error = None, (str(e), e.resumable)
-    errors = all_gather_objects(error, info.world_size)
+    _share_errors(error, info.world_size)
+    return result
+
+
+def _share_errors(error: tuple[str, bool] | None, world_size: int) -> None:
+    """Collective: every rank's (message, resumable) or None; any error becomes `Agreed` on every rank."""
+    errors = all_gather_objects(error, world_size)
     failed = {e: r for r, e in reversed(list(enumerate(errors))) if e is not None}
     if failed:
         alone = len(failed) == 1 and error is not None
         raise Agreed("\n".join(text if alone else f"rank {r}: {text}" for (text, _), r in failed.items()),
                      any(resumable for resumable in (e[1] for e in failed)))
-    return result
 
 
 def agreed(info: RankInfo, fn: Callable[[], T]) -> T:
@@ -233,6 +253,8 @@ def agreed(info: RankInfo, fn: Callable[[], T]) -> T:
     if info.is_first:
         try:
             result = fn()
+        except Interrupted:
+            raise
         except NvFp4PpError as e:
             error = (str(e), e.resumable)
     result, error = broadcast_object((result, error))

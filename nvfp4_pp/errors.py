@@ -19,3 +19,11 @@ class Fault(NvFp4PpError):
     """A fault outside the input (lost rank, signal, disk full): rerunning the same command resumes."""
 
     resumable = True
+
+
+class Interrupted(Fault):
+    """SIGINT (Ctrl-C) or SIGTERM (the launcher, SLURM, or the launcher's death) stopped this rank."""
+
+    def __init__(self, signal_name: str, phase: str, why: str = ""):
+        super().__init__(f"interrupted by {signal_name}{why} during {phase}")
+        self.signal_name = signal_name

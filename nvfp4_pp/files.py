@@ -1,8 +1,8 @@
-"""Files the run writes and trusts: atomic JSON, checksums, and write failures as one line.
+"""Files the run writes and trusts: atomic JSON, checksums, modes, and write failures as one line.
 
-One writer for every JSON file (temp name, then rename: a reader never sees half a file) and
-one test for "this file is complete with the checksum it was written with", used by resume and
-by every gather path.
+One writer for every JSON file (temp name, then rename: a reader never sees half a file), one
+test for "this file is complete with the checksum it was written with", used by resume and by
+every gather path, and one rule for file modes: the process umask, as any other tool honours it.
 """
 
 from __future__ import annotations
@@ -41,6 +41,22 @@ def write_errors_named(path: Path, nbytes: int):
         if isinstance(e, OSError):
             raise WriteError(f"cannot write {path}: {e.strerror}") from None
         raise
+
+
+def process_umask() -> int:
+    """The umask, read without changing it (os.umask sets it, which races the writer threads)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: the only portable read sets it, so set it straight back
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a file the mode a plain `open()` would: 0666 minus the umask. Some writers (safetensors)
+    create private 0600 files, which another user's server then cannot read."""
+    os.chmod(path, 0o666 & ~process_umask())
 
 
 def write_json(path: Path, content: object) -> None:

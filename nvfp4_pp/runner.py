@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -33,13 +35,16 @@ from .calibrate import (
 )
 from .card import CALIBRATION_MANIFEST, final_line, peaks_text, run_record, write_record_and_card
 from .config import RunConfig
-from .data.samples import CalibrationDataError, MicroBatch, load_samples, micro_batches
+from .data.samples import CalibrationDataError, MicroBatch, Tokenizer, load_samples, micro_batches
+from .data.vocabulary import check_vocabulary
 from .errors import NvFp4PpError
 from .export import StageExporter, export_stage
 from .files import write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
+from .lock import WORK_DIR_LOCK, FileLock, Holder, output_lock_path
 from .log import RELAY, attach_file, end_of_run, logger
+from .output_guard import check_output, check_paths
 from .pipeline import run_pipeline
 from .planning import budget
 from .planning.memory import ModelSizes, Workload
@@ -49,8 +54,11 @@ from .source import SourceCheckpoint, SourceError
 from .stage import Stage, build_stage
 from .streaming import LayerStream
 from .verify import verify
-from .work_state import StaleWorkState, WorkState, fingerprint, work_dir_of
+from .work_state import PHASES, StaleWorkState, WorkState, fingerprint, work_dir_of
 from .writer import ShardWriter
+
+if TYPE_CHECKING:
+    from .stage import Stage  # imports transformers (seconds): only once weights are loaded
 
 
 class VerificationError(NvFp4PpError):
@@ -96,27 +104,31 @@ class Run:
         self.stage: Stage | None = None
         self.exporter: StageExporter | None = None
         """A streaming stage's exporter, which writes each layer as soon as it is calibrated."""
+        self.locks: list[FileLock] = []
         self.traffic: Traffic
         self.health: Health
         self.export_result: ExportResult
         self.record: dict
 
     def execute(self) -> None:
-        self.start_up()
-        self.prepare_samples()
-        self.plan()
-        if self.options.plan_only:
-            return
-        self.open_work_state()
-        self.load()
-        self.calibrate()
-        if self.options.stop_after == "calibrate":
-            return self.stopped_after("calibrate")
-        self.export()
-        if self.options.stop_after == "export":
-            return self.stopped_after("export")
-        self.assemble()
-        self.clean_up()
+        try:
+            self.start_up()
+            self.prepare_samples()
+            self.plan()
+            if self.options.plan_only:
+                return
+            self.open_work_state()
+            self.load()
+            self.calibrate()
+            if self.options.stop_after == "calibrate":
+                return self.stopped_after("calibrate")
+            self.export()
+            if self.options.stop_after == "export":
+                return self.stopped_after("export")
+            self.assemble()
+            self.clean_up()
+        finally:
+            self.release_locks()
         if self.info.is_first:
             end_of_run(final_line(self.record, time.perf_counter() - self.started))
 
@@ -139,8 +151,10 @@ class Run:
 
     # ---- before any weight is loaded ----------------------------------------------------------
     def start_up(self) -> None:
-        """Every rank checks the source and the split; rank 0 checks the output."""
+        """Every rank checks the source, the split and where it will write; rank 0 checks the output;
+        then every host's work directory and the output are locked for this run."""
         dist.set_phase("startup checks")
+        writes = not self.options.plan_only
 
         def check() -> tuple[CheckpointFormat, SourceCheckpoint, Architecture]:
             source = SourceCheckpoint(self.cfg.model)
@@ -149,27 +163,54 @@ class Run:
                 raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
             check_split(source.text_config["num_hidden_layers"], self.info.world_size, self.cfg.pipeline.layers)
             source.require_tokenizer()  # checked now: verification would refuse the output at the very end
+            if writes:
+                check_paths(source.path, self.cfg.output, self.work_dir)
             return get_format(self.cfg.format), source, arch
 
         self.fmt, self.source, self.arch = dist.everywhere(self.info, check)
-        if not self.options.plan_only:
-            dist.agreed(self.info, self.check_output)
+        if writes:
+            dist.agreed(self.info, lambda: check_output(self.cfg.output, self.options.overwrite))
+            self.take_locks()
 
-    def check_output(self) -> None:
-        from .config import ConfigError
+    def take_locks(self) -> None:
+        """Rank 0 locks the output (any holder is another run: one line, said once); then every rank
+        tries its work directory's lock, and after all have tried, a rank that got none is fine only if
+        a rank of this run holds it (ranks of one host share one work directory)."""
+        info = self.info
+        me = Holder(run=dist.broadcast_object(secrets.token_hex(8) if info.is_first else None), host=info.host,
+                    pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
 
-        output = Path(self.cfg.output)
-        if output.exists() and not self.options.overwrite:
-            raise ConfigError(f"output {output} already exists; pass --overwrite to replace it or choose another "
-                              "'output'")
+        def lock_output() -> None:
+            output = FileLock(output_lock_path(Path(self.cfg.output)), f"output {self.cfg.output}")
+            if not output.take(me):
+                output.refuse_unless_ours(me)
+            self.locks.append(output)
+
+        dist.agreed(info, lock_output)
+        work = FileLock(self.work_dir / WORK_DIR_LOCK, f"work directory {self.work_dir}")
+        self.locks.append(work)
+        taken = dist.everywhere(info, lambda: work.take(me))
+        dist.everywhere(info, lambda: taken or work.refuse_unless_ours(me))
+
+    def release_locks(self) -> None:
+        """Unlock (removing the lock files) and remove the work directory if nothing is left in it."""
+        if not self.locks:
+            return
+        for lock in self.locks:
+            lock.release()
+        self.locks = []
+        with contextlib.suppress(OSError):
+            self.work_dir.rmdir()
 
     def prepare_samples(self) -> None:
-        """Rank 0 builds the token ids; every rank learns the real lengths of each micro-batch."""
+        """Rank 0 checks the vocabulary and builds the token ids; every rank learns the real lengths of
+        each micro-batch."""
         batches: list[MicroBatch] | None = None
 
         def build() -> tuple[CalibrationManifest, list[tuple[int, ...]]]:
             nonlocal batches
-            calibration_set = load_samples(self.cfg.calibration, self.cfg.model)
+            vocab_size = check_vocabulary(self.source, self.arch, Tokenizer(self.source.path))
+            calibration_set = load_samples(self.cfg.calibration, self.source.path, vocab_size)
             manifest = calibration_set.manifest()
             limit = self.source.text_config.get("max_position_embeddings")
             if limit and manifest.max_length > limit:
@@ -236,8 +277,11 @@ class Run:
         return self.cfg.layerwise.boundary if self.cfg.layerwise.enable else "sequential"
 
     def load(self) -> None:
+        """This rank's layers onto its device; a rank that cannot read its part fails every rank with it."""
+
         with self.phase("load"):
-            self.stage = build_stage(self.source, self.arch, *self.layers, self.info.device, self.streaming)
+            self.stage = dist.everywhere(self.info, lambda: build_stage(self.source, self.arch, *self.layers,
+                                                                        self.info.device, self.streaming))
 
     def calibrate(self) -> None:
         """Quantizers calibrated through the pipeline (every rank at once), or restored from the work dir."""
@@ -382,15 +426,23 @@ class Run:
                 return self.exporter.finish(lm_head)
             return export_stage(self.stage, self.owned(), self.source, self.fmt, self.writer(), lm_head)
 
-        with self.phase("export"):
-            self.export_result = self.state.once(
+        with self.phase("export"):  # a rank that cannot write (a full disk) fails every rank with it
+            self.export_result = dist.everywhere(self.info, lambda: self.state.once(
                 "export", write, ExportResult.from_dict, reused="export: reusing the shards this rank wrote before",
-                usable=lambda saved: self.state.shards_intact(ExportResult.from_dict(saved)))
+                usable=lambda saved: self.state.shards_intact(ExportResult.from_dict(saved))))
         self.stage = None  # the weights are no longer needed
 
     def stopped_after(self, name: str) -> None:
         dist.barrier()
         logger.info("stopped after %s as asked; run the same command without --stop-after to continue", name)
+
+    def resume_point(self) -> str:
+        """What a rerun of the same command starts from, as this rank knows it (for an interrupt's message)."""
+        state = getattr(self, "state", None)
+        done = [p for p in PHASES if state is not None and p in state.phases]
+        if not done:
+            return "the beginning (no phase was finished)"
+        return f"the saved {done[-1]} in {self.rank_dir}"
 
     # ---- the checkpoint ----------------------------------------------------------------------
     def report(self) -> RankReport:
@@ -432,11 +484,12 @@ class Run:
         dist.agreed(self.info, finish)  # every rank waits for the outcome, and fails with it
 
     def clean_up(self) -> None:
-        """Each rank removes its own exports (rank 0 also the copies it received), then the dir if empty."""
+        """Each rank removes its own exports (rank 0 also the copies it received); once every rank has,
+        the locks go and with them each empty work directory."""
         for r in range(self.info.world_size) if self.info.is_first else [self.info.rank]:
             shutil.rmtree(self.work_dir / f"rank{r}", ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.work_dir.rmdir()
+        dist.barrier()
+        self.release_locks()
 
 
 def wire_name(info: dist.RankInfo) -> str:

@@ -92,7 +92,10 @@ class WorkState:
         self.phases: dict[str, dict] = {}
         self.partial: dict[str, dict] = {}
         """Progress inside a phase not yet finished (layers solved so far), by phase."""
-        if path.is_file():
+        self.resumed = path.is_file()
+        """A run of this fingerprint was here before: `once` says what it reuses and what it redoes."""
+        self._redo_reasons: dict[str, str] = {}
+        if self.resumed:
             saved = json.loads(path.read_text())
             changed = sorted(k for k in set(saved["fingerprint"]) | set(fingerprint)
                              if saved["fingerprint"].get(k) != fingerprint.get(k))
@@ -113,11 +116,19 @@ class WorkState:
              usable: Callable[[dict], bool] = lambda _: True, agree: Callable[[bool], bool] = lambda done: done) -> R:
         """The phase's result: `reuse(saved)` when it was recorded and is still usable (and `agree`, told
         whether this rank could reuse, says every rank that must can), else `compute()`, recorded.
-        Redoing a phase forgets every later one first."""
+        Redoing a phase forgets every later one first. On a rerun either choice is logged, with why."""
         saved = self.phases.get(phase)
-        if agree(saved is not None and usable(saved)):
+        can = saved is not None and usable(saved)
+        if agree(can):
             logger.info("%s", reused)
             return reuse(saved)
+        if self.resumed:
+            why = (self._redo_reasons.get(phase, "it was not finished before") if saved is None
+                   else "its saved result is missing or damaged" if not can else "another rank has to redo it")
+            logger.info("%s: running it (%s)", phase, why)
+        for later in PHASES[PHASES.index(phase) + 1:]:
+            if later in self.phases:
+                self._redo_reasons[later] = f"{phase} was redone"
         for later in PHASES[PHASES.index(phase):]:
             self.phases.pop(later, None)
         self._save()

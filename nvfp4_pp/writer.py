@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .files import sha256_of, write_errors_named
+from .files import honour_umask, sha256_of, write_errors_named
 from .records import ShardRecord
 from .sizes import DEFAULT_SHARD_BYTES, WRITE_WORKERS
 
@@ -69,6 +69,7 @@ class ShardWriter:
         with write_errors_named(final, nbytes):
             try:
                 save_file(tensors, str(tmp), metadata={"format": "pt"})
+                honour_umask(tmp)  # safetensors creates 0600; assembly hard-links this very file
                 os.replace(tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)

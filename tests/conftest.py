@@ -43,7 +43,7 @@ def ct_output(smol_dir, token_file, tmp_path_factory) -> Path:
     out = work / "smol-nvfp4-ct"
     config = write_config(
         work / "run.yaml", model=str(smol_dir), output=str(out), format="compressed-tensors",
-        calibration={"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1},
+        calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
     )
     result = run_nvfp4_pp(config, 2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

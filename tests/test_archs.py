@@ -81,7 +81,7 @@ def quantize_with_three_ranks(model_dir, tokens, tmp_path):
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "run.yaml", model=str(model_dir), output=str(out), format="modelopt",
-        calibration={"dataset": str(tokens), "samples": 16, "max_length": 64, "batch_size": 1},
+        calibration={"dataset": str(tokens), "samples": 4, "max_length": 64, "batch_size": 1},
     )
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

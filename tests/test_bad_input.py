@@ -141,8 +141,10 @@ def test_source_without_tokenizer(tmp_path, capsys, tiny_llama):
 
 def test_output_exists_without_overwrite(tmp_path, capsys, tiny_llama):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "nvfp4_pp.json").write_text("{}")  # an earlier run's checkpoint
     code, err = _run(tmp_path, capsys, tiny_llama)
-    assert code == 1 and f"output {tmp_path / 'out'} already exists; pass --overwrite" in _one_error(err)
+    assert code == 1
+    assert f"output {tmp_path / 'out'} already holds an nvfp4_pp checkpoint; pass --overwrite" in _one_error(err)
 
 
 @pytest.mark.parametrize("content,message", [
@@ -158,7 +160,7 @@ def test_bad_calibration_file(tmp_path, capsys, tiny_llama, content, message):
 def test_samples_longer_than_max_position_embeddings(tmp_path, capsys, tiny_llama):
     (tmp_path / "calib.jsonl").write_text(json.dumps({"input_ids": list(range(40))}) + "\n")
     code, err = _run(tmp_path, capsys, tiny_llama, calibration__dataset=str(tmp_path / "calib.jsonl"),
-                     calibration__max_length=64)
+                     calibration__max_length=64, calibration__samples=1)
     assert code == 1
     assert ("a calibration sample has 40 tokens but the model's max_position_embeddings is 32; "
             "set calibration.max_length <= 32") in _one_error(err)

@@ -28,7 +28,7 @@ def plan_rows(stdout: str) -> list[dict]:
 def test_plan_then_run_within_per_rank_limits(smol_dir, token_file, reference, tmp_path):
     out = tmp_path / "out"
     common = {"model": str(smol_dir), "output": str(out), "format": "modelopt",
-              "calibration": {"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1}}
+              "calibration": {"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1}}
 
     # --plan: every rank measures its budget; the plan is printed and nothing is loaded or written.
     result = run_nvfp4_pp(write_config(tmp_path / "plan.yaml", **common), 3, "--plan")

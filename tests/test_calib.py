@@ -27,7 +27,7 @@ def test_text_sources_are_tokenised(smol_dir, tmp_path):
     samples = load_samples(CalibrationConfig(dataset=str(txt), samples=3, max_length=16), smol_dir).samples
     assert len(samples) == 3 and all(len(s) == 16 for s in samples)
     rows = _jsonl(tmp_path / "x.jsonl", [{"text": "Hello world"}, {"text": "The capital of France is"}])
-    samples = load_samples(CalibrationConfig(dataset=rows, samples=5, max_length=16), smol_dir).samples
+    samples = load_samples(CalibrationConfig(dataset=rows, samples="all", max_length=16), smol_dir).samples
     assert len(samples) == 2 and 0 < len(samples[0]) <= 16
     builtin = load_samples(CalibrationConfig(samples=4, max_length=32), smol_dir).samples
     assert [len(s) for s in builtin] == [32] * 4

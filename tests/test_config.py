@@ -43,7 +43,12 @@ def test_per_rank_and_per_host_pipeline_keys():
      "['batch_size', 'config', 'dataset', 'field', 'max_length', 'min_length', 'pack', 'samples', 'seed', "
      "'split', 'too_long']"),
     ({**BASE, "colour": 1}, "unknown config key 'colour'"),
-    ({**BASE, "calibration": {"samples": "3"}}, "config key 'calibration.samples' must be an integer, got '3'"),
+    ({**BASE, "calibration": {"samples": "3"}},
+     "config key 'calibration.samples' must be an integer or one of 'all', got '3'"),
+    ({**BASE, "calibration": {"samples": "all", "dataset": [{"dataset": "a.jsonl"}, {"dataset": "b.jsonl"}]}},
+     "config key 'calibration.samples' is 'all', which takes every sample of a single dataset; a mix splits"),
+    ({**BASE, "model": "$NVFP4_PP_UNSET_VAR/m"},
+     "config key 'model' = '$NVFP4_PP_UNSET_VAR/m' uses $NVFP4_PP_UNSET_VAR, which is not set in the environment"),
     ({**BASE, "calibration": {"samples": 0}}, "config key 'calibration.samples' must be >= 1, got 0"),
     ({**BASE, "pipeline": {"layers": "even"}},
      "config key 'pipeline.layers' must be one of 'auto' or a list of integers, got 'even'"),
@@ -83,3 +88,23 @@ def test_yaml_and_overrides(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(path)
+
+
+def test_malformed_set_value_is_a_config_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: /m\noutput: /o\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["pipeline.layers=[41,41"])
+    assert str(e.value).startswith("--set 'pipeline.layers=[41,41': the value '[41,41' is not valid YAML (")
+
+
+def test_paths_expand_home_and_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NVFP4_PP_DATA", str(tmp_path / "data"))
+    cfg = config_from_dict({"model": "~/models/m", "output": "${NVFP4_PP_DATA}/out", "gather": {"work_dir": "~/w"},
+                            "calibration": {"dataset": "$NVFP4_PP_DATA/calib.jsonl"}})
+    assert cfg.model == f"{tmp_path}/home/models/m" and cfg.output == f"{tmp_path}/data/out"
+    assert cfg.gather.work_dir == f"{tmp_path}/home/w" and cfg.calibration.dataset == f"{tmp_path}/data/calib.jsonl"
+    mix = config_from_dict({**BASE, "calibration": {"samples": 4, "dataset": [{"dataset": "hf:~/sets/chat"},
+                                                                             {"dataset": "builtin:pydoc"}]}})
+    assert [s.dataset for s in mix.calibration.dataset] == [f"hf:{tmp_path}/home/sets/chat", "builtin:pydoc"]

@@ -116,5 +116,6 @@ def test_stop_after_calibrate_resumes_and_refuses_stale_state(smol_dir, tmp_path
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "calibration: reusing the state every rank saved" in result.stdout
+    assert "export: running it (it was not finished before)" in result.stdout  # what the rerun redoes
     assert _files(out) == _files(uninterrupted)
     assert not (tmp_path / "out.nvfp4_pp-work").exists()

@@ -169,7 +169,7 @@ def test_three_ranks_on_fp8_source_equal_modelopt_on_dequantised_twin(style, fp8
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "run.yaml", model=str(fp8_dir), output=str(out), format="modelopt",
-        calibration={"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1},
+        calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
         pipeline={"layers": SPLIT},
     )
     result = run_nvfp4_pp(config, 3)

@@ -20,7 +20,7 @@ def test_identical_to_single_process_modelopt(nproc, layers, smol_dir, token_fil
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "run.yaml", model=str(smol_dir), output=str(out), format="modelopt",
-        calibration={"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1},
+        calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
         pipeline={"layers": layers},
     )
     result = run_nvfp4_pp(config, nproc)

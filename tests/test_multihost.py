@@ -39,7 +39,7 @@ def test_three_hosts_without_shared_output(transfer, hosts, smol_dir, token_file
     host_dirs = [tmp_path / f"host{i}" for i in range(3)]
     config = write_config(
         tmp_path / "run.yaml", model=str(smol_dir), output=str(local / "out"), format="modelopt",
-        calibration={"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1},
+        calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
         pipeline={"layers": [10, 12, 8], "backend": "gloo", "timeout_s": 300},
         gather={"transfer": transfer, "shared": "auto"},
     )

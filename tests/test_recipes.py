@@ -43,7 +43,7 @@ def run_recipe(smol_dir, token_file, work, recipe: str, fmt: str):
     out = work / f"out-{fmt}"
     config = write_config(
         work / f"{fmt}.yaml", model=str(smol_dir), output=str(out), format=fmt, recipe=recipe, kv_cache="fp8",
-        calibration={"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1},
+        calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
     )
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -153,7 +153,7 @@ def test_sbatch_quantizes_on_three_nodes(slurm, smol_dir, token_file, reference,
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "run.yaml", model=str(smol_dir), output=str(out), format="modelopt",
-        calibration={"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1},
+        calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
         pipeline={"layers": "auto", "backend": "gloo", "timeout_s": 300},
     )
     logs = tmp_path / "logs"

@@ -4,6 +4,9 @@ Sources are the built-in corpus, `.jsonl` / `.txt` files (read in file order) an
 datasets (`hf:`, rows shuffled with `calibration.seed`), alone or mixed by share. Each sample is
 kept only inside the length window; chat rows are rendered with the model's own chat template.
 Everything is a pure function of the config and the data, so a run's choice and order repeat.
+A source that yields fewer samples than asked is an error saying why rows were skipped
+(`samples: all` takes whatever a single source yields), and token ids given verbatim are checked
+against the model's vocabulary, so neither surfaces later as a quieter set or an IndexError.
 """
 
 from __future__ import annotations
@@ -41,17 +44,28 @@ def builtin_text(name: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=2)
+def _auto_tokenizer(directory: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
 class Tokenizer:
-    """The model's tokenizer, loaded on first use: text to ids, chat messages to ids via its template."""
+    """The model's tokenizer, loaded on first use (once per directory): text to ids, chat messages to
+    ids via its template."""
 
     def __init__(self, directory: str | Path):
         self.directory = directory
 
-    @functools.cached_property
+    @property
     def hf(self):
-        from transformers import AutoTokenizer
+        return _auto_tokenizer(str(self.directory))
 
-        return AutoTokenizer.from_pretrained(self.directory)
+    @property
+    def ids(self) -> list[int]:
+        """Every id the tokenizer can produce (added tokens included)."""
+        return list(self.hf.get_vocab().values())
 
     def text(self, text: str) -> list[int]:
         return self.hf(text)["input_ids"]
@@ -77,8 +91,9 @@ def _chunks(ids: list[int], length: int) -> Iterator[list[int]]:
     return (ids[i : i + length] for i in range(0, len(ids), length))
 
 
-def _jsonl_rows(path: Path, cfg: CalibrationConfig, tok: Tokenizer) -> Iterator[list[int]]:
-    """`input_ids` rows verbatim (longer than max_length is an error), `text` / `messages` tokenised."""
+def _jsonl_rows(path: Path, cfg: CalibrationConfig, tok: Tokenizer, vocab_size: int | None) -> Iterator[list[int]]:
+    """`input_ids` rows verbatim (longer than max_length, or an id outside the vocabulary, is an error),
+    `text` / `messages` tokenised."""
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -96,6 +111,12 @@ def _jsonl_rows(path: Path, cfg: CalibrationConfig, tok: Tokenizer) -> Iterator[
                         f"{path}:{lineno} has {len(ids)} input_ids, more than calibration.max_length="
                         f"{cfg.max_length}; raise max_length or shorten the sample"
                     )
+                outside = [i for i in ids if vocab_size is not None and not 0 <= i < vocab_size]
+                if outside:
+                    raise CalibrationDataError(
+                        f"{path}:{lineno}: token id {outside[0]} is outside the model's vocabulary of {vocab_size} "
+                        f"ids (0..{vocab_size - 1}; {len(outside)} such ids on this line); were these ids made with "
+                        "another tokenizer? Tokenize with the model's own, or give 'text' instead")
                 yield ids
             elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"]:
                 yield tok.text(row["text"])
@@ -122,8 +143,7 @@ def _hf_rows(source: DataSource, seed: int, tok: Tokenizer, resolved: dict) -> I
     for index in order:
         value: Any = column[index][field]
         if isinstance(value, str):
-            if value.strip():
-                yield tok.text(value)
+            yield tok.text(value) if value.strip() else []  # an empty row counts as too short
             continue
         messages = as_messages(value)
         if messages is None:
@@ -133,7 +153,8 @@ def _hf_rows(source: DataSource, seed: int, tok: Tokenizer, resolved: dict) -> I
         yield tok.chat(messages)
 
 
-def _source_rows(source: DataSource, cfg: CalibrationConfig, tok: Tokenizer, resolved: dict) -> Iterator[list[int]]:
+def _source_rows(source: DataSource, cfg: CalibrationConfig, tok: Tokenizer, resolved: dict,
+                 vocab_size: int | None) -> Iterator[list[int]]:
     """Candidate samples of one source, before the length window."""
     dataset = source.dataset
     if dataset.startswith("builtin:"):
@@ -144,16 +165,19 @@ def _source_rows(source: DataSource, cfg: CalibrationConfig, tok: Tokenizer, res
     if not path.is_file():
         raise CalibrationDataError(f"calibration.dataset file {dataset!r} does not exist")
     if dataset.endswith(".jsonl"):
-        return _jsonl_rows(path, cfg, tok)
+        return _jsonl_rows(path, cfg, tok, vocab_size)
     return _chunks(tok.text(path.read_text()), cfg.max_length)
 
 
-def _windowed(rows: Iterator[list[int]], cfg: CalibrationConfig, count: int, skipped: dict) -> list[list[int]]:
-    """The first `count` rows inside [min_length, max_length] (longer ones cut or skipped, as configured)."""
+def _windowed(rows: Iterator[list[int]], cfg: CalibrationConfig, count: int | None,
+              skipped: dict) -> list[list[int]]:
+    """The first `count` rows (every row: None) inside [min_length, max_length] (longer ones cut or
+    skipped, as configured); `skipped` counts the rows read and those skipped."""
     out: list[list[int]] = []
     for ids in rows:
         if len(out) == count:
             break
+        skipped["read"] += 1
         if len(ids) < cfg.min_length:
             skipped["short"] += 1
         elif len(ids) > cfg.max_length and cfg.too_long == "skip":
@@ -202,23 +226,40 @@ class CalibrationSet:
                                    statistics.median(lengths), max(lengths), self.sha256)
 
 
-def load_samples(cfg: CalibrationConfig, tokenizer_dir: str | Path) -> CalibrationSet:
-    """The calibration set of `cfg`: the same config and data always give the same ids in the same order."""
+def _too_few(source: DataSource, cfg: CalibrationConfig, found: int, count: int, skipped: dict,
+             mixed: bool) -> CalibrationDataError:
+    """How many samples a source gave, why rows were skipped, and the fixes."""
+    why = (f"{skipped['read']} rows read: {skipped['short']} shorter than min_length {cfg.min_length}, "
+           f"{skipped['long']} longer than max_length {cfg.max_length} skipped")
+    asked = f"the {count} samples its share asks" if mixed else f"the {count} samples asked"
+    fixes = ("add data, widen calibration.min_length / max_length, or lower calibration.samples" if mixed else
+             f"add data, widen calibration.min_length / max_length, or set calibration.samples to {found} (or all)")
+    return CalibrationDataError(f"calibration.dataset {source.dataset!r} gave {found} of {asked} ({why}); {fixes}")
+
+
+def load_samples(cfg: CalibrationConfig, tokenizer_dir: str | Path, vocab_size: int | None = None) -> CalibrationSet:
+    """The calibration set of `cfg`: the same config and data always give the same ids in the same order.
+
+    `vocab_size` (the model's embedding rows), when given, bounds the ids of `input_ids` rows.
+    """
     tok = Tokenizer(tokenizer_dir)
     sources = cfg.sources()
-    counts = shares_to_counts([s.share for s in sources], cfg.samples)
+    counts = [None] if cfg.samples == "all" else shares_to_counts([s.share for s in sources], cfg.samples)
     samples: list[list[int]] = []
     report: list[SourceSummary] = []
     for source, count in zip(sources, counts):
         resolved: dict = {}
-        skipped = {"short": 0, "long": 0}
-        chosen = _windowed(_source_rows(source, cfg, tok, resolved), cfg, count, skipped) if count else []
-        if not chosen and count:
+        skipped = {"read": 0, "short": 0, "long": 0}
+        rows = _source_rows(source, cfg, tok, resolved, vocab_size) if count != 0 else iter(())
+        chosen = _windowed(rows, cfg, count, skipped)
+        if not chosen and count != 0:
             raise CalibrationDataError(
                 f"calibration.dataset {source.dataset!r} holds no samples"
                 + (f" of {cfg.min_length} to {cfg.max_length} tokens ({skipped['short']} shorter, "
                    f"{skipped['long']} longer skipped); widen calibration.min_length / max_length"
-                   if any(skipped.values()) else ""))
+                   if skipped["short"] or skipped["long"] else ""))
+        if count is not None and len(chosen) < count:
+            raise _too_few(source, cfg, len(chosen), count, skipped, len(sources) > 1)
         hf = dict(config=source.config, split=source.split, **resolved) if source.dataset.startswith("hf:") else {}
         report.append(SourceSummary(source.dataset, len(chosen), sum(map(len, chosen)), skipped["short"],
                                     skipped["long"], share=source.share if len(sources) > 1 else None, **hf))

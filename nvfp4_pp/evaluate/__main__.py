@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .decode import EvaluateError
+from ..errors import NvFp4PpError
+from .decode import EvaluateError, layout_of
 from .quality import EVAL_DATA, eval_samples, evaluate, table
 
 
@@ -27,12 +28,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_inputs(source: Path, quantized: Path) -> None:
+    """Both directories exist and `quantized` declares a quantized layout: seconds, before the source
+    model (minutes for a large one) is loaded."""
+    if not (quantized / "config.json").is_file():
+        what = "does not exist" if not quantized.exists() else "has no config.json"
+        raise EvaluateError(f"--quantized {quantized} {what}; pass the output directory of an nvfp4_pp run")
+    layout_of(quantized)  # refuses a checkpoint without a quantization_config it can decode
+    if not (source / "config.json").is_file():
+        what = "does not exist" if not source.exists() else "has no config.json"
+        raise EvaluateError(f"--source {source} {what}; pass the BF16 checkpoint the output was quantized from")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_inputs(args.source, args.quantized)
         samples = eval_samples(args.data, args.samples, args.max_length, args.source)
         results = evaluate(args.source, args.quantized, samples, args.device, args.input_scale_one)
-    except (EvaluateError, OSError) as e:
+    except (NvFp4PpError, OSError) as e:
         print(f"nvfp4_pp.evaluate: error: {e}", file=sys.stderr)
         return 1
     tokens = sum(len(s) - 1 for s in samples)

@@ -29,8 +29,11 @@ def layout_of(directory: Path):
     """What the checkpoint's config declares (layout, scheme per module), read as `verify` reads it."""
     config = json.loads((directory / "config.json").read_text())
     qc = config.get("quantization_config") or {}
+    if not qc:
+        raise EvaluateError(f"{directory / 'config.json'} has no quantization_config: {directory} is not a quantized "
+                            "checkpoint; pass the output directory of an nvfp4_pp run")
     problems: list[str] = []
-    layout = read_quant_config(directory, qc, problems) if qc else None
+    layout = read_quant_config(directory, qc, problems)
     if layout is None:
         raise EvaluateError(f"{directory / 'config.json'}: quantization_config.quant_method "
                             f"{qc.get('quant_method')!r} is not a known layout; is this an nvfp4_pp output?")
