@@ -13,7 +13,7 @@ def test_streaming_stages_give_modelopts_bytes(smol_dir, token_file, reference, 
     out = tmp_path / "out"
     config = write_config(
         tmp_path / "run.yaml", model=str(smol_dir), output=str(out), format="modelopt",
-        calibration={"dataset": str(token_file), "samples": 16, "max_length": 128, "batch_size": 1},
+        calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
         pipeline={"stream": "always"},
     )
     result = run_nvfp4_pp(config, 3)
