@@ -15,8 +15,9 @@ def test_config_keys_are_pinned():
         "calibration.dataset", "calibration.config", "calibration.split", "calibration.field",
         "calibration.samples", "calibration.min_length", "calibration.max_length", "calibration.too_long",
         "calibration.seed", "calibration.batch_size", "calibration.pack",
+        "layerwise.enable", "layerwise.boundary",
         "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.memory_limit_gb",
-        "pipeline.reserve_gb", "pipeline.timeout_s",
+        "pipeline.reserve_gb", "pipeline.timeout_s", "pipeline.stream",
         "gather.shared", "gather.transfer", "gather.work_dir", "gather.rsync_port",
     ]
 
