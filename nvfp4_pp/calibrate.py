@@ -22,6 +22,10 @@ RECIPES: dict[str, str | dict[str, str]] = {
 }
 """Named recipes: one of modelopt's own configs, or per-module-pattern overrides of other recipes
 (the seed Mistral-Medium mix: MLP Linears MXFP4, attention Linears per-tensor static FP8)."""
+SCALE_SEARCHES = {"local_hessian": "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",
+                  "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG"}
+"""NVFP4 weight-scale searches: modelopt's config for each; its weight quantizer (static per-block
+scales, which the search sets) and its algorithm replace the recipe's, for W4A4 and W4A16 alike."""
 KV_CACHE = {"fp8": "FP8_KV_CFG"}
 """KV-cache formats: modelopt's KV config, merged into the recipe as hf_ptq.py does."""
 _LINEAR_QUANTIZERS = ("*weight_quantizer", "*input_quantizer")
@@ -78,6 +82,14 @@ def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = No
     methods = {_preset(RECIPES[r])["algorithm"] for r in [recipe, *overrides.values()]
                if not isinstance(RECIPES[r], dict)}
     method = "awq_lite" if "awq_lite" in methods else "max" if "max" in methods or kv_cache else None
+    if algorithm in SCALE_SEARCHES:
+        search = _preset(SCALE_SEARCHES[algorithm])
+        weight = next(e for e in search["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
+        for entry in entries:
+            if entry.get("quantizer_name") == "*weight_quantizer":
+                entry["cfg"] = copy.deepcopy(weight["cfg"])
+        cfg["algorithm"] = {**search["algorithm"], "distributed_sync": False}
+        return cfg
     if algorithm != "max":
         method = algorithm
     # GPTQ and AWQ-lite have no distributed_sync switch: their modules get a parallel state without
@@ -87,8 +99,8 @@ def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = No
     return cfg
 
 
-CUDA_ONLY = {("gptq", "nvfp4"): "NVFP4 GPTQ", ("gptq", "w4a16_nvfp4"): "NVFP4 GPTQ",
-             ("max", "nvfp4_awq"): "NVFP4 AWQ-lite"}
+CUDA_ONLY = {("max", "nvfp4_awq"): "NVFP4 AWQ-lite",
+             **{(a, r): f"NVFP4 {a}" for a in ("gptq", *SCALE_SEARCHES) for r in ("nvfp4", "w4a16_nvfp4")}}
 """(algorithm, recipe) pairs modelopt 0.47 runs on CUDA only: they need NVFP4's fake-quantized forward,
 whose CPU path stops with "amax must be a CUDA tensor" or "requires triton"."""
 

@@ -131,7 +131,13 @@ def _algorithm_text(cfg: dict) -> str:
     text = {"max": "rounded to the nearest grid point of the scale each block's maximum sets (max calibration)",
             "gptq": "GPTQ (modelopt): each rounding error compensated in the columns not yet rounded, from the "
                     "Hessian of the layer's calibration inputs",
-            "awq_lite": "AWQ-lite (modelopt): per-channel pre-scales searched on the calibration data"}[algorithm]
+            "awq_lite": "AWQ-lite (modelopt): per-channel pre-scales searched on the calibration data",
+            "local_hessian": "NVFP4 block scales searched to minimize each block's output error weighted by its "
+                             "local Hessian (modelopt's local_hessian, FP8 scale sweep)",
+            "mse": "NVFP4 block scales searched to minimize the weight's squared error over the FP8 scale values "
+                   "(modelopt's mse, FP8 scale sweep)",
+            "four_over_six": "Four-Over-Six: per block, the FP4 grid's maximum mapped to 4 or 6, whichever errs "
+                             "less (modelopt's NVFP4_FOUR_OVER_SIX_CFG)"}[algorithm]
     layerwise = cfg.get("layerwise") or {}
     if layerwise.get("enable"):
         text += (f"; layer by layer, each layer on its predecessors' quantized outputs (stage boundary: "

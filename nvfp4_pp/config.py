@@ -231,7 +231,9 @@ class GptqConfig:
             raise ConfigError(f"config key 'gptq.block_size' must be >= 1, got {self.block_size}")
 
 
-ALGORITHM_RECIPES = {"gptq": ("w4a16_int4", "nvfp4", "w4a16_nvfp4"), "awq_lite": ("w4a16_int4",)}
+ALGORITHM_RECIPES = {"gptq": ("w4a16_int4", "nvfp4", "w4a16_nvfp4"), "awq_lite": ("w4a16_int4",),
+                     "local_hessian": ("nvfp4", "w4a16_nvfp4"), "mse": ("nvfp4", "w4a16_nvfp4"),
+                     "four_over_six": ("nvfp4", "w4a16_nvfp4")}
 """The recipes each algorithm besides `max` calibrates (NVFP4 with AWQ-lite is recipe `nvfp4_awq`)."""
 
 
@@ -255,11 +257,14 @@ class RunConfig:
     """Module name pattern -> recipe for the Linears it matches, e.g. {"*mlp*": mxfp4, "*self_attn*": fp8}."""
     ignore: list[str] = dataclasses.field(default_factory=list)
     """Module names or `*` patterns kept in BF16 (lm_head always is)."""
-    algorithm: Literal["max", "gptq", "awq_lite"] = "max"
+    algorithm: Literal["max", "gptq", "awq_lite", "local_hessian", "mse", "four_over_six"] = "max"
     """How weights are fitted to the grid (docs/algorithms.md): `max` rounds each to the nearest point of
     the scale its block's maximum sets; `gptq` compensates each rounding error in the columns not yet
     rounded, from the Hessian of the layer's inputs (modelopt's GPTQ; best layer by layer, see
-    `layerwise`); `awq_lite` searches per-channel pre-scales (w4a16_int4; for NVFP4 use recipe nvfp4_awq)."""
+    `layerwise`); `awq_lite` searches per-channel pre-scales (w4a16_int4; for NVFP4 use recipe nvfp4_awq);
+    NVFP4 block-scale searches (CUDA ranks): `local_hessian` (scales minimizing the output error weighted
+    by each block's local Hessian), `mse` (scales minimizing weight MSE over the FP8 scale values),
+    `four_over_six` (per block, the FP4 grid's max mapped to 4 or 6, whichever errs less)."""
     gptq: GptqConfig = dataclasses.field(default_factory=GptqConfig)
     kv_cache: Union[None, Literal["fp8"]] = None
     """`fp8`: calibrate static K and V scales in the same pass (vLLM's FP8 KV cache)."""

@@ -77,7 +77,9 @@ def test_per_rank_and_per_host_pipeline_keys():
     ({**BASE, "algorithm": "gptq", "recipe_overrides": {"*mlp*": "fp8"}}, "algorithm gptq runs on one recipe"),
     ({**BASE, "gptq": {"damping": 0.05}}, "config section 'gptq' applies to 'algorithm: gptq', not max"),
     ({**BASE, "algorithm": "gptq", "gptq": {"damping": 2}}, "config key 'gptq.damping' must be in (0, 1], got 2"),
-    ({**BASE, "algorithm": "hqq"}, "config key 'algorithm' must be one of 'max', 'gptq', 'awq_lite', got 'hqq'"),
+    ({**BASE, "algorithm": "hqq"}, "config key 'algorithm' must be one of 'max', 'gptq', 'awq_lite', 'local_hessian'"),
+    ({**BASE, "algorithm": "four_over_six", "recipe": "mxfp4"},
+     "algorithm four_over_six fits the weights of recipes ['nvfp4', 'w4a16_nvfp4'], not recipe mxfp4"),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
