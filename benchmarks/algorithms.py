@@ -53,6 +53,15 @@ RUNS = {
 }
 
 
+STACKS = {
+    "int4-awq_lite+gptq": ("w4a16_int4", "awq_lite+gptq"),
+    "nvfp4-awq_lite+gptq": ("nvfp4", "awq_lite+gptq"),
+    "nvfp4-awq_lite+local_hessian": ("nvfp4", "awq_lite+local_hessian"),
+}
+"""Stacked algorithms (modelopt runs a list in order), measured in modelopt's single process only: offered
+in the `algorithm` key only if one beats the best single algorithm."""
+
+
 def write_calibration(model: Path, work: Path, samples: int, seq: int) -> Path:
     """`samples` pieces of `seq` tokens of the built-in corpus as input_ids JSONL (both tools read it)."""
     from nvfp4_pp.config import CalibrationConfig
@@ -97,6 +106,20 @@ def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device
     return row
 
 
+def stack_run(name: str, model: Path, tokens: Path, work: Path, device: str) -> dict:
+    recipe, algorithm = STACKS[name]
+    out = work / f"out-{name}"
+    t0 = time.perf_counter()
+    ref = subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), "--recipe", recipe, "--algorithm",
+                          algorithm, str(model), str(tokens), str(out), "sdpa", "cuda:0" if device == "cuda" else "cpu"],
+                         capture_output=True, text=True)
+    row = {"name": name, "recipe": recipe, "algorithm": algorithm, "layerwise": "-", "exit": ref.returncode,
+           "seconds": time.perf_counter() - t0, "out": str(out), "identity": "modelopt 1 process only"}
+    if ref.returncode:
+        row["error"] = ref.stderr[-1500:]
+    return row
+
+
 def llmcompressor_gptq(model: Path, tokens: Path, work: Path) -> dict:
     """llm-compressor's GPTQ W4A16 (group 128, symmetric INT4) as its examples run it; compressed save."""
     out = work / "out-llmcompressor-gptq-w4a16"
@@ -134,6 +157,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=4, help="runs at once on the GPU")
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--peers", default="llmcompressor", help="llmcompressor or none")
+    p.add_argument("--stacks", default=",".join(STACKS), help="stacked algorithms (modelopt single process)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=32)
@@ -153,6 +177,8 @@ def main() -> int:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(one_run, n, model, tokens, args.work, args.ranks, args.device) for n in names]
+        futures += [pool.submit(stack_run, n, model, tokens, args.work, args.device)
+                    for n in args.stacks.split(",") if n]
         if args.peers == "llmcompressor":
             futures.append(pool.submit(llmcompressor_gptq, model, tokens, args.work))
         rows = [f.result() for f in futures]

@@ -44,9 +44,14 @@ def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implement
         for s in samples:
             m(s, use_cache=False)
 
-    config = modelopt_config(recipe, kv_cache=kv_cache, algorithm=algorithm)
+    # "a+b" stacks modelopt's algorithms in order (a list config), e.g. AWQ pre-scales then GPTQ.
+    parts = [modelopt_config(recipe, kv_cache=kv_cache, algorithm=a) for a in algorithm.split("+")]
+    config = parts[-1]
+    if len(parts) > 1:
+        config["algorithm"] = [part["algorithm"] for part in parts]
     if layerwise == "on":
-        config["algorithm"]["layerwise"] = {"enable": True}
+        for step in config["algorithm"] if isinstance(config["algorithm"], list) else [config["algorithm"]]:
+            step["layerwise"] = {"enable": True}
     mtq.quantize(model, config, loop)
     export_hf_checkpoint(model, export_dir=out_dir)
 
