@@ -76,14 +76,16 @@ def _text(output: str | bytes | None) -> str:
 
 
 def streaming_details(stdout: str, launched: float) -> dict:
-    """What nvfp4_pp's log says of its streaming stage: per-layer times (solve + write, with the
-    layer's read waited for), the wait for reads, the export's span (it overlaps the loop) and how
+    """What nvfp4_pp's log says of its streaming stage: per-layer times (read wait + solve + write)
+    and their split, the wait for reads, the export's span (it overlaps the loop) and how
     long after launch its first log line came."""
     layers = [float(m) for m in re.findall(r"layer \d+ solved in ([\d.]+) s", stdout)]
+    split = {part: [float(v) for v in re.findall(rf"layer \d+ solved in [\d.]+ s \(.*?\b{part} ([\d.]+)", stdout)]
+             for part in ("read", "advance", "calibrate", "write")}
     wait = re.search(r"calibration waited ([\d.]+) s for layer reads", stdout)
     packed = re.search(r"Linears packed and ([\d.]+) GB written in ([\d.]+) s", stdout)
     first = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", stdout, re.M)
-    return {"layer_seconds": layers, "wait": float(wait.group(1)) if wait else None,
+    return {"layer_seconds": layers, "split": split, "wait": float(wait.group(1)) if wait else None,
             "export_packed_s": float(packed.group(2)) if packed else None,
             "first_line_after_s": time.mktime(time.strptime(first.group(1), "%Y-%m-%d %H:%M:%S")) - launched
             if first else None}
@@ -142,6 +144,10 @@ def modelopt_offload_child(model_dir: Path, rows: list[list[int]], out: Path, bu
             "tokens_per_s": len(rows) * len(rows[0]) / calib, "peaks": [torch.cuda.max_memory_allocated(0) / 1e9]}
 
 
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def run_child(name: str, model_dir: Path, tokens: Path, out: Path, arg: str, timeout: float) -> dict:
     """A peer in its own process; one still running at `timeout` is stopped, and its rate so far
     (from its per-sample lines, where it prints them) is kept as a partial result."""
@@ -181,14 +187,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-stream"))
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--peers", default="llmcompressor,modelopt_offload",
-                    help="run in this order (modelopt's offload, the slowest, last: the deadline stops it)")
+                    help="run in this order (modelopt's offload, the slowest, last: the deadline stops it); "
+                         "'none': only the plain forward and nvfp4_pp")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="seconds the whole benchmark may take; a tool still running then is stopped (its rate so "
                          "far kept where it prints one) and the table is printed with what finished")
     ap.add_argument("--budget-gb", type=float, default=None, help="GPU budget (default: a third of the weights)")
     ap.add_argument("--stream", choices=["auto", "always"], default="auto", help="pipeline.stream for nvfp4_pp")
     args = ap.parse_args()
-    peers = [p for p in args.peers.split(",") if p]
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
     unknown = sorted(set(peers) - set(CHILDREN))
     if unknown:
         ap.error(f"unknown peer(s) {unknown}; choose from {sorted(CHILDREN)}")
@@ -278,9 +285,12 @@ def main() -> None:
                          f"{args.samples * args.seq / mine['loop'] / plain['tokens_per_s']:.2f}x the plain forward")
         if st["layer_seconds"]:
             per = st["layer_seconds"]
-            lines.append(f"nvfp4_pp per layer (solve + write, read waited for): median {sorted(per)[len(per) // 2]:.2f} s, "
+            lines.append(f"nvfp4_pp per layer (read wait + solve + write): median {median(per):.2f} s, "
                          f"min {min(per):.2f}, max {max(per):.2f} ({len(per)} layers); plain forward "
                          f"{plain['seconds'] / args.layers:.3f} s a layer")
+        if all(st["split"].values()):
+            lines.append("nvfp4_pp per layer, median of each part (s): " + ", ".join(
+                f"{part} {median(v):.3f}" for part, v in st["split"].items()))
         lines.append(f"nvfp4_pp streaming: waited {num(st['wait'])} s for layer reads; export span (exporter made "
                      f"before the loop to its last shard written, overlapping the loop) {num(st['export_packed_s'])} s")
         lines.append(f"nvfp4_pp first log line {num(st['first_line_after_s'], '.0f')} s after launch (1 s resolution)")

@@ -132,27 +132,80 @@ class Solver:
         layers = self.stage.layers()
         started = time.perf_counter()
         todo = [index for index, _ in layers if index not in self.solved]
+        split = LayerTimes(inputs.hidden[0].device if inputs.hidden else torch.device("cpu"))
         for step, (index, layer) in enumerate(layers, 1):
+            split.start()
             self.before(index, layer)
+            split.lap("read")
             if index in self.solved:
                 self._advance(inputs, index, layer)
                 logger.info("layer %d: solved before, replayed (%d/%d)", index, step, len(layers))
                 continue
-            t0 = time.perf_counter()
-            replay = LayerInputs(self.stage, inputs.hidden, inputs.contexts)
-            if not self.algorithm.feeds_quantized_outputs:  # modelopt: next inputs from the BF16 layer
-                self._advance(inputs, index, layer)
-            self.algorithm.calibrate(layer, lambda module, index=index: replay.replay(index, module))
-            if self.algorithm.feeds_quantized_outputs:
-                self._advance(inputs, index, layer)
+            self._solve(inputs, index, layer, split)
             self.record(index, layer)
+            split.lap("write")
             done = todo.index(index) + 1
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (len(todo) - done)
-            logger.info("layer %d solved in %.1f s (%d/%d of this stage, %d tokens; ETA %.0f s)", index,
-                        time.perf_counter() - t0, done, len(todo), inputs.tokens, eta)
+            logger.info("layer %d solved in %.2f s (%s; %d/%d of this stage, %d tokens; ETA %.0f s)", index,
+                        split.layer_total(), split.layer_text(), done, len(todo), inputs.tokens, eta)
             self.heartbeat(index)
+        if todo:
+            logger.info("%d layers solved in %.1f s: %s", len(todo), sum(split.totals.values()), split.totals_text())
         return inputs
+
+    def _solve(self, inputs: LayerInputs, index: int, layer: nn.Module, split: LayerTimes) -> None:
+        """Calibrate layer `index` from a replay of its inputs, and advance them in a pass of their own:
+        BF16 before calibrating (as modelopt), or quantized after it (GPTQ feeds quantized outputs)."""
+        replay = LayerInputs(self.stage, inputs.hidden, inputs.contexts)
+        if not self.algorithm.feeds_quantized_outputs:
+            self._advance(inputs, index, layer)
+            split.lap("advance")
+        self.algorithm.calibrate(layer, lambda module: replay.replay(index, module))
+        split.lap("calibrate")
+        if self.algorithm.feeds_quantized_outputs:
+            self._advance(inputs, index, layer)
+            split.lap("advance")
+
+
+class LayerTimes:
+    """Where each layer's time goes: reading it (a streaming stage's wait), the BF16 pass that
+    advances the inputs, calibration, writing (the work dir's record, or a streaming stage's export).
+
+    On a GPU each lap ends with a device sync, so the time of queued kernels is counted in the part
+    that queued them (a sync per part and layer: negligible against a layer's compute)."""
+
+    PARTS = ("read", "advance", "calibrate", "write")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.layer: dict[str, float] = {}
+        self.totals = dict.fromkeys(self.PARTS, 0.0)
+        self._t = 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.layer = dict.fromkeys(self.PARTS, 0.0)
+        self._t = self._now()
+
+    def lap(self, part: str) -> None:
+        now = self._now()
+        self.layer[part] += now - self._t
+        self.totals[part] += now - self._t
+        self._t = now
+
+    def layer_total(self) -> float:
+        return sum(self.layer.values())
+
+    def layer_text(self) -> str:
+        return ", ".join(f"{part} {self.layer[part]:.2f}" for part in self.PARTS)
+
+    def totals_text(self) -> str:
+        return ", ".join(f"{part} {self.totals[part]:.1f} s" for part in self.PARTS)
 
 
 def capture_hook(stage: Stage, captured: list[torch.Tensor]):
