@@ -58,6 +58,14 @@ class LayerAlgorithm:
         """Whether the next layer is fed this layer's quantize-dequantize outputs (GPTQ) or BF16 ones."""
         return self.config.layerwise.get_qdq_activations_from_prev_layer
 
+    @property
+    def calibrates_at_bf16(self) -> bool:
+        """Whether the calibrating forward is the plain BF16 forward, so its outputs are the next
+        layer's inputs: max calibration (modelopt's `enable_stats_collection` disables quantization
+        while statistics are collected; this module's max collection only reads the inputs), unless
+        the next layer is fed quantized outputs. Other methods quantize during their passes."""
+        return self.config.method == "max" and not self.feeds_quantized_outputs
+
     def calibrate(self, layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
         """Max calibration collects input maxima on the device (calibrate.running_max_collection: the
         same amaxes, no host sync per quantizer and micro-batch), as the pipelined pass does."""
@@ -90,10 +98,13 @@ class LayerInputs:
         self.hidden = hidden
         self.contexts: list[LayerContext] = contexts or [stage.context(h) for h in hidden]
 
-    def replay(self, index: int, layer: nn.Module) -> None:
-        """Every micro-batch through layer `index` (the calibration algorithm's forward loop)."""
+    def replay(self, index: int, layer: nn.Module, outputs: list[torch.Tensor] | None = None) -> None:
+        """Every micro-batch through layer `index` (the calibration algorithm's forward loop); with
+        `outputs`, each micro-batch's output is kept there."""
         for h, c in zip(self.hidden, self.contexts):
-            self.stage.run_layer(index, layer, h, c)
+            out = self.stage.run_layer(index, layer, h, c)
+            if outputs is not None:
+                outputs.append(out)
 
     @torch.no_grad()
     def advance(self, index: int, layer: nn.Module) -> None:
@@ -141,7 +152,11 @@ class Solver:
                 self._advance(inputs, index, layer)
                 logger.info("layer %d: solved before, replayed (%d/%d)", index, step, len(layers))
                 continue
-            self._solve(inputs, index, layer, split)
+            if self.algorithm.calibrates_at_bf16:  # one pass: it calibrates and gives the next inputs
+                inputs.hidden = self._calibrate_and_advance(inputs, index, layer)
+                split.lap("calibrate")
+            else:
+                self._solve(inputs, index, layer, split)
             self.record(index, layer)
             split.lap("write")
             done = todo.index(index) + 1
@@ -153,6 +168,22 @@ class Solver:
         if todo:
             logger.info("%d layers solved in %.1f s: %s", len(todo), sum(split.totals.values()), split.totals_text())
         return inputs
+
+    def _calibrate_and_advance(self, inputs: LayerInputs, index: int, layer: nn.Module) -> list[torch.Tensor]:
+        """Max calibration of layer `index`, keeping its forward's outputs: they are the BF16 outputs the
+        separate pass with quantizers off would give, bit for bit (tests/test_streaming.py checks it)."""
+        outputs: list[torch.Tensor] = []
+        calls = 0
+
+        def loop(module: nn.Module) -> None:
+            nonlocal calls
+            calls += 1
+            inputs.replay(index, module, outputs)
+
+        self.algorithm.calibrate(layer, loop)
+        if calls != 1:
+            raise RuntimeError(f"layer {index}: max calibration ran its forward loop {calls} times, not once")
+        return outputs
 
     def _solve(self, inputs: LayerInputs, index: int, layer: nn.Module, split: LayerTimes) -> None:
         """Calibrate layer `index` from a replay of its inputs, and advance them in a pass of their own:
