@@ -203,8 +203,9 @@ class LayerTimes:
     """Where each layer's time goes: reading it (a streaming stage's wait), the BF16 pass that
     advances the inputs, calibration, writing (the work dir's record, or a streaming stage's export).
 
-    On a GPU each lap ends with a device sync, so the time of queued kernels is counted in the part
-    that queued them (a sync per part and layer: negligible against a layer's compute)."""
+    On a GPU each lap waits for the compute stream (not the whole device: a streaming stage's next
+    layer is copied on a stream of its own meanwhile), so the time of queued kernels is counted in
+    the part that queued them (a sync per part and layer: negligible against a layer's compute)."""
 
     PARTS = ("read", "advance", "calibrate", "write")
 
@@ -216,7 +217,7 @@ class LayerTimes:
 
     def _now(self) -> float:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter()
 
     def start(self) -> None:
