@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from .planning.budget import device_kind
 from .source import SourceCheckpoint
 from .stage import Stage
 
@@ -23,10 +24,11 @@ from .stage import Stage
 class LayerStream:
     """Loads a streaming stage's layers in order, one ahead; frees each when asked.
 
-    On a GPU the read thread stages each tensor in pinned host memory and copies it on a CUDA stream
-    of its own, so the copy overlaps the calibration kernels on the compute stream (a read straight
-    to the device would copy from pageable memory on the default stream, in line with the compute);
-    the compute stream waits for the copy's event before it uses the layer. CPU ranks read as is.
+    On a discrete GPU the read thread stages each tensor in pinned host memory and copies it on a
+    CUDA stream of its own, so the copy overlaps the calibration kernels on the compute stream (a
+    read straight to the device would copy from pageable memory on the default stream, in line with
+    the compute); the compute stream waits for the copy's event before it uses the layer. CPU and
+    unified-memory ranks read straight onto their device, as before.
     """
 
     def __init__(self, stage: Stage, source: SourceCheckpoint, device: torch.device):
@@ -34,7 +36,8 @@ class LayerStream:
         self.order = [index for index, _ in stage.layers()]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="layer-stream")
         self._pending: dict[int, Future] = {}
-        self._copies = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # unified memory (one pool for host and device): staging would be a second copy in that pool
+        self._copies = torch.cuda.Stream(device) if device_kind(device) == "discrete" else None
         self.wait_seconds = 0.0
         """Time calibration waited for a layer that was not read yet (the transfer not hidden)."""
 
