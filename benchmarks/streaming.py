@@ -92,27 +92,38 @@ def streaming_details(stdout: str, launched: float) -> dict:
 
 
 def layer_read(model_dir: Path) -> dict:
-    """One decoder layer's shard read as the streaming stage reads it (safetensors onto the device),
-    twice; and its bytes once more to host memory: can a layer's transfer hide behind its compute?"""
+    """One decoder layer's shard read as the streaming stage reads it (on a GPU: each tensor staged in
+    pinned memory and copied on a stream of its own, streaming.LayerStream), twice; straight onto the
+    device with safetensors (the stage's read before the copy stream) once; and its bytes once more to
+    host memory: can a layer's transfer hide behind its compute?"""
     from safetensors import safe_open
 
     shard = model_dir / "layer-001.safetensors"
-    times = []
-    for _ in range(2):
+    copies = torch.cuda.Stream() if DEV == "cuda" else None
+
+    def read(device: str, staged: bool) -> float:
         t0 = time.perf_counter()
-        with safe_open(shard, framework="pt", device=DEV) as f:
-            held = [f.get_tensor(k) for k in f.keys()]
+        with safe_open(shard, framework="pt", device=device) as f:
+            if staged:
+                with torch.cuda.stream(copies):
+                    held = [f.get_tensor(k).pin_memory().to(DEV, non_blocking=True) for k in f.keys()]
+                copies.synchronize()
+            else:
+                held = [f.get_tensor(k) for k in f.keys()]
         if DEV == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
         del held
+        return time.perf_counter() - t0
+
+    times = [read("cpu", True) if copies else read(DEV, False) for _ in range(2)]
+    direct = read(DEV, False)
     t0 = time.perf_counter()
     with open(shard, "rb") as f:
         while f.read(64 << 20):
             pass
     host = time.perf_counter() - t0
     size = shard.stat().st_size
-    return {"bytes": size, "to_device_s": times, "host_read_s": host}
+    return {"bytes": size, "to_device_s": times, "direct_s": direct, "host_read_s": host}
 
 
 def modelopt_offload_child(model_dir: Path, rows: list[list[int]], out: Path, budget_gb: str) -> dict:
@@ -217,6 +228,8 @@ def main() -> None:
     read = layer_read(model_dir)
     log(f"one layer's shard ({read['bytes'] / 1e9:.2f} GB) onto {DEV} as streaming reads it: "
         f"{', '.join(f'{t:.2f}' for t in read['to_device_s'])} s; to host memory {read['host_read_s']:.2f} s")
+    if DEV == "cpu":  # the CPU smoke: the plain forward on one thread, as nvfp4_pp's rank (OMP_NUM_THREADS=1)
+        torch.set_num_threads(1)
     plain = plain_forward(model_dir, rows)
     log(f"plain BF16 forward: {plain['tokens_per_s']:,.0f} tokens/s ({plain['seconds']:.2f} s)")
     if DEV == "cuda":
@@ -272,8 +285,9 @@ def main() -> None:
               "layer", identity]
     lines += [f"{name}: {r['partial']}" for name, r in results.items() if r.get("partial")]
     lines.append(f"one layer's shard, {read['bytes'] / 1e9:.2f} GB, onto {DEV} as the streaming stage reads it "
-                 f"(safetensors safe_open device={DEV}): {', '.join(f'{t:.2f}' for t in read['to_device_s'])} s "
-                 f"(first, second); read to host memory {read['host_read_s']:.2f} s")
+                 f"({'pinned staging, copy stream' if DEV == 'cuda' else 'safetensors onto the device'}): "
+                 f"{', '.join(f'{t:.2f}' for t in read['to_device_s'])} s (first, second); safetensors straight "
+                 f"onto {DEV} {read['direct_s']:.2f} s; read to host memory {read['host_read_s']:.2f} s")
     mine = results.get("nvfp4_pp streaming")
     if mine:
         st = mine["streaming"]
