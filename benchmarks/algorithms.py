@@ -13,6 +13,7 @@ For each run (recipe x algorithm x layer-by-layer mode, list below) the script
      built-in corpus; calibration reads its start) with the project's own decoders (nvfp4_pp.evaluate);
 plus llm-compressor's GPTQ W4A16 g128 (GPTQModifier, scheme W4A16) of the same samples, evaluated the
 same way. Calibration: `--samples` x `--seq` tokens of the built-in corpus. One markdown table out.
+INT4 runs keep BF16 every Linear whose input width is no multiple of 128 (SmolLM2: all but down_proj).
 modelopt 0.47 runs NVFP4 GPTQ, its scale searches and AWQ-lite on CUDA only: this is where their
 evidence comes from (the CPU suite covers INT4 GPTQ).
 """
@@ -62,6 +63,16 @@ STACKS = {
 in the `algorithm` key only if one beats the best single algorithm."""
 
 
+def int4_ignore(model: Path) -> list[str]:
+    """Linears whose input width is no multiple of INT4's group of 128 (the recipe refuses them): kept BF16.
+    SmolLM2-135M (hidden 576): every Linear but down_proj."""
+    c = json.loads((model / "config.json").read_text())
+    attn = c["num_attention_heads"] * (c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    widths = {("*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj"): c["hidden_size"], ("*o_proj",): attn,
+              ("*down_proj",): c["intermediate_size"]}
+    return [p for names, width in widths.items() if width % 128 for p in names]
+
+
 def write_calibration(model: Path, work: Path, samples: int, seq: int) -> Path:
     """`samples` pieces of `seq` tokens of the built-in corpus as input_ids JSONL (both tools read it)."""
     from nvfp4_pp.config import CalibrationConfig
@@ -79,8 +90,10 @@ def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device
     logs.mkdir(parents=True, exist_ok=True)
     samples = sum(1 for line in tokens.read_text().splitlines() if line.strip())
     config = work / f"{name}.yaml"
+    ignore = int4_ignore(model) if recipe == "w4a16_int4" else []
     config.write_text(yaml.safe_dump({
         "model": str(model), "output": str(out), "format": "modelopt", "recipe": recipe, "algorithm": algorithm,
+        "ignore": ignore,
         "layerwise": {"enable": boundary is not None, "boundary": boundary or "parallel"},
         "calibration": {"dataset": str(tokens), "samples": samples, "max_length": 4096, "batch_size": 1},
         "pipeline": {"device": device, "backend": "gloo"},
@@ -94,7 +107,8 @@ def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device
         return row
     if compare:
         reference = work / f"reference-{name}"
-        options = ["--recipe", recipe, "--algorithm", algorithm, *(["--layerwise", "on"] if boundary else [])]
+        options = ["--recipe", recipe, "--algorithm", algorithm, "--ignore", ",".join(ignore),
+                   *(["--layerwise", "on"] if boundary else [])]
         ref = subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), *options, str(model), str(tokens),
                               str(reference), "sdpa", "cuda:0" if device == "cuda" else "cpu"],
                              capture_output=True, text=True)
@@ -110,8 +124,9 @@ def stack_run(name: str, model: Path, tokens: Path, work: Path, device: str) -> 
     recipe, algorithm = STACKS[name]
     out = work / f"out-{name}"
     t0 = time.perf_counter()
+    ignore = int4_ignore(model) if recipe == "w4a16_int4" else []
     ref = subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), "--recipe", recipe, "--algorithm",
-                          algorithm, str(model), str(tokens), str(out), "sdpa", "cuda:0" if device == "cuda" else "cpu"],
+                          algorithm, "--ignore", ",".join(ignore), str(model), str(tokens), str(out), "sdpa", "cuda:0" if device == "cuda" else "cpu"],
                          capture_output=True, text=True)
     row = {"name": name, "recipe": recipe, "algorithm": algorithm, "layerwise": "-", "exit": ref.returncode,
            "seconds": time.perf_counter() - t0, "out": str(out), "identity": "modelopt 1 process only"}
@@ -123,6 +138,7 @@ def stack_run(name: str, model: Path, tokens: Path, work: Path, device: str) -> 
 def llmcompressor_gptq(model: Path, tokens: Path, work: Path) -> dict:
     """llm-compressor's GPTQ W4A16 (group 128, symmetric INT4) as its examples run it; compressed save."""
     out = work / "out-llmcompressor-gptq-w4a16"
+    ignore = ["lm_head", *(f"re:.*{p.lstrip('*')}$" for p in int4_ignore(model))]
     child = f"""
 import json, torch
 from datasets import Dataset
@@ -132,7 +148,7 @@ from transformers import AutoModelForCausalLM
 rows = [json.loads(l)["input_ids"] for l in open({str(tokens)!r}) if l.strip()]
 model = AutoModelForCausalLM.from_pretrained({str(model)!r}, dtype=torch.bfloat16, device_map="cuda")
 data = Dataset.from_dict({{"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}})
-oneshot(model=model, dataset=data, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+oneshot(model=model, dataset=data, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore={ignore!r}),
         max_seq_length=max(map(len, rows)), num_calibration_samples=len(rows), shuffle_calibration_samples=False)
 model.save_pretrained({str(out)!r}, save_compressed=True)
 """

@@ -1,6 +1,7 @@
 """The independent reference: modelopt's own single-process quantization and export.
 
-`python tests/reference.py [--recipe NAME] [--kv-cache fp8] [--algorithm gptq] [--layerwise on] MODEL_DIR TOKENS_JSONL OUT_DIR
+`python tests/reference.py [--recipe NAME] [--kv-cache fp8] [--algorithm gptq] [--layerwise on] [--ignore P,Q]
+MODEL_DIR TOKENS_JSONL OUT_DIR
 [ATTN_IMPLEMENTATION [DEVICE]]` loads the whole model in one process (on DEVICE, default cpu), runs
 `mtq.quantize(model, CONFIG, loop)` over the samples in file order (batch 1) and writes
 `export_hf_checkpoint`. CONFIG is the recipe's modelopt config (default nvfp4: NVFP4_DEFAULT_CFG),
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implementation: str = "sdpa",
                        device: str = "cpu", recipe: str = "nvfp4", kv_cache: str | None = None,
-                       algorithm: str = "max", layerwise: str = "off") -> None:
+                       algorithm: str = "max", layerwise: str = "off", ignore: str = "") -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -45,7 +46,8 @@ def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implement
             m(s, use_cache=False)
 
     # "a+b" stacks modelopt's algorithms in order (a list config), e.g. AWQ pre-scales then GPTQ.
-    parts = [modelopt_config(recipe, kv_cache=kv_cache, algorithm=a) for a in algorithm.split("+")]
+    patterns = [p for p in ignore.split(",") if p]
+    parts = [modelopt_config(recipe, ignore=patterns, kv_cache=kv_cache, algorithm=a) for a in algorithm.split("+")]
     config = parts[-1]
     if len(parts) > 1:
         config["algorithm"] = [part["algorithm"] for part in parts]
@@ -58,7 +60,7 @@ def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implement
 
 def main(args: list[str]) -> None:
     options = {}
-    while args and args[0] in ("--recipe", "--kv-cache", "--algorithm", "--layerwise"):
+    while args and args[0] in ("--recipe", "--kv-cache", "--algorithm", "--layerwise", "--ignore"):
         options[args[0][2:].replace("-", "_")], args = args[1], args[2:]
     if len(args) in (3, 5):
         quantize_reference(*args, **options)
