@@ -96,6 +96,8 @@ RECIPE_TEXT = {
     "w4a16_nvfp4": "NVFP4 weights (E2M1, FP8 per-16 block scales, FP32 per-tensor scale), BF16 activations",
     "fp8": "FP8 E4M3 weights and activations (W8A8), per-tensor static scales calibrated on the data below",
     "mxfp4": "MXFP4 weights and activations: E2M1 in blocks of 32 with E8M0 scales",
+    "w4a16_int4": "INT4 weights (symmetric, one BF16/FP32 scale per 128 input channels, max calibration: "
+                  "round to nearest), BF16 activations",
     "mxfp4_mlp_fp8_attn": "MLP Linears MXFP4 (E2M1, blocks of 32, E8M0 scales); attention Linears FP8 W8A8 "
                           "with per-tensor static scales calibrated on the data below",
 }

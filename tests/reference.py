@@ -1,10 +1,10 @@
 """The independent reference: modelopt's own single-process quantization and export.
 
-`python tests/reference.py [--recipe NAME] [--kv-cache fp8] MODEL_DIR TOKENS_JSONL OUT_DIR
+`python tests/reference.py [--recipe NAME] [--kv-cache fp8] [--ignore P1,P2] MODEL_DIR TOKENS_JSONL OUT_DIR
 [ATTN_IMPLEMENTATION [DEVICE]]` loads the whole model in one process (on DEVICE, default cpu), runs
 `mtq.quantize(model, CONFIG, loop)` over the samples in file order (batch 1) and writes
 `export_hf_checkpoint`. CONFIG is the recipe's modelopt config (default nvfp4: NVFP4_DEFAULT_CFG),
-the same dict a run of that recipe hands modelopt on every rank; what differs is everything this
+(with `ignore` patterns kept in BF16), the same dict a run of that recipe hands modelopt on every rank; what differs is everything this
 project adds around it (stages, pipeline, per-stage export). Several models
 (on CPU): repeat the four arguments (`MODEL_DIR TOKENS_JSONL OUT_DIR ATTN ...`); each gets its own
 model and `mtq.quantize`, only the imports are shared. Run as its own process so modelopt's global
@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 
 def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implementation: str = "sdpa",
-                       device: str = "cpu", recipe: str = "nvfp4", kv_cache: str | None = None) -> None:
+                       device: str = "cpu", recipe: str = "nvfp4", kv_cache: str | None = None,
+                       ignore: str = "") -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -41,13 +42,13 @@ def quantize_reference(model_dir: str, tokens: str, out_dir: str, attn_implement
         for s in samples:
             m(s)
 
-    mtq.quantize(model, modelopt_config(recipe, kv_cache=kv_cache), loop)
+    mtq.quantize(model, modelopt_config(recipe, kv_cache=kv_cache, ignore=[p for p in ignore.split(",") if p]), loop)
     export_hf_checkpoint(model, export_dir=out_dir)
 
 
 def main(args: list[str]) -> None:
     options = {}
-    while args and args[0] in ("--recipe", "--kv-cache"):
+    while args and args[0] in ("--recipe", "--kv-cache", "--ignore"):
         options[args[0][2:].replace("-", "_")], args = args[1], args[2:]
     if len(args) in (3, 5):
         quantize_reference(*args, **options)
