@@ -16,6 +16,7 @@ from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differen
 from test_verify import copy_checkpoint, edit_quant_config, edit_tensor
 from nvfp4_pp.evaluate.decode import decode_checkpoint
 from nvfp4_pp.evaluate.int4 import codes_from_row_pairs
+from nvfp4_pp.evaluate.quality import evaluate, perplexity
 from nvfp4_pp.run import main
 from nvfp4_pp.verify import verify
 
@@ -57,9 +58,10 @@ def test_modelopt_layout_identical_to_single_process_modelopt(int4, smol_dir):
     assert verify(out, smol_dir) == []
 
 
-def test_compressed_tensors_holds_modelopt_codes(int4, smol_dir):
+def test_compressed_tensors_holds_modelopt_codes(int4, smol_dir, eval_ids):
     """Same codes (repacked by compressed-tensors' pack_to_int32), modelopt's scales rounded once to BF16,
-    decoded by compressed-tensors' own decompressor exactly as by ours; transformers loads it."""
+    decoded by compressed-tensors' own decompressor exactly as by ours; transformers loads it with the
+    perplexity `evaluate` reports, and `evaluate` reads the modelopt layout too."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
@@ -89,6 +91,10 @@ def test_compressed_tensors_holds_modelopt_codes(int4, smol_dir):
         loaded = model.get_submodule(m).weight
         assert torch.equal(loaded, decoded[m].weight.to(torch.bfloat16)), m
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    ct_ppl = evaluate(smol_dir, ct_out, eval_ids[:2], "cpu")["w4a16"]["perplexity"]
+    assert perplexity(model.eval(), eval_ids[:2]) == pytest.approx(ct_ppl, rel=1e-6)
+    modelopt_ppl = evaluate(smol_dir, modelopt_out, eval_ids[:2], "cpu")["w4a16"]["perplexity"]
+    assert modelopt_ppl == pytest.approx(ct_ppl, rel=1e-2)  # FP32 vs BF16 scales, same codes
 
 
 def test_verify_rejects_missing_weight_shape_and_wrong_group(int4, smol_dir, tmp_path):
