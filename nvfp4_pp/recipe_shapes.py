@@ -18,7 +18,7 @@ GROUP_SIZE = {"w4a16_int4": 128}
 
 
 class RecipeShapeError(NvFp4PpError):
-    pass
+    """The recipe cannot quantize some of the model's Linears: fixed by `ignore` or another recipe."""
 
 
 def _matches(module: str, pattern: str) -> bool:

@@ -28,7 +28,7 @@ MODELOPT_QUANTIZATION = {"nvfp4": "modelopt_fp4", "nvfp4_awq": "modelopt_fp4", "
                          "fp8": "modelopt"}
 """vLLM's `--quantization` for a one-scheme modelopt checkpoint (it also detects these from quant_algo;
 older releases needed the flag). Mixed checkpoints are left to detection. modelopt's INT4
-(`W4A16_AWQ`) has no vLLM loader (up to at least 0.33): no flag, and the card says so."""
+(`W4A16_AWQ`) has no vLLM loader (none up to its 2026 main): no flag, and the card says so."""
 NO_VLLM_LOADER = {("modelopt", "int4_awq")}
 """(layout, scheme) pairs vLLM cannot load; the compressed-tensors layout of the same recipe it can."""
 GPU_CLASSES = (
@@ -98,7 +98,14 @@ def vllm_flags(facts: dict) -> list[str]:
     return flags
 
 
+def not_vllm_loadable(facts: dict) -> list[str]:
+    """The checkpoint's schemes vLLM has no loader for in its layout (empty: vLLM serves it)."""
+    return sorted(s for s in facts["schemes"] if (facts["method"], s) in NO_VLLM_LOADER)
+
+
 def serve_command(facts: dict, path: str, extra: list[str] = ()) -> str:
+    if not_vllm_loadable(facts):
+        return f"none with vLLM (no loader for the {facts['method']} layout of {', '.join(not_vllm_loadable(facts))})"
     return " ".join(["vllm serve", path, *vllm_flags(facts), *extra])
 
 
@@ -119,7 +126,7 @@ def _hardware_note(schemes: list[str]) -> tuple[str, str]:
                 "no FP4 tensor cores: vLLM runs the FP4 weights through its weight-only Marlin kernel "
                 "(activations in BF16, input scales unused); same files, same command.")
     if schemes == ["int4_awq"]:
-        note = "weight-only INT4 (Marlin / Machete kernels), activations in BF16."
+        note = "vLLM's weight-only INT4 kernels (Marlin), activations in BF16."
         return (note, note)
     if schemes == ["w4a16_nvfp4"]:
         return ("weight-only FP4 (Marlin), activations in BF16.", "weight-only FP4 (Marlin), activations in BF16.")
@@ -143,12 +150,12 @@ def serving_lines(facts: dict, path: str, name: str) -> list[str]:
            "(lower it to fit more sequences)." if facts["max_model_len"] else "."),
         "",
     ]
-    unloadable = sorted(s for s in facts["schemes"] if (facts["method"], s) in NO_VLLM_LOADER)
+    unloadable = not_vllm_loadable(facts)
     if unloadable:
-        lines += [f"vLLM has no loader for the `{facts['method']}` layout of {', '.join(unloadable)} (its ModelOpt "
-                  "support covers FP8 and NVFP4 only, up to at least 0.33): the commands below are refused. Write "
-                  "the same recipe with `format: compressed-tensors` for vLLM; this layout is for TensorRT-LLM "
-                  "and SGLang's ModelOpt W4A16 loader.", ""]
+        return lines + [f"vLLM has no loader for the `{facts['method']}` layout of {', '.join(unloadable)} (its "
+                        "ModelOpt loader reads FP8, NVFP4 and MXFP8 only), so no vLLM command is "
+                        "given. Write the same recipe with `format: compressed-tensors` for vLLM; this layout is "
+                        "for TensorRT-LLM and SGLang's ModelOpt W4A16 loader.", ""] + sampling_lines(facts)
     notes = {GPU_CLASSES[0][0]: blackwell, GPU_CLASSES[1][0]: older}
     for gpu_class, gpu_gb in GPU_CLASSES:
         tp = _tensor_parallel(facts["bytes"], gpu_gb)

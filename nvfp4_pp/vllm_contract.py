@@ -90,7 +90,7 @@ CONTRACTS: dict[str, dict[str, Contract]] = {
 """Layout -> scheme -> contract, from vLLM's loaders (ModelOpt{Fp8,NvFp4,MixedPrecision}Config;
 compressed-tensors W4A4Fp4, W4A16Fp4, W8A8Fp8, MXFP4, WNA16: int32 `weight_packed`, group scales
 loaded into the model dtype whatever they are stored in, `weight_shape`). vLLM's ModelOpt loader has
-no INT4 (`W4A16_AWQ`) method up to at least 0.33 (its QUANT_ALGOS: FP8 variants, NVFP4, W4A16_NVFP4,
+no INT4 (`W4A16_AWQ`) method up to its 2026 main (QUANT_ALGOS: FP8 variants, NVFP4, W4A16_NVFP4,
 MXFP8, MIXED_PRECISION); that contract is modelopt's export as TensorRT-LLM and SGLang read it:
 uint8 [out/2, in] (two output rows per byte, row 2i in the low nibble) and FP32 scales [out, in/128]."""
 MODELOPT_ALGOS = {"NVFP4": "nvfp4", "NVFP4_AWQ": "nvfp4_awq", "W4A16_NVFP4": "w4a16_nvfp4", "FP8": "fp8",
