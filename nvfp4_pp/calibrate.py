@@ -23,6 +23,10 @@ RECIPES: dict[str, str | dict[str, str]] = {
 }
 """Named recipes: one of modelopt's own configs, or per-module-pattern overrides of other recipes
 (the seed Mistral-Medium mix: MLP Linears MXFP4, attention Linears per-tensor static FP8)."""
+SCALE_SEARCHES = {"local_hessian": "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",
+                  "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG"}
+"""NVFP4 weight-scale searches: modelopt's config for each; its weight quantizer (static per-block
+scales, which the search sets) and its algorithm replace the recipe's, for W4A4 and W4A16 alike."""
 KV_CACHE = {"fp8": "FP8_KV_CFG"}
 """KV-cache formats: modelopt's KV config, merged into the recipe as hf_ptq.py does."""
 _LINEAR_QUANTIZERS = ("*weight_quantizer", "*input_quantizer")
@@ -47,8 +51,11 @@ def _pattern_entries(recipe: str, pattern: str) -> list[dict]:
 
 
 def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = None,
-                    ignore: list[str] | tuple[str, ...] = (), kv_cache: str | None = None) -> dict:
-    """modelopt's config for `recipe` (+ per-module overrides, ignored modules, KV cache), sync off.
+                    ignore: list[str] | tuple[str, ...] = (), kv_cache: str | None = None,
+                    algorithm: str = "max", options: dict | None = None) -> dict:
+    """modelopt's config for `recipe` (+ per-module overrides, ignored modules, KV cache), sync off;
+    `algorithm` other than max replaces the recipe's calibration method, with modelopt's `options`
+    (GPTQ: perc_damp, block_size; config.py checks which recipes each fits).
 
     modelopt all-reduces every amax over the data-parallel group, which is the whole world once
     torch.distributed is up: in a pipeline that would mix amaxes of different layers across ranks.
@@ -76,10 +83,46 @@ def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = No
     methods = {_preset(RECIPES[r])["algorithm"] for r in [recipe, *overrides.values()]
                if not isinstance(RECIPES[r], dict)}
     method = "awq_lite" if "awq_lite" in methods else "max" if "max" in methods or kv_cache else None
-    # AWQ-lite has no distributed_sync switch: its modules get a parallel state without a
-    # data-parallel group instead (see `calibrate`).
-    cfg["algorithm"] = None if method is None else {"method": method, **({"distributed_sync": False} if method == "max" else {})}
+    if algorithm in SCALE_SEARCHES:
+        search = _preset(SCALE_SEARCHES[algorithm])
+        weight = next(e for e in search["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
+        for entry in entries:
+            if entry.get("quantizer_name") == "*weight_quantizer":
+                entry["cfg"] = copy.deepcopy(weight["cfg"])
+        cfg["algorithm"] = {**search["algorithm"], "distributed_sync": False}
+        return cfg
+    if algorithm != "max":
+        method = algorithm
+    # GPTQ and AWQ-lite have no distributed_sync switch: their modules get a parallel state without
+    # a data-parallel group instead (see `no_data_parallel_group`).
+    settings = {"distributed_sync": False} if method == "max" else dict(options or {})
+    cfg["algorithm"] = None if method is None else {"method": method, **settings}
     return cfg
+
+
+CUDA_ONLY = {("max", "nvfp4_awq"): "NVFP4 AWQ-lite",
+             **{(a, r): f"NVFP4 {a}" for a in ("gptq", *SCALE_SEARCHES) for r in ("nvfp4", "w4a16_nvfp4")}}
+"""(algorithm, recipe) pairs modelopt 0.47 runs on CUDA only: they need NVFP4's fake-quantized forward,
+whose CPU path stops with "amax must be a CUDA tensor" or "requires triton"."""
+
+
+def check_algorithm_device(algorithm: str, recipe: str, rank: int, host: str, device: torch.device) -> None:
+    """A rank whose device cannot run the run's algorithm is refused before any weight loads."""
+    what = CUDA_ONLY.get((algorithm, recipe))
+    if what and device.type != "cuda":
+        from .config import ConfigError
+
+        raise ConfigError(f"rank {rank} on host {host} calibrates on {device.type}, but algorithm {algorithm} with "
+                          f"recipe {recipe} ({what}) runs on CUDA only in modelopt 0.47; give every rank a CUDA "
+                          "device (pipeline.device) or choose recipe w4a16_int4 or 'algorithm: max'")
+
+
+def algorithm_options(cfg) -> dict:
+    """modelopt's settings for the run's algorithm: GPTQ's damping and block size where given."""
+    if cfg.algorithm != "gptq":
+        return {}
+    named = {"perc_damp": cfg.gptq.damping, "block_size": cfg.gptq.block_size}
+    return {k: v for k, v in named.items() if v is not None}
 
 
 class ValidTokens:
@@ -267,4 +310,4 @@ def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> Health:
 
 def uses_hessians(cfg) -> bool:
     """Whether the run's algorithm collects GPTQ Hessians (the planner counts them)."""
-    return getattr(cfg, "algorithm", "max") == "gptq"
+    return cfg.algorithm == "gptq"

@@ -113,6 +113,7 @@ def front_matter(record: dict) -> list[str]:
 
     cfg, source = record["config"], record["source"]
     tags = sorted({"nvfp4_pp", "quantized", "vllm", cfg["format"], cfg.get("recipe", "nvfp4"),
+                   *([cfg["algorithm"]] if cfg.get("algorithm", "max") != "max" else []),
                    *record["checkpoint"]["schemes"]} | ({"fp8-kv-cache"} if record["checkpoint"]["kv_cache_scales"] else set()))
     data = ModelCardData(base_model=source["hub_id"], base_model_relation="quantized" if source["hub_id"] else None,
                          library_name=LIBRARY[cfg["format"]], pipeline_tag=source["pipeline_tag"], tags=tags,
@@ -124,6 +125,26 @@ def front_matter(record: dict) -> list[str]:
         comments.append("# license left out: the source's README.md front matter names none; add the source's "
                         "license before publishing")
     return ["---", *data.to_yaml().splitlines(), *comments, "---"]
+
+
+def _algorithm_text(cfg: dict) -> str:
+    """How the weights were fitted, and whether layer by layer (each layer on its predecessors' quantized outputs)."""
+    algorithm = cfg.get("algorithm", "max")
+    text = {"max": "rounded to the nearest grid point of the scale each block's maximum sets (max calibration)",
+            "gptq": "GPTQ (modelopt): each rounding error compensated in the columns not yet rounded, from the "
+                    "Hessian of the layer's calibration inputs",
+            "awq_lite": "AWQ-lite (modelopt): per-channel pre-scales searched on the calibration data",
+            "local_hessian": "NVFP4 block scales searched to minimize each block's output error weighted by its "
+                             "local Hessian (modelopt's local_hessian, FP8 scale sweep)",
+            "mse": "NVFP4 block scales searched to minimize the weight's squared error over the FP8 scale values "
+                   "(modelopt's mse, FP8 scale sweep)",
+            "four_over_six": "Four-Over-Six: per block, the FP4 grid's maximum mapped to 4 or 6, whichever errs "
+                             "less (modelopt's NVFP4_FOUR_OVER_SIX_CFG)"}[algorithm]
+    layerwise = cfg.get("layerwise") or {}
+    if layerwise.get("enable"):
+        text += (f"; layer by layer, each layer on its predecessors' quantized outputs (stage boundary: "
+                 f"{layerwise.get('boundary', 'parallel')})")
+    return text + "."
 
 
 def render_card(record: dict, output_name: str) -> str:
@@ -145,6 +166,7 @@ def render_card(record: dict, output_name: str) -> str:
         f"- Every decoder Linear: {RECIPE_TEXT[recipe]}; q/k/v and gate/up share their "
         "per-tensor scales (vLLM fuses them). No cross-rank amax sync: each stage's statistics are its own.",
         *[f"- Linears matching `{pattern}`: {RECIPE_TEXT[r]}" for pattern, r in (cfg.get("recipe_overrides") or {}).items()],
+        f"- Weights: {_algorithm_text(cfg)}",
         *([f"- KV cache: {cfg['kv_cache'].upper()} K and V scales calibrated on the data below"]
           if cfg.get("kv_cache") else []),
         f"- Kept in BF16: {', '.join(f'`{n}`' for n in record['kept_bf16']) or 'nothing'} (plus norms).",

@@ -215,6 +215,29 @@ class LayerwiseConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GptqConfig:
+    """GPTQ's settings (`algorithm: gptq`); empty keys take modelopt's defaults."""
+
+    damping: Union[None, float] = None
+    """Fraction of the mean Hessian diagonal added to it before inversion (modelopt's `perc_damp`,
+    default 0.01); raise it when a layer's solve reports a Hessian that is not positive definite."""
+    block_size: Union[None, int] = None
+    """Columns updated together (modelopt's default 128; a multiple of the recipe's group size)."""
+
+    def __post_init__(self) -> None:
+        if self.damping is not None and not 0 < self.damping <= 1:
+            raise ConfigError(f"config key 'gptq.damping' must be in (0, 1], got {self.damping}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ConfigError(f"config key 'gptq.block_size' must be >= 1, got {self.block_size}")
+
+
+ALGORITHM_RECIPES = {"gptq": ("w4a16_int4", "nvfp4", "w4a16_nvfp4"), "awq_lite": ("w4a16_int4",),
+                     "local_hessian": ("nvfp4", "w4a16_nvfp4"), "mse": ("nvfp4", "w4a16_nvfp4"),
+                     "four_over_six": ("nvfp4", "w4a16_nvfp4")}
+"""The recipes each algorithm besides `max` calibrates (NVFP4 with AWQ-lite is recipe `nvfp4_awq`)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     """One quantization run: source model, output, on-disk format, calibration and pipeline."""
 
@@ -234,6 +257,15 @@ class RunConfig:
     """Module name pattern -> recipe for the Linears it matches, e.g. {"*mlp*": mxfp4, "*self_attn*": fp8}."""
     ignore: list[str] = dataclasses.field(default_factory=list)
     """Module names or `*` patterns kept in BF16 (lm_head always is)."""
+    algorithm: Literal["max", "gptq", "awq_lite", "local_hessian", "mse", "four_over_six"] = "max"
+    """How weights are fitted to the grid (docs/algorithms.md): `max` rounds each to the nearest point of
+    the scale its block's maximum sets; `gptq` compensates each rounding error in the columns not yet
+    rounded, from the Hessian of the layer's inputs (modelopt's GPTQ; best layer by layer, see
+    `layerwise`); `awq_lite` searches per-channel pre-scales (w4a16_int4; for NVFP4 use recipe nvfp4_awq);
+    NVFP4 block-scale searches (CUDA ranks): `local_hessian` (scales minimizing the output error weighted
+    by each block's local Hessian), `mse` (scales minimizing weight MSE over the FP8 scale values),
+    `four_over_six` (per block, the FP4 grid's max mapped to 4 or 6, whichever errs less)."""
+    gptq: GptqConfig = dataclasses.field(default_factory=GptqConfig)
     kv_cache: Union[None, Literal["fp8"]] = None
     """`fp8`: calibrate static K and V scales in the same pass (vLLM's FP8 KV cache)."""
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
@@ -251,9 +283,30 @@ class RunConfig:
         if self.layerwise.enable and self.calibration.batch_size > 1 and not self.calibration.pack:
             raise ConfigError("layerwise.enable calibrates each layer with modelopt's own statistics, which cannot "
                               "skip pad positions; set calibration.batch_size: 1 or calibration.pack: true")
+        self._check_algorithm()
         awq = self.recipe == "nvfp4_awq" or "nvfp4_awq" in self.recipe_overrides.values()
         if awq and self.format == "compressed-tensors":
             raise ConfigError("recipe nvfp4_awq keeps AWQ pre-quant scales, which compressed-tensors has no field "
+                              "for; set 'format: modelopt'")
+
+    def _check_algorithm(self) -> None:
+        """An algorithm other than max fits one recipe's weights, listed in ALGORITHM_RECIPES."""
+        if self.gptq != GptqConfig() and self.algorithm != "gptq":
+            raise ConfigError(f"config section 'gptq' applies to 'algorithm: gptq', not {self.algorithm}; set the "
+                              "algorithm or remove the section")
+        if self.algorithm == "max":
+            return
+        recipes = ALGORITHM_RECIPES[self.algorithm]
+        if self.algorithm == "awq_lite" and self.recipe == "nvfp4":
+            raise ConfigError("NVFP4 with AWQ-lite is recipe nvfp4_awq; set 'recipe: nvfp4_awq' and drop 'algorithm'")
+        if self.recipe not in recipes:
+            raise ConfigError(f"algorithm {self.algorithm} fits the weights of recipes {list(recipes)}, not recipe "
+                              f"{self.recipe}; choose one of them or 'algorithm: max'")
+        if self.recipe_overrides:
+            raise ConfigError(f"algorithm {self.algorithm} runs on one recipe; remove recipe_overrides or use "
+                              "'algorithm: max'")
+        if self.algorithm == "awq_lite" and self.format == "compressed-tensors":
+            raise ConfigError("algorithm awq_lite keeps AWQ pre-quant scales, which compressed-tensors has no field "
                               "for; set 'format: modelopt'")
 
 

@@ -25,8 +25,10 @@ from .arch import Architecture, architecture_of
 from .assemble import assemble
 from .calibrate import (
     ValidTokens,
+    algorithm_options,
     calibrate,
     calibration_health,
+    check_algorithm_device,
     insert_quantizers,
     modelopt_config,
     no_data_parallel_group,
@@ -158,6 +160,8 @@ class Run:
         writes = not self.options.plan_only
 
         def check() -> tuple[CheckpointFormat, SourceCheckpoint, Architecture]:
+            info = self.info
+            check_algorithm_device(self.cfg.algorithm, self.cfg.recipe, info.rank, info.host, info.device)
             source = SourceCheckpoint(self.cfg.model)
             arch = architecture_of(source.config, source.weight_map)
             if "num_hidden_layers" not in source.text_config:
@@ -302,7 +306,8 @@ class Run:
 
     def _calibrate_through_pipeline(self) -> Traffic:
         cfg, samples = self.cfg, self.samples
-        quant_cfg = modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache)
+        quant_cfg = modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache, cfg.algorithm,
+                                    algorithm_options(cfg))
         if self.layer_major:
             return self._calibrate_layer_by_layer(quant_cfg)
         valid = ValidTokens()

@@ -68,7 +68,7 @@ def fingerprint(cfg: RunConfig, source: SourceCheckpoint, world_size: int, devic
         "model_files": {f: (source.path / f).stat().st_size for f in sorted(set(source.weight_map.values()))},
         "format": cfg.format,
         "recipe": {"recipe": cfg.recipe, "recipe_overrides": cfg.recipe_overrides, "ignore": cfg.ignore,
-                   "kv_cache": cfg.kv_cache},
+                   "kv_cache": cfg.kv_cache, "algorithm": cfg.algorithm, "gptq": config_to_dict(cfg)["gptq"]},
         "calibration": config_to_dict(cfg)["calibration"],
         "layerwise": config_to_dict(cfg)["layerwise"],
         "streaming": streaming,

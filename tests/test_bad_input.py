@@ -189,3 +189,13 @@ def test_disk_full_during_export(tmp_path, capsys, smol_dir, token_file):
         assert not (disk / "out").exists()
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_cuda_only_algorithm_on_a_cpu_rank(tmp_path, capsys, tiny_llama):
+    code, err = _run(tmp_path, capsys, tiny_llama, recipe="nvfp4", algorithm="gptq")
+    assert code == 1
+    assert _one_error(err).endswith(
+        f"rank 0 on host {socket.gethostname()} calibrates on cpu, but algorithm gptq with recipe nvfp4 (NVFP4 gptq) "
+        "runs on CUDA only in modelopt 0.47; give every rank a CUDA device (pipeline.device) or choose recipe "
+        "w4a16_int4 or 'algorithm: max'")
+    assert not (tmp_path / "out").exists()

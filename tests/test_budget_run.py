@@ -15,7 +15,8 @@ import sys
 from helpers import REPO, load_tensors, run_nvfp4_pp, tensor_differences, write_config
 
 MARGIN_GB = 0.05
-PLAN_ROW = re.compile(r"\[stage 0\] (\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([\d.]+)\s+(\d+)-(\d+) \((\d+)\)\s+([\d.]+)\s+(\d+)%")
+PLAN_ROW = re.compile(r"\[stage 0\] (\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+([\d.]+)\s+(\d+)-(\d+) \((\d+)\)\s+(?:[a-z-]+\s+)?"
+                      r"([\d.]+)\s+(\d+)%")
 REPORT_ROW = re.compile(r"\[stage 0\] (\d+)\s+\S+\s+cpu\s+\d+-\d+ .* host ([\d.]+)/([\d.]+)")
 
 

@@ -139,6 +139,7 @@ def test_charts_are_valid_pngs_embedded_in_the_card(watched):
 
 def test_launcher_ends_a_failed_run_with_the_runs_error_line(source, tmp_path):
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("not a checkpoint")
     config = write_config(tmp_path / "run.yaml", model=str(source), output=str(tmp_path / "out"),
                           calibration={"samples": 2, "max_length": 16})
     cmd = [sys.executable, "-m", "nvfp4_pp.launch", "--standalone", "--nproc-per-node=2", "-m", "nvfp4_pp.run",
@@ -146,8 +147,9 @@ def test_launcher_ends_a_failed_run_with_the_runs_error_line(source, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1
-    assert result.stderr.splitlines()[-1] == (f"nvfp4_pp: error: output {tmp_path / 'out'} already exists; pass "
-                                              "--overwrite to replace it or choose another 'output'")
+    assert result.stderr.splitlines()[-1] == (
+        f"nvfp4_pp: error: output {tmp_path / 'out'} is a non-empty directory that nvfp4_pp did not write (it has no "
+        "nvfp4_pp.json); nvfp4_pp replaces only its own checkpoints or an empty directory: choose another 'output'")
     assert "Traceback" not in result.stderr
 
 

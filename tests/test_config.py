@@ -11,7 +11,8 @@ BASE = {"model": "/m", "output": "/o"}
 
 def test_config_keys_are_pinned():
     assert config_keys() == [
-        "model", "output", "base_model", "format", "recipe", "recipe_overrides", "ignore", "kv_cache",
+        "model", "output", "base_model", "format", "recipe", "recipe_overrides", "ignore", "algorithm",
+        "gptq.damping", "gptq.block_size", "kv_cache",
         "calibration.dataset", "calibration.config", "calibration.split", "calibration.field",
         "calibration.samples", "calibration.min_length", "calibration.max_length", "calibration.too_long",
         "calibration.seed", "calibration.batch_size", "calibration.pack",
@@ -70,6 +71,15 @@ def test_per_rank_and_per_host_pipeline_keys():
     ({**BASE, "recipe_overrides": {"*mlp*": "fp4"}}, "config key 'recipe_overrides' must be a mapping to one of"),
     ({**BASE, "kv_cache": "int8"}, "config key 'kv_cache' must be null or one of 'fp8', got 'int8'"),
     ({**BASE, "recipe": "nvfp4_awq"}, "recipe nvfp4_awq keeps AWQ pre-quant scales"),
+    ({**BASE, "algorithm": "gptq", "recipe": "fp8"},
+     "algorithm gptq fits the weights of recipes ['w4a16_int4', 'nvfp4', 'w4a16_nvfp4'], not recipe fp8; choose one"),
+    ({**BASE, "algorithm": "awq_lite"}, "NVFP4 with AWQ-lite is recipe nvfp4_awq; set 'recipe: nvfp4_awq'"),
+    ({**BASE, "algorithm": "gptq", "recipe_overrides": {"*mlp*": "fp8"}}, "algorithm gptq runs on one recipe"),
+    ({**BASE, "gptq": {"damping": 0.05}}, "config section 'gptq' applies to 'algorithm: gptq', not max"),
+    ({**BASE, "algorithm": "gptq", "gptq": {"damping": 2}}, "config key 'gptq.damping' must be in (0, 1], got 2"),
+    ({**BASE, "algorithm": "hqq"}, "config key 'algorithm' must be one of 'max', 'gptq', 'awq_lite', 'local_hessian'"),
+    ({**BASE, "algorithm": "four_over_six", "recipe": "mxfp4"},
+     "algorithm four_over_six fits the weights of recipes ['nvfp4', 'w4a16_nvfp4'], not recipe mxfp4"),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:

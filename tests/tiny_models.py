@@ -132,14 +132,15 @@ def _save_perturbed(model, target: Path, vocab_size: int) -> None:
 
 
 def write_tiny_tokenizer(target: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over `vocab_size` made-up words: every servable checkpoint needs one."""
+    """A word-level tokenizer over `vocab_size` made-up words: every servable checkpoint needs one. The last
+    word is `<|endoftext|>`, which Qwen2's tokenizer class otherwise appends past the embeddings."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size - 1)}, "<|endoftext|>": vocab_size - 1}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(target)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(target)
 
 
 def write_token_file(path: Path, vocab_size: int = COMMON["vocab_size"], seed: int = 0) -> Path:

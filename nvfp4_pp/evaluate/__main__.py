@@ -11,13 +11,17 @@ import torch
 
 from ..errors import NvFp4PpError
 from .decode import EvaluateError, layout_of
-from .quality import EVAL_DATA, eval_samples, evaluate, table
+from .quality import EVAL_DATA, compare_table, eval_samples, evaluate, table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nvfp4_pp.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--source", required=True, type=Path, help="the BF16 source checkpoint")
-    p.add_argument("--quantized", required=True, type=Path, help="the nvfp4_pp output to evaluate")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--quantized", type=Path, help="the nvfp4_pp output to evaluate")
+    what.add_argument("--compare", type=Path, nargs="+", metavar="OUTPUT",
+                      help="several outputs of the same source (recipes, algorithms): one table of perplexity, KL "
+                           "and size, on the same samples")
     p.add_argument("--data", default=EVAL_DATA, help="builtin:pydoc (read from its end), a .txt or a .jsonl")
     p.add_argument("--samples", type=int, default=32, help="number of samples (default 32)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per sample (default 512)")
@@ -25,7 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input-scale-one", action="store_true", help="add W4A4 with every input scale forced to 1.0")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--update-card", action="store_true", help="put the table into QUANTIZED/README.md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.update_card and args.compare:
+        p.error("--update-card takes one --quantized output, not --compare")
+    return args
 
 
 def check_inputs(source: Path, quantized: Path) -> None:
@@ -40,8 +47,40 @@ def check_inputs(source: Path, quantized: Path) -> None:
         raise EvaluateError(f"--source {source} {what}; pass the BF16 checkpoint the output was quantized from")
 
 
+def describe_layout(directory: Path) -> str:
+    layout = layout_of(directory)
+    return f"{layout.method} {layout.default_scheme or 'mixed'}"
+
+
+def size_on_disk(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Every output checked first (seconds), then each evaluated on the same samples: one table."""
+    try:
+        for output in args.compare:
+            check_inputs(args.source, output)
+        samples = eval_samples(args.data, args.samples, args.max_length, args.source)
+        rows = [(output, describe_layout(output), size_on_disk(output),
+                 evaluate(args.source, output, samples, args.device)) for output in args.compare]
+    except (NvFp4PpError, OSError) as e:
+        print(f"nvfp4_pp.evaluate: error: {e}", file=sys.stderr)
+        return 1
+    tokens = sum(len(s) - 1 for s in samples)
+    print(f"{len(rows)} outputs of {args.source} on {args.data}: {len(samples)} samples, {tokens} predicted tokens")
+    print("\n".join(compare_table(rows)))
+    if args.json:
+        report = {"data": args.data, "samples": len(samples), "max_length": args.max_length, "tokens": tokens,
+                  "outputs": [{"output": str(o), "layout": lay, "bytes": n, "results": r} for o, lay, n, r in rows]}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args)
     try:
         check_inputs(args.source, args.quantized)
         samples = eval_samples(args.data, args.samples, args.max_length, args.source)

@@ -119,15 +119,18 @@ def perplexity(model: nn.Module, samples: list[list[int]], device: torch.device 
 
 def evaluate(source: Path, quantized: Path, samples: list[list[int]], device: torch.device | str = "cpu",
              input_scale_one: bool = False) -> dict[str, dict[str, float]]:
-    """{variant: {"perplexity", "kl"}} for bf16, w4a16, w4a4 (and w4a4-scale1)."""
+    """{variant: {"perplexity", "kl"}} for bf16, w4a16, and, where the checkpoint quantizes activations,
+    w4a4 (and w4a4-scale1)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device).eval()
     model, linears = quantized_model(Path(source), Path(quantized), device)
     acts = ActivationQuantization(model, linears)
-    variants = {"w4a16": (False, False), "w4a4": (True, False)}
-    if input_scale_one:
+    variants = {"w4a16": (False, False)}
+    if any(d.quantize_input is not None for d in linears.values()):
+        variants["w4a4"] = (True, False)
+    if input_scale_one and "w4a4" in variants:
         variants["w4a4-scale1"] = (True, True)
     totals = {name: {"nll": 0.0, "kl": 0.0} for name in ["bf16", *variants]}
     count = 0
@@ -146,6 +149,18 @@ def evaluate(source: Path, quantized: Path, samples: list[list[int]], device: to
 LABELS = {"bf16": "BF16 (source)", "w4a16": "quantized weights, BF16 activations (W4A16 / W8A16)",
           "w4a4": "quantized weights and activations (W4A4 / W8A8), calibrated input scales",
           "w4a4-scale1": "quantized weights and activations, every input scale 1.0"}
+
+
+def compare_table(rows: list[tuple[Path, str, int, dict[str, dict[str, float]]]]) -> Iterator[str]:
+    """One row per output of the same source (path, layout, bytes on disk, results), the BF16 source first."""
+    yield "| output | layout | size GB | W4A16 perplexity | W4A16 KL | W4A4 perplexity | W4A4 KL |"
+    yield "|---|---|---:|---:|---:|---:|---:|"
+    bf16 = rows[0][3]["bf16"]["perplexity"] if rows else float("nan")
+    yield f"| BF16 source | - | - | {bf16:.3f} | 0 | - | - |"
+    for path, layout, size, r in rows:
+        w4a4 = f"{r['w4a4']['perplexity']:.3f} | {r['w4a4']['kl']:.5f}" if "w4a4" in r else "- | -"
+        yield (f"| {path} | {layout} | {size / 1e9:.2f} | {r['w4a16']['perplexity']:.3f} | {r['w4a16']['kl']:.5f} | "
+               f"{w4a4} |")
 
 
 def table(results: dict[str, dict[str, float]]) -> Iterator[str]:

@@ -1,0 +1,225 @@
+"""Every algorithm across pipeline ranks on one CUDA GPU: identity with modelopt, and quality on held-out text.
+
+    python benchmarks/algorithms.py [--model smollm2|tiny|DIR] [--ranks 3] [--jobs 4] [--runs a,b,...]
+                                    [--work /tmp/nvfp4_pp-alg] [--report REPORT.md]
+
+For each run (recipe x algorithm x layer-by-layer mode, list below) the script
+  1. runs nvfp4_pp with `--ranks` ranks that all use this GPU (one torchrun per rank, hidden states
+     over gloo, as benchmarks/awq_identity.py does); several runs at once (`--jobs`);
+  2. where the run is marked so, builds modelopt's single-process result of the same config on the GPU
+     (tests/reference.py: mtq.quantize + export_hf_checkpoint; its layerwise mode with use_cache=False)
+     and compares every tensor;
+  3. measures perplexity and mean KL vs BF16 of the written checkpoint on held-out text (the end of the
+     built-in corpus; calibration reads its start) with the project's own decoders (nvfp4_pp.evaluate);
+plus llm-compressor's GPTQ W4A16 g128 (GPTQModifier, scheme W4A16) of the same samples, evaluated the
+same way. Calibration: `--samples` x `--seq` tokens of the built-in corpus. One markdown table out.
+modelopt 0.47 runs NVFP4 GPTQ, its scale searches and AWQ-lite on CUDA only: this is where their
+evidence comes from (the CPU suite covers INT4 GPTQ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from awq_identity import REPO, run_ranks, write_model  # noqa: E402
+from helpers import load_tensors, tensor_differences  # noqa: E402
+
+# name: (recipe, algorithm, layerwise boundary or None, compare with modelopt's single process)
+RUNS = {
+    "int4-max": ("w4a16_int4", "max", None, False),
+    "int4-gptq": ("w4a16_int4", "gptq", None, False),
+    "int4-gptq-layerwise": ("w4a16_int4", "gptq", "sequential", False),
+    "int4-gptq-layerwise-parallel": ("w4a16_int4", "gptq", "parallel", False),
+    "int4-awq_lite": ("w4a16_int4", "awq_lite", None, True),
+    "nvfp4-max": ("nvfp4", "max", None, False),
+    "nvfp4-awq": ("nvfp4_awq", "max", None, True),
+    "nvfp4-gptq": ("nvfp4", "gptq", None, True),
+    "nvfp4-gptq-layerwise": ("nvfp4", "gptq", "sequential", True),
+    "nvfp4-local_hessian": ("nvfp4", "local_hessian", None, True),
+    "nvfp4-mse": ("nvfp4", "mse", None, True),
+    "nvfp4-four_over_six": ("nvfp4", "four_over_six", None, True),
+    "w4a16_nvfp4-max": ("w4a16_nvfp4", "max", None, False),
+    "w4a16_nvfp4-gptq-layerwise": ("w4a16_nvfp4", "gptq", "sequential", True),
+}
+
+
+STACKS = {
+    "int4-awq_lite+gptq": ("w4a16_int4", "awq_lite+gptq"),
+    "nvfp4-awq_lite+gptq": ("nvfp4", "awq_lite+gptq"),
+    "nvfp4-awq_lite+local_hessian": ("nvfp4", "awq_lite+local_hessian"),
+}
+"""Stacked algorithms (modelopt runs a list in order), measured in modelopt's single process only: offered
+in the `algorithm` key only if one beats the best single algorithm."""
+
+
+def write_calibration(model: Path, work: Path, samples: int, seq: int) -> Path:
+    """`samples` pieces of `seq` tokens of the built-in corpus as input_ids JSONL (both tools read it)."""
+    from nvfp4_pp.config import CalibrationConfig
+    from nvfp4_pp.data.samples import load_samples
+
+    chosen = load_samples(CalibrationConfig(samples=samples, max_length=seq), model)
+    path = work / f"calibration-{samples}x{seq}.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": list(map(int, s))}) + "\n" for s in chosen.samples))
+    return path
+
+
+def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device: str) -> dict:
+    recipe, algorithm, boundary, compare = RUNS[name]
+    out, logs = work / f"out-{name}", work / f"logs-{name}"
+    logs.mkdir(parents=True, exist_ok=True)
+    samples = sum(1 for line in tokens.read_text().splitlines() if line.strip())
+    config = work / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(model), "output": str(out), "format": "modelopt", "recipe": recipe, "algorithm": algorithm,
+        "layerwise": {"enable": boundary is not None, "boundary": boundary or "parallel"},
+        "calibration": {"dataset": str(tokens), "samples": samples, "max_length": 4096, "batch_size": 1},
+        "pipeline": {"device": device, "backend": "gloo"},
+    }, sort_keys=False))
+    t0 = time.perf_counter()
+    code = run_ranks(config, ranks, logs, 540)
+    row = {"name": name, "recipe": recipe, "algorithm": algorithm, "layerwise": boundary or "-",
+           "exit": code, "seconds": time.perf_counter() - t0, "out": str(out)}
+    if code != 0:
+        row["error"] = (logs / "rank0.log").read_text()[-1500:]
+        return row
+    if compare:
+        reference = work / f"reference-{name}"
+        options = ["--recipe", recipe, "--algorithm", algorithm, *(["--layerwise", "on"] if boundary else [])]
+        ref = subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), *options, str(model), str(tokens),
+                              str(reference), "sdpa", "cuda:0" if device == "cuda" else "cpu"],
+                             capture_output=True, text=True)
+        if ref.returncode:
+            row["identity"] = f"reference failed: {ref.stderr.strip().splitlines()[-1][:200]}"
+        else:
+            differences = tensor_differences(load_tensors(out), load_tensors(reference))
+            row["identity"] = "identical" if not differences else f"{len(differences)} differ, e.g. {differences[0]}"
+    return row
+
+
+def stack_run(name: str, model: Path, tokens: Path, work: Path, device: str) -> dict:
+    recipe, algorithm = STACKS[name]
+    out = work / f"out-{name}"
+    t0 = time.perf_counter()
+    ref = subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), "--recipe", recipe, "--algorithm",
+                          algorithm, str(model), str(tokens), str(out), "sdpa", "cuda:0" if device == "cuda" else "cpu"],
+                         capture_output=True, text=True)
+    row = {"name": name, "recipe": recipe, "algorithm": algorithm, "layerwise": "-", "exit": ref.returncode,
+           "seconds": time.perf_counter() - t0, "out": str(out), "identity": "modelopt 1 process only"}
+    if ref.returncode:
+        row["error"] = ref.stderr[-1500:]
+    return row
+
+
+def llmcompressor_gptq(model: Path, tokens: Path, work: Path) -> dict:
+    """llm-compressor's GPTQ W4A16 (group 128, symmetric INT4) as its examples run it; compressed save."""
+    out = work / "out-llmcompressor-gptq-w4a16"
+    child = f"""
+import json, torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from transformers import AutoModelForCausalLM
+rows = [json.loads(l)["input_ids"] for l in open({str(tokens)!r}) if l.strip()]
+model = AutoModelForCausalLM.from_pretrained({str(model)!r}, dtype=torch.bfloat16, device_map="cuda")
+data = Dataset.from_dict({{"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}})
+oneshot(model=model, dataset=data, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+        max_seq_length=max(map(len, rows)), num_calibration_samples=len(rows), shuffle_calibration_samples=False)
+model.save_pretrained({str(out)!r}, save_compressed=True)
+"""
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    row = {"name": "llm-compressor GPTQ W4A16", "recipe": "w4a16_int4 (compressed-tensors)", "algorithm": "gptq",
+           "layerwise": "its sequential pipeline", "exit": result.returncode, "seconds": time.perf_counter() - t0,
+           "out": str(out)}
+    if result.returncode:
+        row["error"] = result.stderr[-1500:]
+    else:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--ranks", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=4, help="runs at once on the GPU")
+    p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--peers", default="llmcompressor", help="llmcompressor or none")
+    p.add_argument("--stacks", default=",".join(STACKS), help="stacked algorithms (modelopt single process)")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--eval-samples", type=int, default=32)
+    p.add_argument("--eval-length", type=int, default=512)
+    p.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-alg"))
+    p.add_argument("--report", type=Path)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of INT4 runs")
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (modelopt 0.47 runs NVFP4 GPTQ, scale searches and AWQ-lite on CUDA only)",
+              file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    model, _ = write_model(args.model, args.work)
+    tokens = write_calibration(model, args.work, args.samples, args.seq)
+    names = [n for n in args.runs.split(",") if n]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(one_run, n, model, tokens, args.work, args.ranks, args.device) for n in names]
+        futures += [pool.submit(stack_run, n, model, tokens, args.work, args.device)
+                    for n in args.stacks.split(",") if n]
+        if args.peers == "llmcompressor":
+            futures.append(pool.submit(llmcompressor_gptq, model, tokens, args.work))
+        rows = [f.result() for f in futures]
+    print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    from nvfp4_pp.evaluate.quality import eval_samples, evaluate
+
+    held_out = eval_samples("builtin:pydoc", args.eval_samples, args.eval_length, model)
+    bf16 = None
+    for row in rows:
+        if row["exit"] == 0:
+            try:
+                results = evaluate(model, Path(row["out"]), held_out, args.device)
+            except Exception as e:  # a layout the decoder refuses is a finding, not a crash of the table
+                row["error"] = f"evaluate: {e}"
+                continue
+            bf16 = results["bf16"]["perplexity"]
+            kind = "w4a4" if "w4a4" in results else "w4a16"
+            row["ppl"], row["kl"] = results[kind]["perplexity"], results[kind]["kl"]
+            row["measured"] = kind
+
+    lines = [f"SmolLM2-135M ({args.model}), calibration {args.samples} x {args.seq} tokens of the built-in corpus, "
+             f"held-out {len(held_out)} x {args.eval_length} tokens; {args.ranks} ranks on one "
+             f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU'} (gloo); BF16 perplexity "
+             f"{bf16 or float('nan'):.2f}",
+             "", "| run | recipe | algorithm | layer by layer | ppl | KL | measured | vs modelopt 1 process | s |",
+             "|---|---|---|---|---:|---:|---|---|---:|"]
+    for r in rows:
+        quality = (f"{r['ppl']:.2f} | {r['kl']:.3f} | {r['measured']}" if "ppl" in r
+                   else f"- | - | {('FAILED: ' + r.get('error', '')[-120:]).replace('|', '/').replace(chr(10), ' ')}")
+        lines.append(f"| {r['name']} | {r['recipe']} | {r['algorithm']} | {r['layerwise']} | {quality} | "
+                     f"{r.get('identity', 'not compared').replace('|', '/')} | {r['seconds']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.report:
+        args.report.write_text(text)
+    for r in rows:
+        if "error" in r:
+            print(f"--- {r['name']}:\n{r['error']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

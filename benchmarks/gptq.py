@@ -1,0 +1,148 @@
+"""GPTQ on Llama-3.3-70B layer shapes: nvfp4_pp (flat and layer by layer) against modelopt's single process.
+
+    python3 benchmarks/gptq.py --layers 4 --samples 64 --seq 1024 --work /tmp/nvfp4_pp-gptq
+
+Writes throughput.py's random-weight checkpoint and, on the same samples, each in its own process:
+  - nvfp4_pp, one rank, recipe w4a16_int4 with `algorithm: gptq`, flat (Hessians from the pipelined
+    BF16 passes, every layer updated at once) and layer by layer (`layerwise.enable`, sequential);
+  - modelopt's single process: from_pretrained on the GPU, mtq.quantize(INT4_BLOCKWISE_WEIGHT_ONLY_CFG
+    with {"method": "gptq"}) + export_hf_checkpoint, flat and with `layerwise: {enable: true}` (its
+    forward loop passes use_cache=False: with the model's KV cache its layerwise replay feeds every layer
+    after the first stale keys, see nvfp4_pp/layerwise.py);
+then prints time per phase, the per-layer solve times nvfp4_pp logs, its measured peak against the
+planner's prediction, and tensor identity of each nvfp4_pp output with modelopt's of the same mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import DEV, REPO, SHAPES, log, write_checkpoint, write_tokens  # noqa: E402
+
+MODES = {"flat": {"enable": False}, "layerwise": {"enable": True, "boundary": "sequential"}}
+
+
+def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: int, mode: str) -> dict:
+    config = out.parent / f"nvfp4_pp-{mode}.yaml"
+    config.write_text(json.dumps({
+        "model": str(model_dir), "output": str(out), "format": "modelopt", "recipe": "w4a16_int4",
+        "algorithm": "gptq", "layerwise": MODES[mode],
+        "calibration": {"dataset": str(tokens), "samples": samples, "max_length": seq, "batch_size": 1}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                           "-m", "nvfp4_pp.run", str(config), "--overwrite"], env=env, capture_output=True,
+                          text=True, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvfp4_pp {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    rank = json.loads((out / "nvfp4_pp.json").read_text())["ranks"][0]
+    solves = [float(s) for s in re.findall(r"layer \d+ solved in ([0-9.]+) s", proc.stdout)]
+    return {"wall": wall, "load": rank["phases"]["load"], "calibrate": rank["phases"]["calibrate"],
+            "export": rank["phases"]["export"], "peak": rank["measured"].get("device", rank["measured"]["host"]) / 1e9,
+            "predicted": rank["predicted"]["device"] / 1e9, "solves": solves}
+
+
+def modelopt_child(model_dir: Path, rows: list[list[int]], out: Path, mode: str) -> dict:
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": DEV})
+    load = time.perf_counter() - t0
+    cfg = copy.deepcopy(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    cfg["algorithm"] = {"method": "gptq", "layerwise": {"enable": MODES[mode]["enable"]}}
+
+    def loop(m):
+        for r in rows:
+            m(torch.tensor([r], device=DEV), use_cache=False)
+
+    t0 = time.perf_counter()
+    mtq.quantize(model, cfg, loop)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    calib = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    export_hf_checkpoint(model, export_dir=str(out))
+    export = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 1e9 if DEV == "cuda" else 0.0
+    return {"wall": load + calib + export, "load": load, "calibrate": calib, "export": export, "peak": peak}
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--modelopt-child"]:
+        model_dir, tokens, out, mode = sys.argv[2:6]
+        rows = [json.loads(line)["input_ids"] for line in Path(tokens).read_text().splitlines()]
+        print("RESULT " + json.dumps(modelopt_child(Path(model_dir), rows, Path(out), mode)), flush=True)
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama70b", help="tiny: a CPU smoke test")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--modes", default="flat,layerwise")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-gptq"))
+    ap.add_argument("--report", type=Path, default=None)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model_dir = args.work / f"{args.shape}-{args.layers}l"
+    nbytes = write_checkpoint(model_dir, args.shape, args.layers)
+    tokens = args.work / "tokens.jsonl"
+    write_tokens(tokens, args.samples, args.seq, SHAPES[args.shape]["vocab_size"])
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import load_tensors, tensor_differences
+
+    lines = [f"# GPTQ W4A16 INT4 g128, {time.strftime('%Y-%m-%d')}, "
+             f"{torch.cuda.get_device_name(0) if DEV == 'cuda' else 'CPU'}",
+             f"{args.shape} shapes, {args.layers} layers ({nbytes / 1e9:.1f} GB), {args.samples} x {args.seq} "
+             "random tokens, batch 1", "",
+             "| run | load s | calibrate s | export s | total s | peak GB (predicted) | per-layer solve s |",
+             "|---|---|---|---|---|---|---|"]
+    notes = []
+    for mode in args.modes.split(","):
+        ours, theirs = args.work / f"out-pp-{mode}", args.work / f"out-modelopt-{mode}"
+        try:
+            r = run_nvfp4_pp(model_dir, tokens, ours, args.samples, args.seq, mode)
+            log(f"nvfp4_pp {mode}: {r}")
+            solves = ", ".join(f"{s:.1f}" for s in r["solves"]) or "-"
+            lines.append(f"| nvfp4_pp {mode} | {r['load']:.1f} | {r['calibrate']:.1f} | {r['export']:.1f} | "
+                         f"{r['wall']:.1f} | {r['peak']:.1f} ({r['predicted']:.1f}) | {solves} |")
+        except RuntimeError as e:
+            log(str(e))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--modelopt-child", str(model_dir), str(tokens), str(theirs),
+                               mode], capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            log(f"modelopt {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            continue
+        m = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
+        log(f"modelopt {mode}: {m}")
+        lines.append(f"| modelopt {mode} | {m['load']:.1f} | {m['calibrate']:.1f} | {m['export']:.1f} | "
+                     f"{m['wall']:.1f} | {m['peak']:.1f} | - |")
+        if (ours / "config.json").is_file():
+            a, b = load_tensors(ours), load_tensors(theirs)
+            diffs = tensor_differences(a, b)
+            notes.append(f"{mode}: nvfp4_pp vs modelopt {len(a) - len(diffs)}/{len(a)} tensors bit-identical"
+                         + ("" if not diffs else "; e.g. " + "; ".join(diffs[:3])))
+    text = "\n".join(lines + [""] + notes)
+    print(text, flush=True)
+    if args.report:
+        args.report.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
