@@ -2,7 +2,8 @@
 tensors in its layout; the compressed-tensors layout holds the same codes, loads in transformers through
 compressed-tensors and decodes there to exactly what our decoder reads; verify passes both.
 
-SmolLM2's Linears are 576 wide except down_proj (1536 = 12 x 128): the others stay in BF16."""
+SmolLM2's Linears are 576 wide except down_proj (1536 = 12 x 128): the others stay in BF16 there, and a
+tiny Llama 128 wide covers every Linear of a layer (fused q/k/v and gate/up keep their own group scales)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
+from tiny_models import _save_perturbed, write_token_file
 from test_verify import copy_checkpoint, edit_quant_config, edit_tensor
 from nvfp4_pp.evaluate.decode import decode_checkpoint
 from nvfp4_pp.evaluate.int4 import codes_from_row_pairs
@@ -58,6 +60,29 @@ def test_modelopt_layout_identical_to_single_process_modelopt(int4, smol_dir):
     assert verify(out, smol_dir) == []
     card = (out / "README.md").read_text()
     assert "vLLM has no loader for the `modelopt` layout of int4_awq" in card and "vllm serve" not in card
+
+
+def test_every_linear_of_a_128_wide_model_identical_to_single_process_modelopt(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    config.architectures = ["LlamaForCausalLM"]
+    model_dir = tmp_path / "llama-128"
+    _save_perturbed(LlamaForCausalLM(config), model_dir, config.vocab_size)
+    tokens = write_token_file(tmp_path / "tokens.jsonl")
+    ref, out = tmp_path / "reference", tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), "--recipe", "w4a16_int4", str(model_dir),
+                    str(tokens), str(ref)], check=True, capture_output=True)
+    run = write_config(tmp_path / "run.yaml", model=str(model_dir), output=str(out), format="modelopt",
+                       recipe="w4a16_int4", calibration={"dataset": str(tokens), "samples": 4, "batch_size": 1})
+    result = run_nvfp4_pp(run, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ours = load_tensors(out)
+    assert tensor_differences(ours, load_tensors(ref)) == []
+    assert len([n for n in ours if n.endswith(".weight_scale")]) == 3 * 7
+    assert verify(out, model_dir) == []
 
 
 def test_compressed_tensors_holds_modelopt_codes(int4, smol_dir, eval_ids):
