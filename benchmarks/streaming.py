@@ -76,41 +76,54 @@ def _text(output: str | bytes | None) -> str:
 
 
 def streaming_details(stdout: str, launched: float) -> dict:
-    """What nvfp4_pp's log says of its streaming stage: per-layer times (solve + write, with the
-    layer's read waited for), the wait for reads, the export's span (it overlaps the loop) and how
+    """What nvfp4_pp's log says of its streaming stage: per-layer times (read wait + solve + write)
+    and their split, the wait for reads, the export's span (it overlaps the loop) and how
     long after launch its first log line came."""
     layers = [float(m) for m in re.findall(r"layer \d+ solved in ([\d.]+) s", stdout)]
+    split = {part: [float(v) for v in re.findall(rf"layer \d+ solved in [\d.]+ s \(.*?\b{part} ([\d.]+)", stdout)]
+             for part in ("read", "advance", "calibrate", "write")}
     wait = re.search(r"calibration waited ([\d.]+) s for layer reads", stdout)
     packed = re.search(r"Linears packed and ([\d.]+) GB written in ([\d.]+) s", stdout)
     first = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", stdout, re.M)
-    return {"layer_seconds": layers, "wait": float(wait.group(1)) if wait else None,
+    return {"layer_seconds": layers, "split": split, "wait": float(wait.group(1)) if wait else None,
             "export_packed_s": float(packed.group(2)) if packed else None,
             "first_line_after_s": time.mktime(time.strptime(first.group(1), "%Y-%m-%d %H:%M:%S")) - launched
             if first else None}
 
 
 def layer_read(model_dir: Path) -> dict:
-    """One decoder layer's shard read as the streaming stage reads it (safetensors onto the device),
-    twice; and its bytes once more to host memory: can a layer's transfer hide behind its compute?"""
+    """One decoder layer's shard read as the streaming stage reads it (on a GPU: each tensor staged in
+    pinned memory and copied on a stream of its own, streaming.LayerStream), twice; straight onto the
+    device with safetensors (the stage's read before the copy stream) once; and its bytes once more to
+    host memory: can a layer's transfer hide behind its compute?"""
     from safetensors import safe_open
 
     shard = model_dir / "layer-001.safetensors"
-    times = []
-    for _ in range(2):
+    copies = torch.cuda.Stream() if DEV == "cuda" else None
+
+    def read(device: str, staged: bool) -> float:
         t0 = time.perf_counter()
-        with safe_open(shard, framework="pt", device=DEV) as f:
-            held = [f.get_tensor(k) for k in f.keys()]
+        with safe_open(shard, framework="pt", device=device) as f:
+            if staged:
+                with torch.cuda.stream(copies):
+                    held = [f.get_tensor(k).pin_memory().to(DEV, non_blocking=True) for k in f.keys()]
+                copies.synchronize()
+            else:
+                held = [f.get_tensor(k) for k in f.keys()]
         if DEV == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
         del held
+        return time.perf_counter() - t0
+
+    times = [read("cpu", True) if copies else read(DEV, False) for _ in range(2)]
+    direct = read(DEV, False)
     t0 = time.perf_counter()
     with open(shard, "rb") as f:
         while f.read(64 << 20):
             pass
     host = time.perf_counter() - t0
     size = shard.stat().st_size
-    return {"bytes": size, "to_device_s": times, "host_read_s": host}
+    return {"bytes": size, "to_device_s": times, "direct_s": direct, "host_read_s": host}
 
 
 def modelopt_offload_child(model_dir: Path, rows: list[list[int]], out: Path, budget_gb: str) -> dict:
@@ -140,6 +153,10 @@ def modelopt_offload_child(model_dir: Path, rows: list[list[int]], out: Path, bu
     export = time.perf_counter() - t0
     return {"wall": load + calib + export, "load": load, "calibrate": calib, "export": export,
             "tokens_per_s": len(rows) * len(rows[0]) / calib, "peaks": [torch.cuda.max_memory_allocated(0) / 1e9]}
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def run_child(name: str, model_dir: Path, tokens: Path, out: Path, arg: str, timeout: float) -> dict:
@@ -181,14 +198,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-stream"))
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--peers", default="llmcompressor,modelopt_offload",
-                    help="run in this order (modelopt's offload, the slowest, last: the deadline stops it)")
+                    help="run in this order (modelopt's offload, the slowest, last: the deadline stops it); "
+                         "'none': only the plain forward and nvfp4_pp")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="seconds the whole benchmark may take; a tool still running then is stopped (its rate so "
                          "far kept where it prints one) and the table is printed with what finished")
     ap.add_argument("--budget-gb", type=float, default=None, help="GPU budget (default: a third of the weights)")
     ap.add_argument("--stream", choices=["auto", "always"], default="auto", help="pipeline.stream for nvfp4_pp")
     args = ap.parse_args()
-    peers = [p for p in args.peers.split(",") if p]
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
     unknown = sorted(set(peers) - set(CHILDREN))
     if unknown:
         ap.error(f"unknown peer(s) {unknown}; choose from {sorted(CHILDREN)}")
@@ -210,6 +228,8 @@ def main() -> None:
     read = layer_read(model_dir)
     log(f"one layer's shard ({read['bytes'] / 1e9:.2f} GB) onto {DEV} as streaming reads it: "
         f"{', '.join(f'{t:.2f}' for t in read['to_device_s'])} s; to host memory {read['host_read_s']:.2f} s")
+    if DEV == "cpu":  # the CPU smoke: the plain forward on one thread, as nvfp4_pp's rank (OMP_NUM_THREADS=1)
+        torch.set_num_threads(1)
     plain = plain_forward(model_dir, rows)
     log(f"plain BF16 forward: {plain['tokens_per_s']:,.0f} tokens/s ({plain['seconds']:.2f} s)")
     if DEV == "cuda":
@@ -265,8 +285,9 @@ def main() -> None:
               "layer", identity]
     lines += [f"{name}: {r['partial']}" for name, r in results.items() if r.get("partial")]
     lines.append(f"one layer's shard, {read['bytes'] / 1e9:.2f} GB, onto {DEV} as the streaming stage reads it "
-                 f"(safetensors safe_open device={DEV}): {', '.join(f'{t:.2f}' for t in read['to_device_s'])} s "
-                 f"(first, second); read to host memory {read['host_read_s']:.2f} s")
+                 f"({'pinned staging, copy stream' if DEV == 'cuda' else 'safetensors onto the device'}): "
+                 f"{', '.join(f'{t:.2f}' for t in read['to_device_s'])} s (first, second); safetensors straight "
+                 f"onto {DEV} {read['direct_s']:.2f} s; read to host memory {read['host_read_s']:.2f} s")
     mine = results.get("nvfp4_pp streaming")
     if mine:
         st = mine["streaming"]
@@ -278,9 +299,12 @@ def main() -> None:
                          f"{args.samples * args.seq / mine['loop'] / plain['tokens_per_s']:.2f}x the plain forward")
         if st["layer_seconds"]:
             per = st["layer_seconds"]
-            lines.append(f"nvfp4_pp per layer (solve + write, read waited for): median {sorted(per)[len(per) // 2]:.2f} s, "
+            lines.append(f"nvfp4_pp per layer (read wait + solve + write): median {median(per):.2f} s, "
                          f"min {min(per):.2f}, max {max(per):.2f} ({len(per)} layers); plain forward "
                          f"{plain['seconds'] / args.layers:.3f} s a layer")
+        if all(st["split"].values()):
+            lines.append("nvfp4_pp per layer, median of each part (s): " + ", ".join(
+                f"{part} {median(v):.3f}" for part, v in st["split"].items()))
         lines.append(f"nvfp4_pp streaming: waited {num(st['wait'])} s for layer reads; export span (exporter made "
                      f"before the loop to its last shard written, overlapping the loop) {num(st['export_packed_s'])} s")
         lines.append(f"nvfp4_pp first log line {num(st['first_line_after_s'], '.0f')} s after launch (1 s resolution)")

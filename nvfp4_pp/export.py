@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from .formats import CheckpointFormat
-from .linear_stats import linear_stats
+from .linear_stats import PendingStats, linear_stats, read_back
 from .log import logger
 from .progress import Progress
-from .records import ExportResult, LinearStats
+from .records import ExportResult
 from .sizes import EXPORT_CHUNK_ELEMENTS
 from .source import SourceCheckpoint
 from .stage import Stage
@@ -195,7 +195,8 @@ class StageExporter:
         self.stage, self.owned, self.source, self.fmt, self.writer = stage, owned, source, fmt, writer
         self.owned_set = set(owned)
         self.schemes: dict[str, str] = {}
-        self.stats: dict[str, LinearStats] = {}
+        self.stats: dict[str, PendingStats] = {}
+        """Each Linear's error and amax as device scalars, read back once in `finish`."""
         self.kv_formats: set[str] = set()
         self.written: set[str] = set()
         self.started = time.perf_counter()
@@ -254,7 +255,7 @@ class StageExporter:
             raise RuntimeError(f"layers of one stage got different KV-cache formats {sorted(self.kv_formats)}")
         excluded = excluded_modules(self.owned, self.source, self.schemes, lm_head)
         return ExportResult(tuple(self.writer.shards), self.schemes, next(iter(self.kv_formats), None), excluded,
-                            embedding_modules(self.stage, excluded), self.stats)
+                            embedding_modules(self.stage, excluded), read_back(self.stats))
 
 
 def export_stage(stage: Stage, owned: list[str], source: SourceCheckpoint, fmt: CheckpointFormat,

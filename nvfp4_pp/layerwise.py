@@ -58,6 +58,14 @@ class LayerAlgorithm:
         """Whether the next layer is fed this layer's quantize-dequantize outputs (GPTQ) or BF16 ones."""
         return self.config.layerwise.get_qdq_activations_from_prev_layer
 
+    @property
+    def calibrates_at_bf16(self) -> bool:
+        """Whether the calibrating forward is the plain BF16 forward, so its outputs are the next
+        layer's inputs: max calibration (modelopt's `enable_stats_collection` disables quantization
+        while statistics are collected; this module's max collection only reads the inputs), unless
+        the next layer is fed quantized outputs. Other methods quantize during their passes."""
+        return self.config.method == "max" and not self.feeds_quantized_outputs
+
     def calibrate(self, layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
         """Max calibration collects input maxima on the device (calibrate.running_max_collection: the
         same amaxes, no host sync per quantizer and micro-batch), as the pipelined pass does."""
@@ -90,10 +98,13 @@ class LayerInputs:
         self.hidden = hidden
         self.contexts: list[LayerContext] = contexts or [stage.context(h) for h in hidden]
 
-    def replay(self, index: int, layer: nn.Module) -> None:
-        """Every micro-batch through layer `index` (the calibration algorithm's forward loop)."""
+    def replay(self, index: int, layer: nn.Module, outputs: list[torch.Tensor] | None = None) -> None:
+        """Every micro-batch through layer `index` (the calibration algorithm's forward loop); with
+        `outputs`, each micro-batch's output is kept there."""
         for h, c in zip(self.hidden, self.contexts):
-            self.stage.run_layer(index, layer, h, c)
+            out = self.stage.run_layer(index, layer, h, c)
+            if outputs is not None:
+                outputs.append(out)
 
     @torch.no_grad()
     def advance(self, index: int, layer: nn.Module) -> None:
@@ -132,27 +143,101 @@ class Solver:
         layers = self.stage.layers()
         started = time.perf_counter()
         todo = [index for index, _ in layers if index not in self.solved]
+        split = LayerTimes(inputs.hidden[0].device if inputs.hidden else torch.device("cpu"))
         for step, (index, layer) in enumerate(layers, 1):
+            split.start()
             self.before(index, layer)
+            split.lap("read")
             if index in self.solved:
                 self._advance(inputs, index, layer)
                 logger.info("layer %d: solved before, replayed (%d/%d)", index, step, len(layers))
                 continue
-            t0 = time.perf_counter()
-            replay = LayerInputs(self.stage, inputs.hidden, inputs.contexts)
-            if not self.algorithm.feeds_quantized_outputs:  # modelopt: next inputs from the BF16 layer
-                self._advance(inputs, index, layer)
-            self.algorithm.calibrate(layer, lambda module, index=index: replay.replay(index, module))
-            if self.algorithm.feeds_quantized_outputs:
-                self._advance(inputs, index, layer)
+            if self.algorithm.calibrates_at_bf16:  # one pass: it calibrates and gives the next inputs
+                inputs.hidden = self._calibrate_and_advance(inputs, index, layer)
+                split.lap("calibrate")
+            else:
+                self._solve(inputs, index, layer, split)
             self.record(index, layer)
+            split.lap("write")
             done = todo.index(index) + 1
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (len(todo) - done)
-            logger.info("layer %d solved in %.1f s (%d/%d of this stage, %d tokens; ETA %.0f s)", index,
-                        time.perf_counter() - t0, done, len(todo), inputs.tokens, eta)
+            logger.info("layer %d solved in %.2f s (%s; %d/%d of this stage, %d tokens; ETA %.0f s)", index,
+                        split.layer_total(), split.layer_text(), done, len(todo), inputs.tokens, eta)
             self.heartbeat(index)
+        if todo:
+            logger.info("%d layers solved in %.1f s: %s", len(todo), sum(split.totals.values()), split.totals_text())
         return inputs
+
+    def _calibrate_and_advance(self, inputs: LayerInputs, index: int, layer: nn.Module) -> list[torch.Tensor]:
+        """Max calibration of layer `index`, keeping its forward's outputs: they are the BF16 outputs the
+        separate pass with quantizers off would give, bit for bit (tests/test_streaming.py checks it)."""
+        outputs: list[torch.Tensor] = []
+        calls = 0
+
+        def loop(module: nn.Module) -> None:
+            nonlocal calls
+            calls += 1
+            inputs.replay(index, module, outputs)
+
+        self.algorithm.calibrate(layer, loop)
+        if calls != 1:
+            raise RuntimeError(f"layer {index}: max calibration ran its forward loop {calls} times, not once")
+        return outputs
+
+    def _solve(self, inputs: LayerInputs, index: int, layer: nn.Module, split: LayerTimes) -> None:
+        """Calibrate layer `index` from a replay of its inputs, and advance them in a pass of their own:
+        BF16 before calibrating (as modelopt), or quantized after it (GPTQ feeds quantized outputs)."""
+        replay = LayerInputs(self.stage, inputs.hidden, inputs.contexts)
+        if not self.algorithm.feeds_quantized_outputs:
+            self._advance(inputs, index, layer)
+            split.lap("advance")
+        self.algorithm.calibrate(layer, lambda module: replay.replay(index, module))
+        split.lap("calibrate")
+        if self.algorithm.feeds_quantized_outputs:
+            self._advance(inputs, index, layer)
+            split.lap("advance")
+
+
+class LayerTimes:
+    """Where each layer's time goes: reading it (a streaming stage's wait), the BF16 pass that
+    advances the inputs, calibration, writing (the work dir's record, or a streaming stage's export).
+
+    On a GPU each lap waits for the compute stream (not the whole device: a streaming stage's next
+    layer is copied on a stream of its own meanwhile), so the time of queued kernels is counted in
+    the part that queued them (a sync per part and layer: negligible against a layer's compute)."""
+
+    PARTS = ("read", "advance", "calibrate", "write")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.layer: dict[str, float] = {}
+        self.totals = dict.fromkeys(self.PARTS, 0.0)
+        self._t = 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.layer = dict.fromkeys(self.PARTS, 0.0)
+        self._t = self._now()
+
+    def lap(self, part: str) -> None:
+        now = self._now()
+        self.layer[part] += now - self._t
+        self.totals[part] += now - self._t
+        self._t = now
+
+    def layer_total(self) -> float:
+        return sum(self.layer.values())
+
+    def layer_text(self) -> str:
+        return ", ".join(f"{part} {self.layer[part]:.2f}" for part in self.PARTS)
+
+    def totals_text(self) -> str:
+        return ", ".join(f"{part} {self.totals[part]:.1f} s" for part in self.PARTS)
 
 
 def capture_hook(stage: Stage, captured: list[torch.Tensor]):

@@ -142,18 +142,24 @@ class SourceCheckpoint:
         return {k: v for k, v in self.config.items() if k not in fp8_source.CONFIG_KEYS}
 
     def load(self, names: list[str], device: torch.device | str = "cpu",
-             loaded: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+             loaded: Callable[[int], None] | None = None,
+             transfer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Read just `names`, shard by shard, onto `device`; FP8 weights come dequantised to `dtype`.
 
         Each FP8 weight is dequantised as soon as it is read, so one FP8 tensor at a time is held
         beside the loaded ones. `loaded(bytes)` is told of each tensor as it arrives (progress).
+        With `transfer`, tensors are read into host memory and `transfer` moves each to the device
+        (a streaming stage's copy on its own CUDA stream); FP8 weights are dequantised there after.
         """
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise SourceError(f"tensor {missing[0]!r} is not in the checkpoint at {self.path}")
-        scales = dict(self._read([self.fp8_scales[n] for n in names if n in self.fp8_scales], device))
+        read_to, move = ("cpu", transfer) if transfer else (device, lambda tensor: tensor)
+        scales = {n: move(t) for n, t in self._read([self.fp8_scales[n] for n in names if n in self.fp8_scales],
+                                                     read_to)}
         out = {}
-        for name, tensor in self._read(names, device):
+        for name, tensor in self._read(names, read_to):
+            tensor = move(tensor)
             if name in self.fp8_scales:
                 tensor = fp8_source.dequantize(tensor, scales[self.fp8_scales[name]], self.fp8.block, self.dtype)
             out[name] = tensor

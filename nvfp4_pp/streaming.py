@@ -16,18 +16,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from .planning.budget import device_kind
 from .source import SourceCheckpoint
 from .stage import Stage
 
 
 class LayerStream:
-    """Loads a streaming stage's layers in order, one ahead; frees each when asked."""
+    """Loads a streaming stage's layers in order, one ahead; frees each when asked.
+
+    On a discrete GPU the read thread stages each tensor in pinned host memory and copies it on a
+    CUDA stream of its own, so the copy overlaps the calibration kernels on the compute stream (a
+    read straight to the device would copy from pageable memory on the default stream, in line with
+    the compute); the compute stream waits for the copy's event before it uses the layer. CPU and
+    unified-memory ranks read straight onto their device, as before.
+    """
 
     def __init__(self, stage: Stage, source: SourceCheckpoint, device: torch.device):
         self.stage, self.source, self.device = stage, source, device
         self.order = [index for index, _ in stage.layers()]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="layer-stream")
         self._pending: dict[int, Future] = {}
+        # unified memory (one pool for host and device): staging would be a second copy in that pool
+        self._copies = torch.cuda.Stream(device) if device_kind(device) == "discrete" else None
         self.wait_seconds = 0.0
         """Time calibration waited for a layer that was not read yet (the transfer not hidden)."""
 
@@ -35,16 +45,38 @@ class LayerStream:
         prefix = f"{self.stage.layer_prefix(index)}."
         return [n for n in self.source.weight_map if n.startswith(prefix)]
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """One host tensor to the device from pinned memory, queued on the copy stream (the caching
+        host allocator keeps the pinned block until the copy is done)."""
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+        """Layer `index`'s tensors on the device, and on a GPU the event recorded after their copies."""
+        if self._copies is None:
+            return self.source.load(self._names(index), self.device), None
+        with torch.cuda.stream(self._copies):
+            tensors = self.source.load(self._names(index), self.device, transfer=self._to_device)
+            copied = torch.cuda.Event()
+            copied.record(self._copies)
+        copied.synchronize()  # the read counts as done (the consumer's wait) once its bytes are there
+        return tensors, copied
+
     def _prefetch(self, index: int) -> None:
         if index not in self._pending:
-            self._pending[index] = self._pool.submit(self.source.load, self._names(index), self.device)
+            self._pending[index] = self._pool.submit(self._read, index)
 
     def load(self, index: int, layer: nn.Module) -> None:
         """Layer `index`'s tensors into `layer` (waiting for the read if needed); the next read starts."""
         self._prefetch(index)
         t0 = time.perf_counter()
-        tensors = self._pending.pop(index).result()
+        tensors, copied = self._pending.pop(index).result()
         self.wait_seconds += time.perf_counter() - t0
+        if copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            for tensor in tensors.values():
+                # allocated on the copy stream: not reused by a later copy while the compute still reads it
+                tensor.record_stream(compute)
         position = self.order.index(index)
         if position + 1 < len(self.order):
             self._prefetch(self.order[position + 1])

@@ -61,6 +61,10 @@ CUDA_HOST_BYTES = 768 * 2**20
 CUDA_DEVICE_BYTES = 64 * 2**20
 STREAM_WINDOW = 2
 """Layers a streaming stage holds at once: the one being calibrated and the next one being read."""
+PINNED_STAGING_PER_BYTE = 2
+"""Host bytes per byte of a layer that a streaming stage on a discrete GPU stages in pinned memory
+(streaming.LayerStream): torch's caching host allocator rounds each block up to a power of two
+(at most 2x) and keeps the blocks for the next layer."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -223,5 +227,6 @@ def stage_need(
     if kind == "unified":
         host = baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + wire + device
         return Need(device=device, host=host, items={**items, "CUDA libraries": CUDA_HOST_BYTES})
-    return Need(device=device, host=baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + buffer + wire,
-                items={**items, "CUDA libraries": CUDA_HOST_BYTES})
+    staging = PINNED_STAGING_PER_BYTE * max(layers) if streaming else 0
+    return Need(device=device, host=baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + buffer + wire + staging,
+                items={**items, "CUDA libraries": CUDA_HOST_BYTES, "pinned staging": staging})

@@ -247,7 +247,8 @@ def _does_not_fit(problem: _Problem) -> str:
 
 def describe(plans: list[StagePlan], sizes: ModelSizes | None = None) -> list[str]:
     """The plan as table lines: per rank host, device, budget, layers, shape, predicted peak; with
-    `sizes`, a line comparing the time of the two shapes when any stage streams."""
+    `sizes`, when any stage streams, a line with what taking turns costs in time (the one part of
+    streaming's time the plan can predict from sizes alone)."""
     lines = [f"{'rank':<5} {'host':<14} {'device':<8} {'memory':<9} {'budget GB':>9} {'layers':>12} "
              f"{'shape':<9} {'peak GB':>8} {'fill':>5}  host RAM peak/budget GB"]
     for p in plans:
@@ -261,8 +262,10 @@ def describe(plans: list[StagePlan], sizes: ModelSizes | None = None) -> list[st
     if sizes is not None and any(p.streaming for p in plans):
         stages = [sum(sizes.layer_bytes[p.start:p.stop]) for p in plans]
         lines.append(f"layer-major: stages calibrate in turn, a streaming stage holding {STREAM_WINDOW} layers at a "
-                     f"time; predicted calibration time {sum(stages) / max(stages):.1f}x that of this split with "
-                     "every stage resident and all busy at once")
+                     f"time; taking turns alone makes calibration {sum(stages) / max(stages):.1f}x as long as this "
+                     "split's with every stage resident and all busy at once; a streaming layer's own costs (its "
+                     "read, its export in the loop) come on top and are not predicted: each layer's log line "
+                     "splits its time")
     return lines
 
 
