@@ -58,6 +58,8 @@ def test_modelopt_layout_identical_to_single_process_modelopt(int4, smol_dir):
     qc = read_json(out / "config.json")["quantization_config"]
     assert (qc["quant_algo"], qc["group_size"]) == ("W4A16_AWQ", 128)
     assert verify(out, smol_dir) == []
+    errors = {n: s["weight_error"] for n, s in read_json(out / "nvfp4_pp.json")["linears"].items()}
+    assert sorted(errors) == sorted(DOWN) and all(0.05 < e < 0.2 for e in errors.values()), errors  # decoded at export
     card = (out / "README.md").read_text()
     assert "vLLM has no loader for the `modelopt` layout of int4_awq" in card and "vllm serve" not in card
 
