@@ -18,6 +18,7 @@ RECIPES: dict[str, str | dict[str, str]] = {
     "fp8": "FP8_DEFAULT_CFG",
     "w4a16_nvfp4": "W4A16_NVFP4_CFG",
     "mxfp4": "MXFP4_DEFAULT_CFG",
+    "w4a16_int4": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
     "mxfp4_mlp_fp8_attn": {"*mlp*": "mxfp4", "*self_attn*": "fp8"},
 }
 """Named recipes: one of modelopt's own configs, or per-module-pattern overrides of other recipes

@@ -96,9 +96,12 @@ RECIPE_TEXT = {
     "w4a16_nvfp4": "NVFP4 weights (E2M1, FP8 per-16 block scales, FP32 per-tensor scale), BF16 activations",
     "fp8": "FP8 E4M3 weights and activations (W8A8), per-tensor static scales calibrated on the data below",
     "mxfp4": "MXFP4 weights and activations: E2M1 in blocks of 32 with E8M0 scales",
+    "w4a16_int4": "INT4 weights (symmetric, one BF16/FP32 scale per 128 input channels), BF16 activations",
     "mxfp4_mlp_fp8_attn": "MLP Linears MXFP4 (E2M1, blocks of 32, E8M0 scales); attention Linears FP8 W8A8 "
                           "with per-tensor static scales calibrated on the data below",
 }
+GROUP_SCALES_ONLY = ("w4a16_int4",)
+"""Recipes without per-tensor scales: fused q/k/v and gate/up parts keep their own group scales."""
 LIBRARY = {"compressed-tensors": "transformers", "modelopt": "Model Optimizer"}
 """The card's `library_name`: transformers loads compressed-tensors checkpoints; modelopt-layout ones have
 no transformers loader, and NVIDIA's own releases of that layout name Model Optimizer."""
@@ -161,8 +164,9 @@ def render_card(record: dict, output_name: str) -> str:
         f"nvidia-modelopt {record['modelopt_version']} in the `{cfg['format']}` layout.",
         "",
         "## Recipe",
-        f"- Every decoder Linear: {RECIPE_TEXT[recipe]}; q/k/v and gate/up share their "
-        "per-tensor scales (vLLM fuses them). No cross-rank amax sync: each stage's statistics are its own.",
+        f"- Every decoder Linear: {RECIPE_TEXT[recipe]}"
+        + ("" if recipe in GROUP_SCALES_ONLY else "; q/k/v and gate/up share their per-tensor scales (vLLM fuses them)")
+        + ". No cross-rank amax sync: each stage's statistics are its own.",
         *[f"- Linears matching `{pattern}`: {RECIPE_TEXT[r]}" for pattern, r in (cfg.get("recipe_overrides") or {}).items()],
         f"- Weights: {_algorithm_text(cfg)}",
         *([f"- KV cache: {cfg['kv_cache'].upper()} K and V scales calibrated on the data below"]

@@ -250,9 +250,9 @@ class RunConfig:
     the source when it says it (a Hub cache path, or config.json `_name_or_path` of that form), else left out."""
     format: Literal["compressed-tensors", "modelopt"] = "compressed-tensors"
     """On-disk layout: `compressed-tensors` (vLLM and transformers read it) or `modelopt`."""
-    recipe: Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4", "mxfp4_mlp_fp8_attn"] = "nvfp4"
+    recipe: Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4", "mxfp4_mlp_fp8_attn", "w4a16_int4"] = "nvfp4"
     """Quantization recipe, one modelopt config each (docs/recipes.md; code: nvfp4_pp/calibrate.py RECIPES)."""
-    recipe_overrides: dict[str, Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4"]] = dataclasses.field(
+    recipe_overrides: dict[str, Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4", "w4a16_int4"]] = dataclasses.field(
         default_factory=dict)
     """Module name pattern -> recipe for the Linears it matches, e.g. {"*mlp*": mxfp4, "*self_attn*": fp8}."""
     ignore: list[str] = dataclasses.field(default_factory=list)

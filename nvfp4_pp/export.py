@@ -3,7 +3,7 @@
 The numbers come from modelopt's own export code (the per-module function its single-process
 `export_hf_checkpoint` calls for every quantized Linear, and the same fusion steps before it), so
 each stage's tensors equal the one-process export's, for every scheme a recipe produces (NVFP4,
-NVFP4-AWQ, W4A16 NVFP4, FP8, MXFP4) and for KV-cache scales.
+NVFP4-AWQ, W4A16 NVFP4, FP8, MXFP4, INT4) and for KV-cache scales.
 """
 
 from __future__ import annotations
@@ -97,15 +97,43 @@ def _nvfp4_in_row_chunks(name: str, module: nn.Module, dtype: torch.dtype) -> di
     }
 
 
+def _int4_in_row_chunks(name: str, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """INT4 packed as modelopt's export packs it (`pack_int4_in_uint8`), an even row chunk at a time.
+
+    The scales (amax / 7 per block of 128 inputs) come from the calibrated quantizer alone, and
+    modelopt packs two output rows into one byte ([out/2, in]): chunks of an even number of rows give
+    its whole-tensor bytes with bounded temporaries.
+    """
+    from modelopt.torch.export.quant_utils import (
+        QUANTIZATION_INT4_AWQ,
+        get_weight_block_size,
+        get_weight_scaling_factor,
+        to_quantized_weight,
+    )
+
+    scale = get_weight_scaling_factor(module)
+    block = get_weight_block_size(module)
+    rows = max(2, EXPORT_CHUNK_ELEMENTS // module.weight.shape[1] // 2 * 2)
+    codes = [to_quantized_weight(module.weight[start : start + rows].to(dtype), scale[start : start + rows],
+                                 QUANTIZATION_INT4_AWQ, None, block).cpu()
+             for start in range(0, module.weight.shape[0], rows)]
+    return {f"{name}.weight": torch.cat(codes), f"{name}.weight_scale": scale.cpu()}
+
+
 def quantize_linear(name: str, module: nn.Module, dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
     """Pack one calibrated Linear with modelopt's per-module export; (scheme, tensors in modelopt's names).
 
     modelopt's `_export_quantized_weight` is what its `export_hf_checkpoint` runs on every quantized
     module: it replaces the weight by the packed one and registers the scales on the module. Plain
-    NVFP4 (the bulk of every NVFP4 checkpoint) is packed in row chunks with the same functions,
-    giving the same bytes with bounded memory.
+    NVFP4 (the bulk of every NVFP4 checkpoint) and INT4 (no AWQ pre-quant scale) are packed in row
+    chunks with the same functions, giving the same bytes with bounded memory.
     """
-    from modelopt.torch.export.quant_utils import QUANTIZATION_NVFP4, get_quantization_format, postprocess_state_dict
+    from modelopt.torch.export.quant_utils import (
+        QUANTIZATION_INT4_AWQ,
+        QUANTIZATION_NVFP4,
+        get_quantization_format,
+        postprocess_state_dict,
+    )
     from modelopt.torch.export.unified_export_hf import _export_quantized_weight
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
@@ -114,6 +142,8 @@ def quantize_linear(name: str, module: nn.Module, dtype: torch.dtype) -> tuple[s
         raise RuntimeError(f"{name}: input quantizer has no calibrated amax; calibration saw no data")
     if scheme == QUANTIZATION_NVFP4 and not NVFP4QTensor._is_static_quantizer(module.weight_quantizer):
         return scheme, _nvfp4_in_row_chunks(name, module, dtype)
+    if scheme == QUANTIZATION_INT4_AWQ and getattr(module.input_quantizer, "pre_quant_scale", None) is None:
+        return scheme, _int4_in_row_chunks(name, module, dtype)
     _export_quantized_weight(module, dtype)
     state = {f"{name}.{k}": v for k, v in module.state_dict().items()}
     # Drops quantizer internals (amaxes), renames an AWQ input pre-quant scale to `pre_quant_scale`.

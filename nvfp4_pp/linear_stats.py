@@ -30,8 +30,16 @@ class PendingStats:
 
 
 def _rows(tensors: dict[str, torch.Tensor], out: int, start: int, stop: int, device) -> dict[str, torch.Tensor]:
-    """Rows [start, stop) of every per-row tensor (weights, block scales); per-tensor scales as they are."""
-    return {k: (v[start:stop] if v.dim() >= 2 and v.shape[0] == out else v).to(device) for k, v in tensors.items()}
+    """Rows [start, stop) (`start` even) of every per-row tensor (weights, block scales; modelopt's INT4
+    weights hold two rows per stored row); per-tensor scales as they are."""
+    def part(v: torch.Tensor) -> torch.Tensor:
+        if v.dim() >= 2 and v.shape[0] == out:
+            return v[start:stop]
+        if v.dim() >= 2 and v.shape[0] * 2 == out:
+            return v[start // 2 : (stop + 1) // 2]
+        return v
+
+    return {k: part(v).to(device) for k, v in tensors.items()}
 
 
 @torch.no_grad()
@@ -43,7 +51,7 @@ def weight_error_sums(name: str, scheme: str, weight: torch.Tensor,
     An AWQ Linear's decoded weight is compared after its pre-quant scale, as the kernel applies it.
     """
     out = weight.shape[0]
-    rows = max(1, EXPORT_CHUNK_ELEMENTS // 4 // weight.shape[1])  # ~20 bytes per element: under packing's peak
+    rows = max(2, EXPORT_CHUNK_ELEMENTS // 4 // weight.shape[1] // 2 * 2)  # ~20 bytes per element: under packing's peak
     sums = torch.zeros(2, dtype=torch.float64, device=weight.device)
     for start in range(0, out, rows):
         chunk = _rows(tensors, out, start, start + rows, weight.device)

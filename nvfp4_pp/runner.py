@@ -51,6 +51,7 @@ from .pipeline import run_pipeline
 from .planning import budget
 from .planning.memory import ModelSizes, Workload
 from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
+from .recipe_shapes import check_recipe_shapes
 from .records import CalibrationManifest, ExportResult, Health, Memory, PhaseSpan, RankReport, Traffic
 from .source import SourceCheckpoint, SourceError
 from .stage import Stage, build_stage
@@ -167,6 +168,7 @@ class Run:
                 raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
             check_split(source.text_config["num_hidden_layers"], self.info.world_size, self.cfg.pipeline.layers)
             source.require_tokenizer()  # checked now: verification would refuse the output at the very end
+            check_recipe_shapes(source, arch, self.cfg.recipe, self.cfg.recipe_overrides, self.cfg.ignore)
             if writes:
                 check_paths(source.path, self.cfg.output, self.work_dir)
             return get_format(self.cfg.format), source, arch

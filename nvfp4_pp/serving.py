@@ -21,13 +21,16 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
 """generation_config.json fields vLLM applies as default sampling parameters (`--generation-config auto`)."""
 SCHEME_TEXT = {
     "nvfp4": "NVFP4 W4A4", "nvfp4_awq": "NVFP4-AWQ W4A4", "w4a16_nvfp4": "NVFP4 weight-only (W4A16)",
-    "fp8": "FP8 W8A8", "mxfp4": "MXFP4",
+    "fp8": "FP8 W8A8", "mxfp4": "MXFP4", "int4_awq": "INT4 weight-only (W4A16, group 128)",
 }
 ACTIVATION_QUANTIZED = ("nvfp4", "nvfp4_awq", "fp8", "mxfp4")
 MODELOPT_QUANTIZATION = {"nvfp4": "modelopt_fp4", "nvfp4_awq": "modelopt_fp4", "w4a16_nvfp4": "modelopt_fp4",
                          "fp8": "modelopt"}
 """vLLM's `--quantization` for a one-scheme modelopt checkpoint (it also detects these from quant_algo;
-older releases needed the flag). Mixed checkpoints are left to detection."""
+older releases needed the flag). Mixed checkpoints are left to detection. modelopt's INT4
+(`W4A16_AWQ`) has no vLLM loader (none up to its 2026 main): no flag, and the card says so."""
+NO_VLLM_LOADER = {("modelopt", "int4_awq")}
+"""(layout, scheme) pairs vLLM cannot load; the compressed-tensors layout of the same recipe it can."""
 GPU_CLASSES = (
     ("Blackwell (B200, GB200, RTX PRO 6000, RTX 50x0)", 180),
     ("Hopper and Ampere (H100, H200, A100, RTX 30x0 / 40x0)", 80),
@@ -95,7 +98,14 @@ def vllm_flags(facts: dict) -> list[str]:
     return flags
 
 
+def not_vllm_loadable(facts: dict) -> list[str]:
+    """The checkpoint's schemes vLLM has no loader for in its layout (empty: vLLM serves it)."""
+    return sorted(s for s in facts["schemes"] if (facts["method"], s) in NO_VLLM_LOADER)
+
+
 def serve_command(facts: dict, path: str, extra: list[str] = ()) -> str:
+    if not_vllm_loadable(facts):
+        return f"none with vLLM (no loader for the {facts['method']} layout of {', '.join(not_vllm_loadable(facts))})"
     return " ".join(["vllm serve", path, *vllm_flags(facts), *extra])
 
 
@@ -115,6 +125,9 @@ def _hardware_note(schemes: list[str]) -> tuple[str, str]:
         return ("native FP4 W4A4 kernels (weights and activations in FP4, the calibrated input scales used).",
                 "no FP4 tensor cores: vLLM runs the FP4 weights through its weight-only Marlin kernel "
                 "(activations in BF16, input scales unused); same files, same command.")
+    if schemes == ["int4_awq"]:
+        note = "vLLM's weight-only INT4 kernels (Marlin), activations in BF16."
+        return (note, note)
     if schemes == ["w4a16_nvfp4"]:
         return ("weight-only FP4 (Marlin), activations in BF16.", "weight-only FP4 (Marlin), activations in BF16.")
     if schemes == ["fp8"]:
@@ -137,6 +150,12 @@ def serving_lines(facts: dict, path: str, name: str) -> list[str]:
            "(lower it to fit more sequences)." if facts["max_model_len"] else "."),
         "",
     ]
+    unloadable = not_vllm_loadable(facts)
+    if unloadable:
+        return lines + [f"vLLM has no loader for the `{facts['method']}` layout of {', '.join(unloadable)} (its "
+                        "ModelOpt loader reads FP8, NVFP4 and MXFP8 only), so no vLLM command is "
+                        "given. Write the same recipe with `format: compressed-tensors` for vLLM; this layout is "
+                        "for TensorRT-LLM and SGLang's ModelOpt W4A16 loader.", ""] + sampling_lines(facts)
     notes = {GPU_CLASSES[0][0]: blackwell, GPU_CLASSES[1][0]: older}
     for gpu_class, gpu_gb in GPU_CLASSES:
         tp = _tensor_parallel(facts["bytes"], gpu_gb)

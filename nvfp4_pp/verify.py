@@ -161,7 +161,7 @@ def _check_linears(layout: QuantLayout, tensors: dict[str, dict], model, problem
             shapes = t.shapes(out, inp)
             if meta is None:
                 problems.append(f"{name}: missing (every {scheme} Linear needs it)")
-            elif meta["dtype"] != t.dtype or tuple(meta["shape"]) not in shapes:
+            elif not t.accepts(meta["dtype"]) or tuple(meta["shape"]) not in shapes:
                 problems.append(f"{name}: {meta['dtype']}{meta['shape']}, expected {t.dtype}{list(shapes[0])} ({scheme})")
     expected_plain = {n for n in params if n not in tied and n.removesuffix(".weight") not in quantized}
     for name in sorted(expected_plain - set(tensors)):
@@ -243,6 +243,11 @@ def _check_scales(directory: Path, method: str, quantized: dict[str, str], kv_na
             nan = int(_byte_counts(_read(directory, tensors, [name])[name])[0xFF])  # E8M0 0xFF is NaN
             if nan:
                 problems.append(f"{name}: {nan} NaN (0xFF) E8M0 block scales")
+        elif name in tensors and tensors[name]["dtype"] in ("BF16", "F16", "F32") and block.accepts(tensors[name]["dtype"]):
+            v = _read(directory, tensors, [name])[name].float()  # INT4 group scales: plain floats
+            bad = int((~torch.isfinite(v) | (v <= 0)).sum())
+            if bad:
+                problems.append(f"{name}: {bad} non-finite, zero or negative group scales")
     groups: dict[tuple[str, str], list[str]] = {}
     for module in quantized:
         parent, _, leaf = module.rpartition(".")
@@ -264,6 +269,19 @@ def _check_scales(directory: Path, method: str, quantized: dict[str, str], kv_na
                 listing = ", ".join(f"{m.rpartition('.')[2]}={v:.6g}" for m, v in known.items())
                 problems.append(f"{parent}.{fused}{t.suffix}: parts differ ({listing}); vLLM takes one value for the "
                                 "fused kernel, the others are silently mis-scaled")
+
+
+def _check_weight_shapes(directory: Path, method: str, quantized: dict[str, str], linears: dict,
+                         tensors: dict[str, dict], problems: list[str]) -> None:
+    """compressed-tensors' `weight_shape` ([out, in] before packing) must be the Linear's: its
+    decompressor unpacks to that shape (vLLM takes the shape from the model and ignores it)."""
+    names = [f"{m}.weight_shape" for m, s in quantized.items()
+             if any(t.shape == "shape" for t in CONTRACTS[method][s].tensors)]
+    for name, value in _read(directory, tensors, names).items():
+        want = list(linears[name.removesuffix(".weight_shape")])
+        if value.tolist() != want:
+            problems.append(f"{name}: {value.tolist()}, the Linear is {want} (compressed-tensors would unpack "
+                            "to the wrong shape)")
 
 
 def _check_ignore_agrees(linears: dict, ignore: list[str], method: str, problems: list[str]) -> None:
@@ -331,6 +349,7 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
     quantized = _check_linears(layout, tensors, model, problems)
     kv_names = _check_kv_cache(layout, model[0], tensors, problems)
     _check_scales(directory, layout.method, quantized, kv_names, tensors, problems)
+    _check_weight_shapes(directory, layout.method, quantized, model[0], tensors, problems)
     return problems
 
 

@@ -24,13 +24,23 @@ class Tensor:
     suffix: str
     dtype: str
     shape: str
-    """"scalar", "full" [out, in], "packed" [out, in/2], or "per-N" [out, in/N] block scales."""
+    """"scalar", "full" [out, in], "packed" [out, in/2], "packed-rows" [out/2, in] (two output rows per
+    byte), "int32x8" [out, in/8], "shape" [2], or "per-N" [out, in/N] block scales."""
     role: str = ""
     """"weight_scale" / "input_scale" for per-tensor scales (checked finite, fused parts equal)."""
+
+    def accepts(self, dtype: str) -> bool:
+        return dtype in self.dtype.split("|")
 
     def shapes(self, out: int, inp: int) -> tuple[tuple[int, ...], ...]:
         if self.shape == "scalar":
             return SCALAR
+        if self.shape == "shape":
+            return ((2,),)
+        if self.shape == "packed-rows":
+            return ((out // 2, inp),)
+        if self.shape == "int32x8":
+            return ((out, inp // 8),)
         if self.shape == "full":
             return ((out, inp),)
         if self.shape == "packed":
@@ -56,6 +66,9 @@ _NVFP4_CT = (Tensor(".weight_packed", "U8", "packed"), Tensor(".weight_scale", "
 _FP8 = (Tensor(".weight", "F8_E4M3", "full"), Tensor(".weight_scale", "F32", "scalar", "weight_scale"),
         Tensor(".input_scale", "F32", "scalar", "input_scale"))
 _FP8_FUSED = ("input_scale",)  # vLLM requantizes FP8 parts to the max weight scale itself
+_INT4_MO = (Tensor(".weight", "U8", "packed-rows"), Tensor(".weight_scale", "F32", "per-128"))
+_INT4_CT = (Tensor(".weight_packed", "I32", "int32x8"), Tensor(".weight_scale", "BF16|F16|F32", "per-128"),
+            Tensor(".weight_shape", "I64", "shape"))
 CONTRACTS: dict[str, dict[str, Contract]] = {
     "modelopt": {
         "nvfp4": Contract(_NVFP4_MO + (Tensor(".input_scale", "F32", "scalar", "input_scale"),)),
@@ -63,6 +76,7 @@ CONTRACTS: dict[str, dict[str, Contract]] = {
         "w4a16_nvfp4": Contract(_NVFP4_MO),
         "fp8": Contract(_FP8, fused_equal=_FP8_FUSED),
         "mxfp4": Contract((Tensor(".weight", "U8", "packed"), Tensor(".weight_scale", "U8", "per-32")), fused_equal=()),
+        "int4_awq": Contract(_INT4_MO, fused_equal=()),
     },
     "compressed-tensors": {
         "nvfp4": Contract(_NVFP4_CT + (Tensor(".input_global_scale", "F32", "scalar", "input_scale"),), True),
@@ -70,21 +84,28 @@ CONTRACTS: dict[str, dict[str, Contract]] = {
         "fp8": Contract(_FP8, fused_equal=_FP8_FUSED),
         "mxfp4": Contract((Tensor(".weight_packed", "U8", "packed"), Tensor(".weight_scale", "U8", "per-32")),
                           fused_equal=()),
+        "int4_awq": Contract(_INT4_CT, fused_equal=()),
     },
 }
 """Layout -> scheme -> contract, from vLLM's loaders (ModelOpt{Fp8,NvFp4,MixedPrecision}Config;
-compressed-tensors W4A4Fp4, W4A16Fp4, W8A8Fp8, MXFP4)."""
+compressed-tensors W4A4Fp4, W4A16Fp4, W8A8Fp8, MXFP4, WNA16: int32 `weight_packed`, group scales
+loaded into the model dtype whatever they are stored in, `weight_shape`). vLLM's ModelOpt loader has
+no INT4 (`W4A16_AWQ`) method up to its 2026 main (QUANT_ALGOS: FP8 variants, NVFP4, W4A16_NVFP4,
+MXFP8, MIXED_PRECISION); that contract is modelopt's export as TensorRT-LLM and SGLang read it:
+uint8 [out/2, in] (two output rows per byte, row 2i in the low nibble) and FP32 scales [out, in/128]."""
 MODELOPT_ALGOS = {"NVFP4": "nvfp4", "NVFP4_AWQ": "nvfp4_awq", "W4A16_NVFP4": "w4a16_nvfp4", "FP8": "fp8",
-                  "MXFP4": "mxfp4"}
+                  "MXFP4": "mxfp4", "W4A16_AWQ": "int4_awq"}
 """modelopt quant_algo -> scheme (modelopt 0.47 writes MXFP4 layers as lower-case "mxfp4")."""
 _CT_FP4 = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group"}
 _CT_MX = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group"}
 _CT_FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}
+_CT_INT4 = {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 128, "strategy": "group"}
 CT_SCHEMES: dict[str, tuple[str, dict | None, dict | None]] = {
     "nvfp4": ("nvfp4-pack-quantized", {**_CT_FP4, "dynamic": False}, {**_CT_FP4, "dynamic": "local"}),
     "w4a16_nvfp4": ("nvfp4-pack-quantized", {**_CT_FP4, "dynamic": False}, None),
     "fp8": ("float-quantized", {**_CT_FP8, "dynamic": False}, {**_CT_FP8, "dynamic": False}),
     "mxfp4": ("mxfp4-pack-quantized", {**_CT_MX, "dynamic": False}, {**_CT_MX, "dynamic": True}),
+    "int4_awq": ("pack-quantized", {**_CT_INT4, "dynamic": False}, None),
 }
 """compressed-tensors scheme -> (format, weights args, input_activations args) that readers need."""
 KV_SCALE_NAMES = {"modelopt": (".k_proj.k_scale", ".v_proj.v_scale"),

@@ -1,9 +1,12 @@
-"""Packing a Linear in row chunks (bounded export memory) gives modelopt's whole-tensor bytes."""
+"""Packing a Linear in row chunks (bounded export memory) gives modelopt's whole-tensor bytes (NVFP4, and
+INT4, which modelopt packs two output rows per byte)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 
 from helpers import REPO
 
@@ -20,12 +23,12 @@ model = torch.nn.Sequential(torch.nn.Linear(256, 200, bias=False, dtype=torch.bf
 with torch.no_grad():
     model[0].weight[7, :16] *= 40  # one outlier block: block scales must differ between rows
 x = torch.randn(4, 256, dtype=torch.bfloat16)
-mtq.quantize(model, modelopt_config(), lambda m: m(x))
+mtq.quantize(model, modelopt_config(RECIPE), lambda m: m(x))
 linear = model[0]
 
 export.EXPORT_CHUNK_ELEMENTS = 256 * 48  # 48 rows per chunk: 5 chunks, the last one short
 scheme, chunked = export.quantize_linear("0", linear, torch.bfloat16)
-assert scheme == "nvfp4" and chunked["0.weight"].shape == (200, 128)
+assert (scheme, tuple(chunked["0.weight"].shape)) == SCHEME_AND_PACKED_SHAPE, (scheme, chunked["0.weight"].shape)
 assert len(set(chunked["0.weight_scale"][:, 0].float().tolist())) > 1
 
 # modelopt's own per-module export of the whole tensor (what export_hf_checkpoint runs), last: it mutates the module
@@ -41,7 +44,9 @@ print("identical")
 """
 
 
-def test_row_chunks_pack_the_same_bytes_as_the_whole_tensor():
+@pytest.mark.parametrize("recipe,scheme,packed", [("nvfp4", "nvfp4", (200, 128)), ("w4a16_int4", "int4_awq", (100, 256))])
+def test_row_chunks_pack_the_same_bytes_as_the_whole_tensor(recipe, scheme, packed):
     # Own process: modelopt's quantize patches modules globally.
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True)
+    script = f"RECIPE = {recipe!r}\nSCHEME_AND_PACKED_SHAPE = ({scheme!r}, {packed!r})\n" + SCRIPT
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and "identical" in result.stdout, result.stderr[-3000:]

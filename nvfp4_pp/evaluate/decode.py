@@ -1,7 +1,7 @@
 """Independent decoders: a written checkpoint's tensors back to BF16 weights, per layout and scheme.
 
 Every weight comes from the safetensors files, decoded with the plain-torch format code in
-nvfp4.py and fp8_mx.py (never from modelopt or in-memory state); the config says which scheme
+nvfp4.py, fp8_mx.py and int4.py (never from modelopt or in-memory state); the config says which scheme
 each Linear has, read as `verify` reads it. A writer bug therefore cannot hide behind a table it
 shares with the decoder.
 """
@@ -18,6 +18,7 @@ from safetensors import safe_open
 from ..errors import NvFp4PpError
 from ..vllm_contract import read_quant_config
 from .fp8_mx import dequantize_fp8, dequantize_mxfp4, fake_quantize_fp8_activation, fake_quantize_mxfp4_activation
+from .int4 import codes_from_int32, codes_from_row_pairs, dequantize_int4
 from .nvfp4 import dequantize_weight, fake_quantize_activation
 
 
@@ -99,6 +100,15 @@ def decode_linear(method: str, scheme: str, module: str, tensors: dict[str, torc
     if scheme == "mxfp4":
         weight = dequantize_mxfp4(take(packed_name), take(".weight_scale"))
         return DecodedLinear(weight, lambda x, one: fake_quantize_mxfp4_activation(x))
+    if scheme == "int4_awq":
+        packed = take(packed_name)
+        codes = codes_from_int32(packed) if ct else codes_from_row_pairs(packed)
+        if ct:
+            shape = take(".weight_shape").tolist()
+            if shape != list(codes.shape):
+                raise EvaluateError(f"{module}.weight_shape {shape} does not fit weight_packed {list(packed.shape)}")
+        weight = dequantize_int4(codes, take(".weight_scale"))
+        return DecodedLinear(weight, None, take(".pre_quant_scale", required=False))
     raise EvaluateError(f"{module}: scheme {scheme!r} has no decoder")
 
 

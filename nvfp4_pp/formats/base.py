@@ -1,7 +1,8 @@
 """What a layout must say about a quantized checkpoint, and the schemes a Linear can have.
 
 A scheme is modelopt's name for one Linear's quantization (`get_quantization_format`):
-`nvfp4`, `nvfp4_awq`, `w4a16_nvfp4`, `fp8`, `mxfp4`. The exporter hands a layout each Linear's
+`nvfp4`, `nvfp4_awq`, `w4a16_nvfp4`, `fp8`, `mxfp4`, `int4_awq` (modelopt's name for every INT4
+block-quantized weight, AWQ or not: the `w4a16_int4` recipe). The exporter hands a layout each Linear's
 tensors under modelopt's names (`weight`, `weight_scale`, `weight_scale_2`, `input_scale`,
 `pre_quant_scale`, plus an untouched `bias`); the layout renames and re-expresses them.
 """
@@ -15,8 +16,8 @@ import torch
 
 from ..errors import NvFp4PpError
 
-SCHEMES = ("nvfp4", "nvfp4_awq", "w4a16_nvfp4", "fp8", "mxfp4")
-BLOCK_SIZE = {"nvfp4": 16, "nvfp4_awq": 16, "w4a16_nvfp4": 16, "fp8": 0, "mxfp4": 32}
+SCHEMES = ("nvfp4", "nvfp4_awq", "w4a16_nvfp4", "fp8", "mxfp4", "int4_awq")
+BLOCK_SIZE = {"nvfp4": 16, "nvfp4_awq": 16, "w4a16_nvfp4": 16, "fp8": 0, "mxfp4": 32, "int4_awq": 128}
 """Elements per block scale along the input dimension (0: one per-tensor scale)."""
 
 

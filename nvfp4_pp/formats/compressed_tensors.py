@@ -1,12 +1,16 @@
 """compressed-tensors' layout (quant_method "compressed-tensors"): one config group per scheme.
 
 This is what llm-compressor writes and what vLLM's compressed-tensors schemes (W4A4Fp4, W4A16Fp4,
-W8A8Fp8, MXFP4) and transformers' CompressedTensorsConfig read. The numbers are modelopt's: packed
-nibbles and block scales are the same bytes; NVFP4's two per-tensor scales are stored as
+W8A8Fp8, MXFP4, WNA16) and transformers' CompressedTensorsConfig read. The numbers are modelopt's:
+packed nibbles and block scales are the same bytes; NVFP4's two per-tensor scales are stored as
 reciprocals (global scale = 6 * 448 / amax = 1 / modelopt's scale); FP8 scales keep modelopt's
-orientation (dequantised = fp8 x scale), as a [1] tensor.
+orientation (dequantised = fp8 x scale), as a [1] tensor. INT4 (`pack-quantized`) keeps modelopt's
+codes, repacked by compressed-tensors' own `pack_to_int32` (eight codes per int32 along the input,
+stored as code + 8, low nibble first: [out, in/8]), with `weight_shape`, and the group scales in
+BF16, the dtype llm-compressor writes and vLLM's WNA16 kernels hold them in (modelopt's FP32 scale,
+rounded once).
 
-Each group is compressed-tensors' preset scheme (`NVFP4`, `NVFP4A16`, `FP8`, `MXFP4`) written with
+Each group is compressed-tensors' preset scheme (`NVFP4`, `NVFP4A16`, `FP8`, `MXFP4`, `W4A16`) written with
 only the fields every release since the scheme's support knows. The schema forbids unknown fields
 (since 0.11), so `scale_dtype` / `zp_dtype` (added in 0.13; readers assume FP8 E4M3 for NVFP4 and
 uint8 E8M0 for MXFP4 when absent) and `observer` (a calibration-time setting) are left out: a vLLM
@@ -23,6 +27,7 @@ import torch
 from .base import CheckpointFormat, Layers
 
 FP4 = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group"}
+INT4 = {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 128, "strategy": "group"}
 MXFP4 = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group"}
 FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}
 GROUPS: dict[str, tuple[str, dict]] = {
@@ -32,6 +37,7 @@ GROUPS: dict[str, tuple[str, dict]] = {
     "fp8": ("float-quantized", {"weights": {**FP8, "dynamic": False}, "input_activations": {**FP8, "dynamic": False}}),
     "mxfp4": ("mxfp4-pack-quantized", {"weights": {**MXFP4, "dynamic": False},
                                        "input_activations": {**MXFP4, "dynamic": True}}),
+    "int4_awq": ("pack-quantized", {"weights": {**INT4, "dynamic": False}, "input_activations": None}),
 }
 """Scheme -> (compression format, QuantizationArgs of its group)."""
 KV_CACHE_SCHEMES = {"FP8": {**FP8, "dynamic": False}}
@@ -41,10 +47,33 @@ NAMES: dict[str, dict[str, str]] = {
     "w4a16_nvfp4": {"weight": "weight_packed", "weight_scale": "weight_scale", "weight_scale_2": "weight_global_scale"},
     "fp8": {"weight": "weight", "weight_scale": "weight_scale", "input_scale": "input_scale"},
     "mxfp4": {"weight": "weight_packed", "weight_scale": "weight_scale"},
+    "int4_awq": {"weight": "weight_packed", "weight_scale": "weight_scale"},
 }
 """Scheme -> modelopt tensor name -> compressed-tensors name."""
 RECIPROCAL = {"weight_scale_2", "input_scale"}
 """NVFP4 per-tensor scales, stored as global scales (reciprocals)."""
+
+
+INT4_SCALE_DTYPE = torch.bfloat16
+
+
+def int4_codes_from_modelopt(packed: torch.Tensor) -> torch.Tensor:
+    """modelopt's INT4 bytes (uint8 [out/2, in]: row 2i in the low nibble, 2i+1 in the high, two's
+    complement) -> int8 codes [out, in] in [-8, 7]."""
+    low = (packed & 0x0F).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    codes = torch.stack((low, high), dim=1).reshape(-1, packed.shape[1])
+    return torch.where(codes > 7, codes - 16, codes)
+
+
+def int4_tensors(module_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One INT4 Linear in compressed-tensors' pack-quantized layout, from modelopt's tensors."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    codes = int4_codes_from_modelopt(tensors[f"{module_name}.weight"])
+    return {f"{module_name}.weight_packed": pack_to_int32(codes, 4),
+            f"{module_name}.weight_scale": tensors[f"{module_name}.weight_scale"].to(INT4_SCALE_DTYPE),
+            f"{module_name}.weight_shape": torch.tensor(codes.shape, dtype=torch.int64)}
 
 
 def reciprocal(scale: torch.Tensor) -> torch.Tensor:
@@ -59,6 +88,12 @@ class CompressedTensorsFormat(CheckpointFormat):
     def linear_tensors(self, module_name: str, scheme: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_scheme(module_name, scheme)
         names = NAMES[scheme]
+        if scheme == "int4_awq":
+            extra = set(tensors) - {f"{module_name}.{n}" for n in ("weight", "weight_scale", "bias")}
+            if extra:
+                raise ValueError(f"{sorted(extra)}: no compressed-tensors pack-quantized field for them")
+            bias = {k: v for k, v in tensors.items() if k == f"{module_name}.bias"}
+            return {**int4_tensors(module_name, tensors), **bias}
         out = {}
         for full, value in tensors.items():
             leaf = full.removeprefix(f"{module_name}.")

@@ -17,6 +17,8 @@ measured peaks by tests/test_budget_run.py on CPU):
 - export transient: packing to NVFP4 (modelopt's NVFP4QTensor.quantize) holds about 13 bytes per
   weight element at once (fp32 scaled copy, int32 bucket index, 3 comparison bytes, sign, codes):
   7x the BF16 bytes of what is packed at once, a row chunk of at most sizes.EXPORT_CHUNK_ELEMENTS.
+  INT4 (modelopt's pack_int4_in_uint8, same chunks) holds less: the gathered FP32 scales and the
+  FP32 quotient, then its rounding (8 bytes at once), int8 codes and their nibble copies.
 - export buffer: the ShardWriter holds packed tensors on the host until a shard is full
   (`sizes.DEFAULT_SHARD_BYTES`) and up to `sizes.WRITE_WORKERS` full shards while its threads
   write them, so at most min((workers + 1) x shard cap, everything the rank writes).
@@ -47,7 +49,8 @@ from ..sizes import DEFAULT_SHARD_BYTES, EXPORT_CHUNK_ELEMENTS, WRITE_WORKERS
 from ..source import SourceCheckpoint
 
 PACKED_PER_BF16_BYTE = 0.25 + 1 / 32
-"""NVFP4 bytes written per BF16 weight byte: 4-bit codes plus one FP8 scale per 16 values."""
+"""NVFP4 bytes written per BF16 weight byte: 4-bit codes plus one FP8 scale per 16 values. It bounds
+the INT4 output too (group 128: 0.25 + 1/64 with modelopt's FP32 scales, 0.25 + 1/128 in BF16)."""
 EXPORT_TRANSIENT_PER_BF16_BYTE = 7
 CALIBRATION_TRANSIENT_PER_BF16_BYTE = 2
 SENDS_IN_FLIGHT = 3
