@@ -115,7 +115,8 @@ def front_matter(record: dict) -> list[str]:
     cfg, source = record["config"], record["source"]
     tags = sorted({"nvfp4_pp", "quantized", "vllm", cfg["format"], cfg.get("recipe", "nvfp4"),
                    *([cfg["algorithm"]] if cfg.get("algorithm", "max") != "max" else []),
-                   *record["checkpoint"]["schemes"]} | ({"fp8-kv-cache"} if record["checkpoint"]["kv_cache_scales"] else set()))
+                   *(SCHEME_TAGS.get(s, s) for s in record["checkpoint"]["schemes"])}
+                  | ({"fp8-kv-cache"} if record["checkpoint"]["kv_cache_scales"] else set()))
     data = ModelCardData(base_model=source["hub_id"], base_model_relation="quantized" if source["hub_id"] else None,
                          library_name=LIBRARY[cfg["format"]], pipeline_tag=source["pipeline_tag"], tags=tags,
                          **source["license"])
@@ -126,6 +127,11 @@ def front_matter(record: dict) -> list[str]:
         comments.append("# license left out: the source's README.md front matter names none; add the source's "
                         "license before publishing")
     return ["---", *data.to_yaml().splitlines(), *comments, "---"]
+
+
+SCHEME_TAGS = {"int4_awq": "int4"}
+"""Tags for schemes whose modelopt name says more than the checkpoint holds: modelopt calls every INT4
+block-quantized Linear `int4_awq`, AWQ or not (the algorithm gets its own tag)."""
 
 
 def _algorithm_text(cfg: dict) -> str:

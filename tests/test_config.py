@@ -74,6 +74,8 @@ def test_per_rank_and_per_host_pipeline_keys():
     ({**BASE, "algorithm": "gptq", "recipe": "fp8"},
      "algorithm gptq fits the weights of recipes ['w4a16_int4', 'nvfp4', 'w4a16_nvfp4'], not recipe fp8; choose one"),
     ({**BASE, "algorithm": "awq_lite"}, "NVFP4 with AWQ-lite is recipe nvfp4_awq; set 'recipe: nvfp4_awq'"),
+    ({**BASE, "algorithm": "awq_lite", "recipe": "w4a16_int4"},
+     "algorithm awq_lite keeps AWQ pre-quant scales, which compressed-tensors has no field for"),
     ({**BASE, "algorithm": "gptq", "recipe_overrides": {"*mlp*": "fp8"}}, "algorithm gptq runs on one recipe"),
     ({**BASE, "gptq": {"damping": 0.05}}, "config section 'gptq' applies to 'algorithm: gptq', not max"),
     ({**BASE, "algorithm": "gptq", "gptq": {"damping": 2}}, "config key 'gptq.damping' must be in (0, 1], got 2"),
