@@ -25,7 +25,7 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -197,7 +197,13 @@ def main() -> int:
                     for n in args.stacks.split(",") if n]
         if args.peers == "llmcompressor":
             futures.append(pool.submit(llmcompressor_gptq, model, tokens, args.work))
-        rows = [f.result() for f in futures]
+        rows = []
+        for future in as_completed(futures):
+            rows.append(future.result())
+            r = rows[-1]
+            print(f"{time.perf_counter() - t0:5.0f} s  {r['name']}: exit {r['exit']} in {r['seconds']:.0f} s, "
+                  f"{r.get('identity', 'not compared')}", flush=True)
+    rows.sort(key=lambda r: list(RUNS).index(r["name"]) if r["name"] in RUNS else len(RUNS))
     print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
 
     from nvfp4_pp.evaluate.quality import eval_samples, evaluate
@@ -215,6 +221,7 @@ def main() -> int:
             kind = "w4a4" if "w4a4" in results else "w4a16"
             row["ppl"], row["kl"] = results[kind]["perplexity"], results[kind]["kl"]
             row["measured"] = kind
+            print(f"{row['name']}: {kind} perplexity {row['ppl']:.2f}, KL {row['kl']:.3f} (BF16 {bf16:.2f})", flush=True)
 
     lines = [f"SmolLM2-135M ({args.model}), calibration {args.samples} x {args.seq} tokens of the built-in corpus, "
              f"held-out {len(held_out)} x {args.eval_length} tokens; {args.ranks} ranks on one "
