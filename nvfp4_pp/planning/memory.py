@@ -91,6 +91,8 @@ class ModelSizes:
     layer_hessian_bytes: int = 0
     """GPTQ's FP32 Hessians of one decoder layer: in_features^2 x 4 bytes per Linear (modelopt keeps
     one per Linear, shared inputs included), largest layer."""
+    largest_hessian_bytes: int = 0
+    """The largest single Linear's Hessian (Llama-70B's down_proj: 28672^2 x 4 = 3.3 GB)."""
 
     @property
     def num_layers(self) -> int:
@@ -102,7 +104,7 @@ class ModelSizes:
         c = source.text_config
         n = c["num_hidden_layers"]
         layer_bytes, linear_bytes, linears, hessians = [0] * n, [0] * n, [0] * n, [0] * n
-        embed = head = largest = 0
+        embed = head = largest = largest_hessian = 0
         for name in source.weight_map:
             nbytes = source.nbytes(name)
             layer = arch.layer_of(name)
@@ -117,6 +119,7 @@ class ModelSizes:
                 linear_bytes[layer] += nbytes
                 linears[layer] += 1
                 hessians[layer] += source.shape(name)[1] ** 2 * 4
+                largest_hessian = max(largest_hessian, source.shape(name)[1] ** 2 * 4)
                 largest = max(largest, nbytes)
         heads = c["num_attention_heads"]
         return cls(
@@ -124,6 +127,7 @@ class ModelSizes:
             largest_linear=largest, embed_bytes=embed, head_bytes=head, hidden=c["hidden_size"],
             intermediate=c["intermediate_size"], heads=heads, kv_heads=c.get("num_key_value_heads", heads),
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, layer_hessian_bytes=max(hessians, default=0),
+            largest_hessian_bytes=largest_hessian,
         )
 
 
@@ -174,13 +178,21 @@ def activation_bytes(s: ModelSizes, w: Workload, sends: bool) -> int:
     return buffers + max(attention, mlp) + amax_copy
 
 
+def gptq_solve_bytes(s: ModelSizes) -> int:
+    """One Linear's GPTQ update in modelopt 0.47: a damped copy of its Hessian, the Cholesky factor, the
+    inverse and its upper factor (3 Hessians at once), and an FP32 copy of the weight with its error
+    (2 Llama-70B layers on an H200 peaked 10.7 GB over the plan without it; this term is 11.7 GB there)."""
+    return 3 * s.largest_hessian_bytes + 4 * s.largest_linear
+
+
 def algorithm_bytes(s: ModelSizes, w: Workload, layers: int) -> int:
     """What the calibration algorithm holds beside the weights: GPTQ's Hessians (every Linear of the
-    stage at once when flat, one layer's when layer by layer) and, layer by layer, the whole set's
-    hidden states twice (a layer's inputs and its outputs while they are computed)."""
+    stage at once when flat, one layer's when layer by layer) and the solve of one Linear; layer by
+    layer, also the whole set's hidden states twice (a layer's inputs and its outputs)."""
+    gptq = (s.layer_hessian_bytes * (1 if w.layer_major else layers) + gptq_solve_bytes(s)) if w.hessians else 0
     if w.layer_major:
-        return 2 * w.calibration_tokens * s.hidden * s.dtype_bytes + (s.layer_hessian_bytes if w.hessians else 0)
-    return s.layer_hessian_bytes * layers if w.hessians else 0
+        return 2 * w.calibration_tokens * s.hidden * s.dtype_bytes + gptq
+    return gptq
 
 
 def stage_need(
