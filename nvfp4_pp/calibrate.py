@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from .config import ConfigError
 from .log import logger
 from .records import Health
 
@@ -110,8 +111,6 @@ def check_algorithm_device(algorithm: str, recipe: str, rank: int, host: str, de
     """A rank whose device cannot run the run's algorithm is refused before any weight loads."""
     what = CUDA_ONLY.get((algorithm, recipe))
     if what and device.type != "cuda":
-        from .config import ConfigError
-
         raise ConfigError(f"rank {rank} on host {host} calibrates on {device.type}, but algorithm {algorithm} with "
                           f"recipe {recipe} ({what}) runs on CUDA only in modelopt 0.47; give every rank a CUDA "
                           "device (pipeline.device) or choose recipe w4a16_int4 or 'algorithm: max'")
