@@ -56,50 +56,52 @@ def size_on_disk(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def compare(args: argparse.Namespace) -> int:
+def _data_facts(args: argparse.Namespace, samples: list[list[int]]) -> dict:
+    """What the figures were measured on, for the console line and the JSON report."""
+    return {"data": args.data, "samples": len(samples), "max_length": args.max_length,
+            "tokens": sum(len(s) - 1 for s in samples)}
+
+
+def compare(args: argparse.Namespace) -> None:
     """Every output checked first (seconds), then each evaluated on the same samples: one table."""
-    try:
-        for output in args.compare:
-            check_inputs(args.source, output)
-        samples = eval_samples(args.data, args.samples, args.max_length, args.source)
-        rows = [(output, describe_layout(output), size_on_disk(output),
-                 evaluate(args.source, output, samples, args.device)) for output in args.compare]
-    except (NvFp4PpError, OSError) as e:
-        print(f"nvfp4_pp.evaluate: error: {e}", file=sys.stderr)
-        return 1
-    tokens = sum(len(s) - 1 for s in samples)
-    print(f"{len(rows)} outputs of {args.source} on {args.data}: {len(samples)} samples, {tokens} predicted tokens")
+    for output in args.compare:
+        check_inputs(args.source, output)
+    samples = eval_samples(args.data, args.samples, args.max_length, args.source)
+    rows = [(output, describe_layout(output), size_on_disk(output),
+             evaluate(args.source, output, samples, args.device)) for output in args.compare]
+    facts = _data_facts(args, samples)
+    print(f"{len(rows)} outputs of {args.source} on {args.data}: {facts['samples']} samples, {facts['tokens']} "
+          "predicted tokens")
     print("\n".join(compare_table(rows)))
     if args.json:
-        report = {"data": args.data, "samples": len(samples), "max_length": args.max_length, "tokens": tokens,
-                  "outputs": [{"output": str(o), "layout": lay, "bytes": n, "results": r} for o, lay, n, r in rows]}
+        report = {**facts, "outputs": [{"output": str(o), "layout": lay, "bytes": n, "results": r}
+                                       for o, lay, n, r in rows]}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.compare:
-        return compare(args)
-    try:
-        check_inputs(args.source, args.quantized)
-        samples = eval_samples(args.data, args.samples, args.max_length, args.source)
-        results = evaluate(args.source, args.quantized, samples, args.device, args.input_scale_one)
-    except (NvFp4PpError, OSError) as e:
-        print(f"nvfp4_pp.evaluate: error: {e}", file=sys.stderr)
-        return 1
-    tokens = sum(len(s) - 1 for s in samples)
-    what = f"{args.data}: {len(samples)} samples, {tokens} predicted tokens"
+def evaluate_one(args: argparse.Namespace) -> None:
+    check_inputs(args.source, args.quantized)
+    samples = eval_samples(args.data, args.samples, args.max_length, args.source)
+    results = evaluate(args.source, args.quantized, samples, args.device, args.input_scale_one)
+    facts = _data_facts(args, samples)
+    what = f"{args.data}: {facts['samples']} samples, {facts['tokens']} predicted tokens"
     print(f"{args.quantized} vs {args.source} on {what}")
     print("\n".join(table(results)))
-    report = {"data": args.data, "samples": len(samples), "max_length": args.max_length, "tokens": tokens,
-              "results": results}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(json.dumps({**facts, "results": results}, indent=2) + "\n")
     if args.update_card:
         from ..card import update_quality
 
         update_quality(args.quantized, what, list(table(results)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        (compare if args.compare else evaluate_one)(args)
+    except (NvFp4PpError, OSError) as e:
+        print(f"nvfp4_pp.evaluate: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
