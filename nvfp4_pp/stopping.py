@@ -28,10 +28,36 @@ _leaving = False
 _deferred: list[int] | None = None
 """Inside `deferred()`: the signals that arrived, raised when the block ends."""
 _parent = os.getppid()
+_follows_launcher = False
+"""Set once PR_SET_PDEATHSIG is armed: a SIGTERM may then mean the launcher is dying."""
 
 
-def _launcher_gone() -> bool:
-    return os.getppid() != _parent
+def _launcher_gone(wait_s: float = 0.0) -> bool:
+    """Whether the launcher has died, waiting up to `wait_s` for its death to show.
+
+    The kernel sends the death signal when the launcher's *thread* that started this rank exits; a
+    SIGKILLed multi-threaded torchrun can do that while its other threads still live, and this rank is
+    then handed to one of them (same pid) for a few milliseconds. So a dying launcher shows as a new
+    parent pid, a parent that is a zombie, or none at all.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        if os.getppid() != _parent or _dying(_parent):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _dying(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return sys.platform.startswith("linux")
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
 
 
 def _raise_interrupted(signum: int, frame) -> None:
@@ -41,7 +67,8 @@ def _raise_interrupted(signum: int, frame) -> None:
         _deferred.append(signum)
         return
     leaving()
-    why = f" (its launcher, pid {_parent}, is gone)" if _launcher_gone() else ""
+    wait_s = 1.0 if _follows_launcher and signum == signal.SIGTERM else 0.0
+    why = f" (its launcher, pid {_parent}, is gone)" if _launcher_gone(wait_s) else ""
     raise Interrupted(signal.Signals(signum).name, dist.current_phase(), why)
 
 
@@ -81,9 +108,10 @@ def follow_launcher(timeout_s: int, rank: int) -> None:
     """Under torchrun: SIGTERM when the launcher dies, and exit at the latest `timeout_s` after that."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
+    global _follows_launcher
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        _follows_launcher = libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
     threading.Thread(target=_watch_parent, args=(timeout_s, rank), name="launcher-watch", daemon=True).start()
 
 
