@@ -116,9 +116,9 @@ def check_algorithm_device(algorithm: str, recipe: str, rank: int, host: str, de
                           "device (pipeline.device) or choose recipe w4a16_int4 or 'algorithm: max'")
 
 
-def algorithm_options(cfg) -> dict:
-    """modelopt's settings for the run's algorithm: GPTQ's damping and block size where given."""
-    if cfg.algorithm != "gptq":
+def algorithm_options(cfg, algorithm: str) -> dict:
+    """modelopt's settings for one of the run's algorithms: GPTQ's damping and block size where given."""
+    if algorithm != "gptq":
         return {}
     named = {"perc_damp": cfg.gptq.damping, "block_size": cfg.gptq.block_size}
     return {k: v for k, v in named.items() if v is not None}
@@ -308,5 +308,5 @@ def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> Health:
 
 
 def uses_hessians(cfg) -> bool:
-    """Whether the run's algorithm collects GPTQ Hessians (the planner counts them)."""
-    return cfg.algorithm == "gptq"
+    """Whether the run's algorithm (or one of auto's candidates) collects GPTQ Hessians (the planner counts them)."""
+    return "gptq" in cfg.algorithms

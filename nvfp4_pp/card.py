@@ -35,6 +35,7 @@ def run_record(cfg: RunConfig, source: SourceCheckpoint, reports: list[RankRepor
                    "manifest": manifest.to_dict()}
     return {
         "producer": PRODUCER, "modelopt_version": modelopt_version, "config": config_to_dict(cfg),
+        "algorithms": cfg.algorithms,
         "source": read_source_card(source.path, source.config, cfg.base_model).to_dict(),
         "backend": backend,
         "calibration": calibration,
@@ -114,7 +115,7 @@ def front_matter(record: dict) -> list[str]:
 
     cfg, source = record["config"], record["source"]
     tags = sorted({"nvfp4_pp", "quantized", "vllm", cfg["format"], cfg.get("recipe", "nvfp4"),
-                   *([cfg["algorithm"]] if cfg.get("algorithm", "max") != "max" else []),
+                   *(a for a in _fitted_by(record) if a != "max"),
                    *(SCHEME_TAGS.get(s, s) for s in record["checkpoint"]["schemes"])}
                   | ({"fp8-kv-cache"} if record["checkpoint"]["kv_cache_scales"] else set()))
     data = ModelCardData(base_model=source["hub_id"], base_model_relation="quantized" if source["hub_id"] else None,
@@ -134,24 +135,60 @@ SCHEME_TAGS = {"int4_awq": "int4"}
 block-quantized Linear `int4_awq`, AWQ or not (the algorithm gets its own tag)."""
 
 
-def _algorithm_text(cfg: dict) -> str:
-    """How the weights were fitted, and whether layer by layer (each layer on its predecessors' quantized outputs)."""
+def _fitted_by(record: dict) -> list[str]:
+    """The algorithms the written weights were fitted by: the run's, or those auto chose for some layer."""
+    if record["config"].get("algorithm", "max") != "auto":
+        return [record["config"].get("algorithm", "max")]
+    return sorted({c["chosen"] for rank in record["ranks"] for c in rank.get("choices", [])})
+
+
+def _algorithm_text(record: dict) -> str:
+    """How the weights were fitted, and whether layer by layer (each layer on its predecessors' quantized
+    outputs); under `auto`, the candidates and which layers got which."""
+    cfg = record["config"]
     algorithm = cfg.get("algorithm", "max")
-    text = {"max": "rounded to the nearest grid point of the scale each block's maximum sets (max calibration)",
-            "gptq": "GPTQ (modelopt): each rounding error compensated in the columns not yet rounded, from the "
-                    "Hessian of the layer's calibration inputs",
-            "awq_lite": "AWQ-lite (modelopt): per-channel pre-scales searched on the calibration data",
-            "local_hessian": "NVFP4 block scales searched to minimize each block's output error weighted by its "
-                             "local Hessian (modelopt's local_hessian, FP8 scale sweep)",
-            "mse": "NVFP4 block scales searched to minimize the weight's squared error over the FP8 scale values "
-                   "(modelopt's mse, FP8 scale sweep)",
-            "four_over_six": "Four-Over-Six: per block, the FP4 grid's maximum mapped to 4 or 6, whichever errs "
-                             "less (modelopt's NVFP4_FOUR_OVER_SIX_CFG)"}[algorithm]
+    if algorithm == "auto":
+        auto = cfg.get("auto") or {}
+        got: dict[str, list[int]] = {}
+        for c in (c for rank in record["ranks"] for c in rank.get("choices", [])):
+            got.setdefault(c["chosen"], []).append(c["layer"])
+        text = (f"per decoder layer, whichever of {', '.join(f'`{n}`' for n in record['algorithms'])} "
+                f"made the layer's output err least on held-out calibration tokens (the last "
+                f"{auto.get('held_out', 0.25):.0%} of the micro-batches; the winner then fitted on all of them): "
+                + "; ".join(f"`{name}` for layer{'s' if len(layers) > 1 else ''} {_ranges(layers)}"
+                           for name, layers in sorted(got.items())))
+    else:
+        text = _ALGORITHM_TEXT[algorithm]
     layerwise = cfg.get("layerwise") or {}
     if layerwise.get("enable"):
         text += (f"; layer by layer, each layer on its predecessors' quantized outputs (stage boundary: "
                  f"{layerwise.get('boundary', 'parallel')})")
     return text + "."
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+_ALGORITHM_TEXT = {
+    "max": "rounded to the nearest grid point of the scale each block's maximum sets (max calibration)",
+    "gptq": "GPTQ (modelopt): each rounding error compensated in the columns not yet rounded, from the Hessian of "
+            "the layer's calibration inputs",
+    "awq_lite": "AWQ-lite (modelopt): per-channel pre-scales searched on the calibration data",
+    "local_hessian": "NVFP4 block scales searched to minimize each block's output error weighted by its local "
+                     "Hessian (modelopt's local_hessian, FP8 scale sweep)",
+    "mse": "NVFP4 block scales searched to minimize the weight's squared error over the FP8 scale values "
+           "(modelopt's mse, FP8 scale sweep)",
+    "four_over_six": "Four-Over-Six: per block, the FP4 grid's maximum mapped to 4 or 6, whichever errs less "
+                     "(modelopt's NVFP4_FOUR_OVER_SIX_CFG)"}
+"""The card's words for each algorithm."""
 
 
 def render_card(record: dict, output_name: str) -> str:
@@ -174,7 +211,7 @@ def render_card(record: dict, output_name: str) -> str:
         + ("" if recipe in GROUP_SCALES_ONLY else "; q/k/v and gate/up share their per-tensor scales (vLLM fuses them)")
         + ". No cross-rank amax sync: each stage's statistics are its own.",
         *[f"- Linears matching `{pattern}`: {RECIPE_TEXT[r]}" for pattern, r in (cfg.get("recipe_overrides") or {}).items()],
-        f"- Weights: {_algorithm_text(cfg)}",
+        f"- Weights: {_algorithm_text(record)}",
         *([f"- KV cache: {cfg['kv_cache'].upper()} K and V scales calibrated on the data below"]
           if cfg.get("kv_cache") else []),
         f"- Kept in BF16: {', '.join(f'`{n}`' for n in record['kept_bf16']) or 'nothing'} (plus norms).",

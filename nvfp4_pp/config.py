@@ -231,10 +231,32 @@ class GptqConfig:
             raise ConfigError(f"config key 'gptq.block_size' must be >= 1, got {self.block_size}")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class AutoConfig:
+    """`algorithm: auto`: the algorithms tried on every decoder layer, and how they are judged."""
+
+    candidates: list[Literal["max", "gptq", "awq_lite"]] = dataclasses.field(default_factory=list)
+    """Algorithms tried on each layer; empty: every one of them that fits the recipe and format. Each
+    fits a copy of the layer on the calibration micro-batches not held out; the one whose output errs
+    least on the held-out ones is then fitted on all of them. (The NVFP4 scale searches set another
+    weight quantizer than the recipe's and are not mixed per layer.)"""
+    held_out: float = 0.25
+    """Share of the calibration micro-batches (the last ones; at least one, and one left to fit on) on
+    which each candidate's layer output is compared with the BF16 layer's."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.held_out < 1:
+            raise ConfigError(f"config key 'auto.held_out' must be between 0 and 1, got {self.held_out}")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ConfigError(f"config key 'auto.candidates' names an algorithm twice: {self.candidates}")
+
+
 ALGORITHM_RECIPES = {"gptq": ("w4a16_int4", "nvfp4", "w4a16_nvfp4"), "awq_lite": ("w4a16_int4",),
                      "local_hessian": ("nvfp4", "w4a16_nvfp4"), "mse": ("nvfp4", "w4a16_nvfp4"),
                      "four_over_six": ("nvfp4", "w4a16_nvfp4")}
 """The recipes each algorithm besides `max` calibrates (NVFP4 with AWQ-lite is recipe `nvfp4_awq`)."""
+AUTO_CANDIDATES = ("max", "gptq", "awq_lite")
+"""What `algorithm: auto` may mix per layer: algorithms that calibrate the recipe's own quantizers."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -257,15 +279,17 @@ class RunConfig:
     """Module name pattern -> recipe for the Linears it matches, e.g. {"*mlp*": mxfp4, "*self_attn*": fp8}."""
     ignore: list[str] = dataclasses.field(default_factory=list)
     """Module names or `*` patterns kept in BF16 (lm_head always is)."""
-    algorithm: Literal["max", "gptq", "awq_lite", "local_hessian", "mse", "four_over_six"] = "max"
+    algorithm: Literal["max", "gptq", "awq_lite", "local_hessian", "mse", "four_over_six", "auto"] = "max"
     """How weights are fitted to the grid (docs/algorithms.md): `max` rounds each to the nearest point of
     the scale its block's maximum sets; `gptq` compensates each rounding error in the columns not yet
     rounded, from the Hessian of the layer's inputs (modelopt's GPTQ; best layer by layer, see
     `layerwise`); `awq_lite` searches per-channel pre-scales (w4a16_int4; for NVFP4 use recipe nvfp4_awq);
     NVFP4 block-scale searches (CUDA ranks): `local_hessian` (scales minimizing the output error weighted
     by each block's local Hessian), `mse` (scales minimizing weight MSE over the FP8 scale values),
-    `four_over_six` (per block, the FP4 grid's max mapped to 4 or 6, whichever errs less)."""
+    `four_over_six` (per block, the FP4 grid's max mapped to 4 or 6, whichever errs less); `auto`: per
+    layer, whichever of `auto.candidates` errs least on held-out calibration tokens (needs `layerwise`)."""
     gptq: GptqConfig = dataclasses.field(default_factory=GptqConfig)
+    auto: AutoConfig = dataclasses.field(default_factory=AutoConfig)
     kv_cache: Union[None, Literal["fp8"]] = None
     """`fp8`: calibrate static K and V scales in the same pass (vLLM's FP8 KV cache)."""
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
@@ -289,25 +313,55 @@ class RunConfig:
             raise ConfigError("recipe nvfp4_awq keeps AWQ pre-quant scales, which compressed-tensors has no field "
                               "for; set 'format: modelopt'")
 
+    @property
+    def algorithms(self) -> list[str]:
+        """The algorithms this run calibrates with: `algorithm`, or under `auto` its candidates (by default
+        every one that fits the recipe and format)."""
+        if self.algorithm != "auto":
+            return [self.algorithm]
+        named = self.auto.candidates or [a for a in AUTO_CANDIDATES if self._misfit(a) is None]
+        return list(named)
+
     def _check_algorithm(self) -> None:
-        """An algorithm other than max fits one recipe's weights, listed in ALGORITHM_RECIPES."""
-        if self.gptq != GptqConfig() and self.algorithm != "gptq":
+        """An algorithm other than max fits one recipe's weights, listed in ALGORITHM_RECIPES; `auto`
+        chooses per layer among candidates that each fit."""
+        if self.gptq != GptqConfig() and "gptq" not in self.algorithms:
             raise ConfigError(f"config section 'gptq' applies to 'algorithm: gptq', not {self.algorithm}; set the "
                               "algorithm or remove the section")
-        if self.algorithm == "max":
+        if self.auto != AutoConfig() and self.algorithm != "auto":
+            raise ConfigError(f"config section 'auto' applies to 'algorithm: auto', not {self.algorithm}; set the "
+                              "algorithm or remove the section")
+        if self.algorithm != "auto":
+            if (problem := self._misfit(self.algorithm)) is not None:
+                raise ConfigError(problem)
             return
-        recipes = ALGORITHM_RECIPES[self.algorithm]
-        if self.algorithm == "awq_lite" and self.recipe == "nvfp4":
-            raise ConfigError("NVFP4 with AWQ-lite is recipe nvfp4_awq; set 'recipe: nvfp4_awq' and drop 'algorithm'")
+        if not self.layerwise.enable:
+            raise ConfigError("algorithm auto chooses an algorithm per decoder layer, which needs layer-by-layer "
+                              "calibration; set 'layerwise.enable: true'")
+        for name in self.auto.candidates:
+            if (problem := self._misfit(name)) is not None:
+                raise ConfigError(f"auto.candidates: {problem}")
+        if len(self.algorithms) < 2:
+            fix = "name two in 'auto.candidates'" if self.auto.candidates else "choose one algorithm instead"
+            raise ConfigError(f"algorithm auto needs two candidates; for recipe {self.recipe} in the {self.format} "
+                              f"layout it has {self.algorithms}; {fix}")
+
+    def _misfit(self, algorithm: str) -> str | None:
+        """Why `algorithm` cannot calibrate this run's recipe and format, or None when it can."""
+        if algorithm == "max":
+            return None
+        recipes = ALGORITHM_RECIPES[algorithm]
+        if algorithm == "awq_lite" and self.recipe == "nvfp4":
+            return "NVFP4 with AWQ-lite is recipe nvfp4_awq; set 'recipe: nvfp4_awq' and drop 'algorithm'"
         if self.recipe not in recipes:
-            raise ConfigError(f"algorithm {self.algorithm} fits the weights of recipes {list(recipes)}, not recipe "
-                              f"{self.recipe}; choose one of them or 'algorithm: max'")
+            return (f"algorithm {algorithm} fits the weights of recipes {list(recipes)}, not recipe {self.recipe}; "
+                    "choose one of them or 'algorithm: max'")
         if self.recipe_overrides:
-            raise ConfigError(f"algorithm {self.algorithm} runs on one recipe; remove recipe_overrides or use "
-                              "'algorithm: max'")
-        if self.algorithm == "awq_lite" and self.format == "compressed-tensors":
-            raise ConfigError("algorithm awq_lite keeps AWQ pre-quant scales, which compressed-tensors has no field "
-                              "for; set 'format: modelopt'")
+            return f"algorithm {algorithm} runs on one recipe; remove recipe_overrides or use 'algorithm: max'"
+        if algorithm == "awq_lite" and self.format == "compressed-tensors":
+            return ("algorithm awq_lite keeps AWQ pre-quant scales, which compressed-tensors has no field for; set "
+                    "'format: modelopt'")
+        return None
 
 
 def _type_name(tp: Any) -> str:

@@ -124,16 +124,32 @@ class Solver:
     whose saved state the caller restored: they are replayed, not solved again.
     """
 
-    def __init__(self, stage: Stage, algorithm: dict, solved: set[int], record: Callable[[int, nn.Module], None],
+    def __init__(self, stage: Stage, algorithms: dict[str, dict], solved: set[int],
+                 record: Callable[[int, nn.Module], None],
                  heartbeat: Callable[[int], None] = lambda index: None,
-                 before: Callable[[int, nn.Module], None] = lambda index, layer: None):
-        """`before(index, layer)` runs ahead of each layer (a streaming stage loads it there); `record`
-        after each layer solved here (save it for resume; a streaming stage writes and frees it)."""
+                 before: Callable[[int, nn.Module], None] = lambda index, layer: None,
+                 choose: Callable[[int, nn.Module, LayerInputs], str] | None = None,
+                 chosen: dict[int, str] | None = None):
+        """`algorithms`: name -> modelopt algorithm config; one, or (with `choose`, `algorithm: auto`)
+        the candidates `choose(index, layer, inputs)` picks from per layer; `chosen` holds what solved
+        layers got. `before(index, layer)` runs ahead of each layer (a streaming stage loads it there);
+        `record` after each layer solved here (save it for resume; a streaming stage writes and frees it)."""
         self.stage, self.solved, self.record, self.heartbeat, self.before = stage, solved, record, heartbeat, before
-        self.algorithm = LayerAlgorithm(algorithm)
+        self.algorithms = {name: LayerAlgorithm(algorithm) for name, algorithm in algorithms.items()}
+        self.choose, self.chosen = choose, dict(chosen or {})
+
+    def algorithm(self, index: int) -> LayerAlgorithm:
+        """Layer `index`'s algorithm: the run's one, or the one chosen for it."""
+        return self.algorithms[self.chosen.get(index, next(iter(self.algorithms)))]
+
+    def feeds_quantized(self, index: int) -> bool:
+        """Whether layer `index` is fitted before its outputs feed the next layer, quantizers on: under
+        `auto` always, so every layer is judged and fitted on the inputs it sees when served, whatever
+        its predecessors chose; else as its algorithm does in modelopt (GPTQ yes, max and AWQ no)."""
+        return self.choose is not None or self.algorithm(index).feeds_quantized_outputs
 
     def _advance(self, inputs: LayerInputs, index: int, layer: nn.Module) -> None:
-        if self.algorithm.feeds_quantized_outputs:
+        if self.feeds_quantized(index):
             inputs.advance(index, layer)
         else:
             with quantizers_off(layer):
@@ -143,7 +159,8 @@ class Solver:
         layers = self.stage.layers()
         started = time.perf_counter()
         todo = [index for index, _ in layers if index not in self.solved]
-        split = LayerTimes(inputs.hidden[0].device if inputs.hidden else torch.device("cpu"))
+        parts = ("read", *(("choose",) if self.choose else ()), "advance", "calibrate", "write")
+        split = LayerTimes(inputs.hidden[0].device if inputs.hidden else torch.device("cpu"), parts)
         for step, (index, layer) in enumerate(layers, 1):
             split.start()
             self.before(index, layer)
@@ -152,7 +169,11 @@ class Solver:
                 self._advance(inputs, index, layer)
                 logger.info("layer %d: solved before, replayed (%d/%d)", index, step, len(layers))
                 continue
-            if self.algorithm.calibrates_at_bf16:  # one pass: it calibrates and gives the next inputs
+            if self.choose:
+                self.chosen[index] = self.choose(index, layer, inputs)
+                split.lap("choose")
+            if self.algorithm(index).calibrates_at_bf16 and not self.feeds_quantized(index):
+                # one pass: it calibrates and gives the next inputs
                 inputs.hidden = self._calibrate_and_advance(inputs, index, layer)
                 split.lap("calibrate")
             else:
@@ -180,7 +201,7 @@ class Solver:
             calls += 1
             inputs.replay(index, module, outputs)
 
-        self.algorithm.calibrate(layer, loop)
+        self.algorithm(index).calibrate(layer, loop)
         if calls != 1:
             raise RuntimeError(f"layer {index}: max calibration ran its forward loop {calls} times, not once")
         return outputs
@@ -189,12 +210,13 @@ class Solver:
         """Calibrate layer `index` from a replay of its inputs, and advance them in a pass of their own:
         BF16 before calibrating (as modelopt), or quantized after it (GPTQ feeds quantized outputs)."""
         replay = LayerInputs(self.stage, inputs.hidden, inputs.contexts)
-        if not self.algorithm.feeds_quantized_outputs:
+        algorithm = self.algorithm(index)
+        if not self.feeds_quantized(index):
             self._advance(inputs, index, layer)
             split.lap("advance")
-        self.algorithm.calibrate(layer, lambda module: replay.replay(index, module))
+        algorithm.calibrate(layer, lambda module: replay.replay(index, module))
         split.lap("calibrate")
-        if self.algorithm.feeds_quantized_outputs:
+        if self.feeds_quantized(index):
             self._advance(inputs, index, layer)
             split.lap("advance")
 
@@ -207,12 +229,11 @@ class LayerTimes:
     layer is copied on a stream of its own meanwhile), so the time of queued kernels is counted in
     the part that queued them (a sync per part and layer: negligible against a layer's compute)."""
 
-    PARTS = ("read", "advance", "calibrate", "write")
-
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, parts: tuple[str, ...] = ("read", "advance", "calibrate", "write")):
+        """`parts`: where time goes, in log order (`choose` is `algorithm: auto`'s trials)."""
+        self.device, self.parts = device, parts
         self.layer: dict[str, float] = {}
-        self.totals = dict.fromkeys(self.PARTS, 0.0)
+        self.totals = dict.fromkeys(parts, 0.0)
         self._t = 0.0
 
     def _now(self) -> float:
@@ -221,7 +242,7 @@ class LayerTimes:
         return time.perf_counter()
 
     def start(self) -> None:
-        self.layer = dict.fromkeys(self.PARTS, 0.0)
+        self.layer = dict.fromkeys(self.parts, 0.0)
         self._t = self._now()
 
     def lap(self, part: str) -> None:
@@ -234,10 +255,10 @@ class LayerTimes:
         return sum(self.layer.values())
 
     def layer_text(self) -> str:
-        return ", ".join(f"{part} {self.layer[part]:.2f}" for part in self.PARTS)
+        return ", ".join(f"{part} {self.layer[part]:.2f}" for part in self.parts)
 
     def totals_text(self) -> str:
-        return ", ".join(f"{part} {self.totals[part]:.1f} s" for part in self.PARTS)
+        return ", ".join(f"{part} {self.totals[part]:.1f} s" for part in self.parts)
 
 
 def capture_hook(stage: Stage, captured: list[torch.Tensor]):

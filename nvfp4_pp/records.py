@@ -132,6 +132,23 @@ class Traffic:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LayerChoice:
+    """`algorithm: auto`: what one decoder layer got, and the held-out output error of every candidate
+    (squared error of the layer's quantized output against its BF16 output, relative to the latter's)."""
+
+    layer: int
+    chosen: str
+    errors: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerChoice:
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Health:
     """Enabled static quantizers with a usable amax, none or zero, NaN/inf; the first unusable names."""
 
@@ -185,6 +202,8 @@ class RankReport:
     export: ExportResult
     spans: tuple[PhaseSpan, ...] = ()
     """Start and end of each phase (start-up, load, calibrate, export, gather), in run order."""
+    choices: tuple[LayerChoice, ...] = ()
+    """`algorithm: auto`: each of the stage's layers' algorithm, in layer order."""
 
     def to_dict(self) -> dict:
         """The rank's entry in nvfp4_pp.json (shards and schemes are summarised for the whole run)."""

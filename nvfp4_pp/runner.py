@@ -44,6 +44,7 @@ from .export import StageExporter, export_stage
 from .files import write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
+from .layer_choice import LayerChooser, held_out_count
 from .lock import WORK_DIR_LOCK, FileLock, Holder, output_lock_path
 from .log import RELAY, attach_file, end_of_run, logger
 from .output_guard import check_output, check_paths
@@ -52,7 +53,7 @@ from .planning import budget
 from .planning.memory import ModelSizes, Workload
 from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
 from .recipe_shapes import check_recipe_shapes
-from .records import CalibrationManifest, ExportResult, Health, Memory, PhaseSpan, RankReport, Traffic
+from .records import CalibrationManifest, ExportResult, Health, LayerChoice, Memory, PhaseSpan, RankReport, Traffic
 from .source import SourceCheckpoint, SourceError
 from .stage import Stage, build_stage
 from .streaming import LayerStream
@@ -161,7 +162,8 @@ class Run:
 
         def check() -> tuple[CheckpointFormat, SourceCheckpoint, Architecture]:
             info = self.info
-            check_algorithm_device(self.cfg.algorithm, self.cfg.recipe, info.rank, info.host, info.device)
+            for algorithm in self.cfg.algorithms:
+                check_algorithm_device(algorithm, self.cfg.recipe, info.rank, info.host, info.device)
             source = SourceCheckpoint(self.cfg.model)
             arch = architecture_of(source.config, source.weight_map)
             if "num_hidden_layers" not in source.text_config:
@@ -224,6 +226,10 @@ class Run:
                     f"a calibration sample has {manifest.max_length} tokens but the model's max_position_embeddings "
                     f"is {limit}; set calibration.max_length <= {limit}")
             batches = micro_batches(calibration_set.samples, self.cfg.calibration.batch_size, calibration_set.pad_id)
+            if self.cfg.algorithm == "auto" and len(batches) < 2:
+                raise CalibrationDataError(
+                    f"algorithm auto fits each candidate on some calibration micro-batches and judges it on others, "
+                    f"but the set makes {len(batches)}; raise calibration.samples or lower calibration.batch_size")
             return manifest, [b.lengths for b in batches]
 
         manifest, lengths = dist.agreed(self.info, build)
@@ -243,7 +249,7 @@ class Run:
         facts = dist.all_gather_objects(budget.measure(info.rank, info.host, info.device), info.world_size)
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
                             calibration_tokens=self.samples.manifest.tokens, hessians=uses_hessians(self.cfg),
-                            layer_major=self.cfg.layerwise.enable)
+                            layer_major=self.cfg.layerwise.enable, trials=self.cfg.algorithm == "auto")
 
         def plan() -> list[StagePlan]:
             budgets = budget.budgets(facts, pipeline.memory_limit_gb, pipeline.reserve_gb)
@@ -306,10 +312,11 @@ class Run:
 
     def _calibrate_through_pipeline(self) -> Traffic:
         cfg, samples = self.cfg, self.samples
-        quant_cfg = modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache, cfg.algorithm,
-                                    algorithm_options(cfg))
+        configs = {a: modelopt_config(cfg.recipe, cfg.recipe_overrides, cfg.ignore, cfg.kv_cache, a,
+                                      algorithm_options(cfg, a)) for a in cfg.algorithms}
         if self.layer_major:
-            return self._calibrate_layer_by_layer(quant_cfg)
+            return self._calibrate_layer_by_layer(configs)
+        quant_cfg = configs[cfg.algorithm]
         valid = ValidTokens()
         traffic: list[Traffic] = []
 
@@ -320,13 +327,18 @@ class Run:
         self.state.save_quantizers(self.stage)
         return traffic[-1]
 
-    def _calibrate_layer_by_layer(self, quant_cfg: dict) -> Traffic:
-        """Capture this stage's inputs (or receive them), then solve its layers one at a time."""
-        algorithm = quant_cfg["algorithm"]
+    def _calibrate_layer_by_layer(self, configs: dict[str, dict]) -> Traffic:
+        """Capture this stage's inputs (or receive them), then solve its layers one at a time.
+        `configs`: modelopt's config per algorithm (several: `algorithm: auto`'s candidates)."""
+        algorithms = {name: quant_cfg["algorithm"] for name, quant_cfg in configs.items()}
         if not self.cfg.layerwise.enable:  # streaming alone: each layer's inputs as in one pass (BF16)
-            algorithm = {**algorithm, "layerwise": {"get_qdq_activations_from_prev_layer": False}}
+            algorithms = {name: {**a, "layerwise": {"get_qdq_activations_from_prev_layer": False}}
+                          for name, a in algorithms.items()}
+        quant_cfg = next(iter(configs.values()))  # every candidate calibrates the same quantizers
         # A streaming stage's layers are written as they are solved: an interrupted one starts over.
         solved = set() if self.streaming else set(self.state.partial.get("calibrate", {}).get("solved", []))
+        if not solved:
+            self._record_choices({})
         if solved:  # an interrupted run: its quantizers and solved layers, as they were
             self._restore_quantizers({})
             for index, layer in self.stage.layers():
@@ -343,6 +355,11 @@ class Run:
             self.state.save_quantizers(self.stage)
             self.state.record_partial("calibrate", {**self.state.partial.get("calibrate", {}), "solved": sorted(solved)})
 
+        def choose(index: int, layer: torch.nn.Module, inputs: layerwise.LayerInputs) -> str:
+            choice = chooser(index, layer, inputs)
+            self._record_choices({**self.choices, index: choice})
+            return choice.chosen
+
         def write_and_free(index: int, layer: torch.nn.Module) -> None:
             self.exporter.layer(index, layer)
             stream.unload(layer)
@@ -351,12 +368,17 @@ class Run:
         if stream:
             self.exporter = StageExporter(self.stage, self.owned(), self.source, self.fmt, self.writer())
         relay = layerwise.Relay(self.info, self._successor_waits) if self.boundary == "sequential" else None
+        chooser = None
+        if self.cfg.algorithm == "auto":
+            chooser = LayerChooser(self.stage, algorithms, held_out_count(len(inputs.hidden), self.cfg.auto.held_out))
         t0 = time.perf_counter()
         try:
             outputs = layerwise.Solver(
-                self.stage, algorithm, solved, write_and_free if stream else record,
+                self.stage, algorithms, solved, write_and_free if stream else record,
                 heartbeat=relay.heartbeat if relay else lambda index: None,
-                before=stream.load if stream else lambda index, layer: None).run(inputs)
+                before=stream.load if stream else lambda index, layer: None,
+                choose=choose if chooser else None,
+                chosen={i: c.chosen for i, c in self.choices.items() if i in solved}).run(inputs)
         finally:
             if stream:
                 stream.close()
@@ -366,6 +388,16 @@ class Run:
         if relay:
             traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden))
         return traffic
+
+    @property
+    def choices(self) -> dict[int, LayerChoice]:
+        """`algorithm: auto`: what each of this stage's solved layers got (kept in the work state)."""
+        saved = self.state.partial.get("calibrate", {}).get("choices", {})
+        return {int(index): LayerChoice.from_dict(c) for index, c in saved.items()}
+
+    def _record_choices(self, choices: dict[int, LayerChoice]) -> None:
+        self.state.record_partial("calibrate", {**self.state.partial.get("calibrate", {}),
+                                                "choices": {str(i): c.to_dict() for i, c in sorted(choices.items())}})
 
     def _layer_inputs(self) -> tuple[layerwise.LayerInputs, Traffic]:
         """This stage's first layer's inputs: from the work dir, the pipelined BF16 pass (parallel
@@ -458,7 +490,8 @@ class Run:
             rank=self.info.rank, host=self.info.host, device=str(self.info.device), layers=self.layers,
             kind=plan.budget.kind, phases=dict(self.timings), health=self.health, traffic=self.traffic,
             predicted=Memory(plan.need.host, plan.need.device), measured=budget.measured_peak(plan.budget.kind),
-            export=self.export_result, spans=tuple(self.spans))
+            export=self.export_result, spans=tuple(self.spans),
+            choices=tuple(choice for _, choice in sorted(self.choices.items())))
 
     def assemble(self) -> None:
         """Rank 0 gathers every rank's shards and report, assembles, verifies and renames into place."""

@@ -12,7 +12,7 @@ BASE = {"model": "/m", "output": "/o"}
 def test_config_keys_are_pinned():
     assert config_keys() == [
         "model", "output", "base_model", "format", "recipe", "recipe_overrides", "ignore", "algorithm",
-        "gptq.damping", "gptq.block_size", "kv_cache",
+        "gptq.damping", "gptq.block_size", "auto.candidates", "auto.held_out", "kv_cache",
         "calibration.dataset", "calibration.config", "calibration.split", "calibration.field",
         "calibration.samples", "calibration.min_length", "calibration.max_length", "calibration.too_long",
         "calibration.seed", "calibration.batch_size", "calibration.pack",
@@ -21,6 +21,15 @@ def test_config_keys_are_pinned():
         "pipeline.reserve_gb", "pipeline.timeout_s", "pipeline.stream",
         "gather.shared", "gather.transfer", "gather.work_dir", "gather.rsync_port",
     ]
+
+
+def test_auto_tries_every_algorithm_that_fits_unless_told():
+    layerwise = {"layerwise": {"enable": True}, "algorithm": "auto"}
+    assert config_from_dict({**BASE, **layerwise, "recipe": "w4a16_int4", "format": "modelopt"}).algorithms == [
+        "max", "gptq", "awq_lite"]
+    assert config_from_dict({**BASE, **layerwise}).algorithms == ["max", "gptq"]  # NVFP4, compressed-tensors
+    named = config_from_dict({**BASE, **layerwise, "auto": {"candidates": ["gptq", "max"]}, "gptq": {"damping": 0.1}})
+    assert named.algorithms == ["gptq", "max"] and named.gptq.damping == 0.1
 
 
 def test_defaults():
@@ -80,6 +89,18 @@ def test_per_rank_and_per_host_pipeline_keys():
     ({**BASE, "gptq": {"damping": 0.05}}, "config section 'gptq' applies to 'algorithm: gptq', not max"),
     ({**BASE, "algorithm": "gptq", "gptq": {"damping": 2}}, "config key 'gptq.damping' must be in (0, 1], got 2"),
     ({**BASE, "algorithm": "hqq"}, "config key 'algorithm' must be one of 'max', 'gptq', 'awq_lite', 'local_hessian'"),
+    ({**BASE, "algorithm": "auto"}, "algorithm auto chooses an algorithm per decoder layer, which needs "
+     "layer-by-layer calibration; set 'layerwise.enable: true'"),
+    ({**BASE, "algorithm": "auto", "recipe": "fp8", "layerwise": {"enable": True}},
+     "algorithm auto needs two candidates; for recipe fp8 in the compressed-tensors layout it has ['max']; choose "
+     "one algorithm instead"),
+    ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "recipe": "w4a16_int4",
+      "auto": {"candidates": ["max", "awq_lite"]}}, "auto.candidates: algorithm awq_lite keeps AWQ pre-quant scales"),
+    ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "auto": {"candidates": ["max", "mse"]}},
+     "config key 'auto.candidates' must be a list of one of 'max', 'gptq', 'awq_lite'"),
+    ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "auto": {"held_out": 1}},
+     "config key 'auto.held_out' must be between 0 and 1, got 1"),
+    ({**BASE, "auto": {"held_out": 0.5}}, "config section 'auto' applies to 'algorithm: auto', not max"),
     ({**BASE, "algorithm": "four_over_six", "recipe": "mxfp4"},
      "algorithm four_over_six fits the weights of recipes ['nvfp4', 'w4a16_nvfp4'], not recipe mxfp4"),
 ])

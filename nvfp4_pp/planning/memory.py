@@ -144,6 +144,8 @@ class Workload:
     layer_major: bool = False
     """Layers calibrated one at a time (layerwise.enable, or a streaming run): the stage holds the
     whole set's hidden states, and one layer's Hessians."""
+    trials: bool = False
+    """`algorithm: auto`: each candidate fits a copy of the layer, judged on held-out outputs."""
 
     @property
     def tokens(self) -> int:
@@ -188,10 +190,14 @@ def gptq_solve_bytes(s: ModelSizes) -> int:
 def algorithm_bytes(s: ModelSizes, w: Workload, layers: int) -> int:
     """What the calibration algorithm holds beside the weights: GPTQ's Hessians (every Linear of the
     stage at once when flat, one layer's when layer by layer) and the solve of one Linear; layer by
-    layer, also the whole set's hidden states twice (a layer's inputs and its outputs)."""
+    layer, also the whole set's hidden states twice (a layer's inputs and its outputs); under `auto`,
+    a candidate's copy of the largest layer and the held-out outputs it is judged on (both its own and
+    the BF16 layer's: at most the set's hidden states once more)."""
     gptq = (s.layer_hessian_bytes * (1 if w.layer_major else layers) + gptq_solve_bytes(s)) if w.hessians else 0
+    hidden_states = w.calibration_tokens * s.hidden * s.dtype_bytes
+    trials = max(s.layer_bytes, default=0) + hidden_states if w.trials else 0
     if w.layer_major:
-        return 2 * w.calibration_tokens * s.hidden * s.dtype_bytes + gptq
+        return 2 * hidden_states + gptq + trials
     return gptq
 
 
@@ -231,7 +237,7 @@ def stage_need(
     export = weights + quantizers + transient
     items = {"baseline": baseline, "weights": weights, "activations": activations,
              "export transient": transient, "export buffer": buffer, "quantizers": quantizers,
-             "runtime": RUNTIME_BYTES, "wire copies": wire, "layer inputs and Hessians": algorithm}
+             "runtime": RUNTIME_BYTES, "wire copies": wire, "layer inputs, Hessians, auto trials": algorithm}
     if kind == "cpu":
         host = baseline + RUNTIME_BYTES + wire + max(calibrate, export + buffer)
         return Need(device=host, host=host, items=items)
