@@ -51,6 +51,9 @@ RUNS = {
     "nvfp4-four_over_six": ("nvfp4", "four_over_six", None, True),
     "w4a16_nvfp4-max": ("w4a16_nvfp4", "max", None, False),
     "w4a16_nvfp4-gptq-layerwise": ("w4a16_nvfp4", "gptq", "sequential", True),
+    "int4-auto": ("w4a16_int4", "auto", "sequential", False),
+    "nvfp4-auto": ("nvfp4", "auto", "sequential", False),
+    "w4a16_nvfp4-auto": ("w4a16_nvfp4", "auto", "sequential", False),
 }
 
 
