@@ -76,5 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         teardown()
 
 
+def exit_now(code: int) -> None:
+    """End the rank without the interpreter's finalization: 2-3 s per run of tearing down torch,
+    transformers and modelopt, every rank at the end of every run (measured on the 3-rank demo: the
+    launcher returned 3.4 s after the ranks' last line). Everything the run writes is closed by
+    then; only the standard streams are still buffered."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -246,7 +246,11 @@ class Run:
         """
         dist.set_phase("planning")
         info, pipeline = self.info, self.cfg.pipeline
-        facts = dist.all_gather_objects(budget.measure(info.rank, info.host, info.device), info.world_size)
+        t0 = time.perf_counter()
+        facts = budget.measure(info.rank, info.host, info.device)
+        # measured after modelopt's import (its memory is baseline): most of this phase's seconds
+        logger.info("planning: libraries imported and memory measured in %.1f s", time.perf_counter() - t0)
+        facts = dist.all_gather_objects(facts, info.world_size)
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
                             calibration_tokens=self.samples.manifest.tokens, hessians=uses_hessians(self.cfg),
                             layer_major=self.cfg.layerwise.enable, trials=self.cfg.algorithm == "auto")
