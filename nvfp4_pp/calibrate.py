@@ -107,13 +107,16 @@ CUDA_ONLY = {("max", "nvfp4_awq"): "NVFP4 AWQ-lite",
 whose CPU path stops with "amax must be a CUDA tensor" or "requires triton"."""
 
 
-def check_algorithm_device(algorithm: str, recipe: str, rank: int, host: str, device: torch.device) -> None:
-    """A rank whose device cannot run the run's algorithm is refused before any weight loads."""
+def check_algorithm_device(algorithm: str, recipe: str, rank: int, host: str, device: torch.device,
+                           auto: bool = False) -> None:
+    """A rank whose device cannot run the run's algorithm (or one of auto's candidates) is refused
+    before any weight loads."""
     what = CUDA_ONLY.get((algorithm, recipe))
     if what and device.type != "cuda":
+        other = f"'auto.candidates' without {algorithm}" if auto else "'algorithm: max'"
         raise ConfigError(f"rank {rank} on host {host} calibrates on {device.type}, but algorithm {algorithm} with "
                           f"recipe {recipe} ({what}) runs on CUDA only in modelopt 0.47; give every rank a CUDA "
-                          "device (pipeline.device) or choose recipe w4a16_int4 or 'algorithm: max'")
+                          f"device (pipeline.device) or choose recipe w4a16_int4 or {other}")
 
 
 def algorithm_options(cfg, algorithm: str) -> dict:

@@ -148,13 +148,13 @@ def _algorithm_text(record: dict) -> str:
     cfg = record["config"]
     algorithm = cfg.get("algorithm", "max")
     if algorithm == "auto":
-        auto = cfg.get("auto") or {}
         got: dict[str, list[int]] = {}
-        for c in (c for rank in record["ranks"] for c in rank.get("choices", [])):
+        choices = [c for rank in record["ranks"] for c in rank.get("choices", [])]
+        for c in choices:
             got.setdefault(c["chosen"], []).append(c["layer"])
         text = (f"per decoder layer, whichever of {', '.join(f'`{n}`' for n in record['algorithms'])} "
-                f"made the layer's output err least on held-out calibration tokens (the last "
-                f"{auto.get('held_out', 0.25):.0%} of the micro-batches; the winner then fitted on all of them): "
+                f"made the layer's output err least on held-out calibration tokens (fitted on {_split_text(choices)}; "
+                "the winner then fitted on all of them): "
                 + "; ".join(f"`{name}` for layer{'s' if len(layers) > 1 else ''} {_ranges(layers)}"
                            for name, layers in sorted(got.items())))
     else:
@@ -164,6 +164,13 @@ def _algorithm_text(record: dict) -> str:
         text += (f"; layer by layer, each layer on its predecessors' quantized outputs (stage boundary: "
                  f"{layerwise.get('boundary', 'parallel')})")
     return text + "."
+
+
+def _split_text(choices: list[dict]) -> str:
+    """"the first 24 micro-batches, judged on the last 8" (the same on every stage: one calibration set)."""
+    if not choices:
+        return "no layer"
+    return f"the first {choices[0]['fitted_on']} micro-batches, judged on the last {choices[0]['judged_on']}"
 
 
 def _ranges(numbers: list[int]) -> str:

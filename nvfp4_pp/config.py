@@ -241,12 +241,12 @@ class AutoConfig:
     least on the held-out ones is then fitted on all of them. (The NVFP4 scale searches set another
     weight quantizer than the recipe's and are not mixed per layer.)"""
     held_out: float = 0.25
-    """Share of the calibration micro-batches (the last ones; at least one, and one left to fit on) on
-    which each candidate's layer output is compared with the BF16 layer's."""
+    """Share of the calibration micro-batches (the last ones; at least one, and one left to fit on; at
+    most half) on which each candidate's layer output is compared with the BF16 layer's."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.held_out < 1:
-            raise ConfigError(f"config key 'auto.held_out' must be between 0 and 1, got {self.held_out}")
+        if not 0 < self.held_out <= 0.5:
+            raise ConfigError(f"config key 'auto.held_out' must be above 0 and at most 0.5, got {self.held_out}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"config key 'auto.candidates' names an algorithm twice: {self.candidates}")
 
@@ -326,8 +326,9 @@ class RunConfig:
         """An algorithm other than max fits one recipe's weights, listed in ALGORITHM_RECIPES; `auto`
         chooses per layer among candidates that each fit."""
         if self.gptq != GptqConfig() and "gptq" not in self.algorithms:
-            raise ConfigError(f"config section 'gptq' applies to 'algorithm: gptq', not {self.algorithm}; set the "
-                              "algorithm or remove the section")
+            fix = "add gptq to auto.candidates" if self.algorithm == "auto" else "set the algorithm"
+            raise ConfigError(f"config section 'gptq' applies to 'algorithm: gptq', not {self.algorithm}; {fix} "
+                              "or remove the section")
         if self.auto != AutoConfig() and self.algorithm != "auto":
             raise ConfigError(f"config section 'auto' applies to 'algorithm: auto', not {self.algorithm}; set the "
                               "algorithm or remove the section")
@@ -343,8 +344,10 @@ class RunConfig:
                 raise ConfigError(f"auto.candidates: {problem}")
         if len(self.algorithms) < 2:
             fix = "name two in 'auto.candidates'" if self.auto.candidates else "choose one algorithm instead"
+            why = "" if self.auto.candidates else " (" + "; ".join(
+                f"{a}: {self._misfit(a)}" for a in AUTO_CANDIDATES if a not in self.algorithms) + ")"
             raise ConfigError(f"algorithm auto needs two candidates; for recipe {self.recipe} in the {self.format} "
-                              f"layout it has {self.algorithms}; {fix}")
+                              f"layout it has {self.algorithms}{why}; {fix}")
 
     def _misfit(self, algorithm: str) -> str | None:
         """Why `algorithm` cannot calibrate this run's recipe and format, or None when it can."""

@@ -16,15 +16,21 @@ than it will be, most for GPTQ, whose Hessian needs many tokens per input channe
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
 from torch import nn
 
+from .errors import NvFp4PpError
 from .layerwise import LayerAlgorithm, LayerInputs, quantizers_off
 from .log import logger
 from .records import LayerChoice
 from .stage import Stage
+
+
+class NonFiniteLayer(NvFp4PpError):
+    """No candidate quantized a layer to finite outputs: a source problem, not one a rerun fixes."""
 
 
 def held_out_count(micro_batches: int, share: float) -> int:
@@ -46,19 +52,28 @@ class LayerChooser:
         judged = list(zip(inputs.hidden[cut:], inputs.contexts[cut:]))
         with torch.no_grad(), quantizers_off(layer):
             reference = [self.stage.run_layer(index, layer, h, c) for h, c in judged]
-        errors: dict[str, float] = {}
+        errors: dict[str, float | None] = {}
         started = time.perf_counter()
         for name, algorithm in self.candidates.items():
             trial = copy.deepcopy(layer)  # quantizers as inserted: each candidate starts from the same layer
             algorithm.calibrate(trial, lambda module: fit.replay(index, module))
             with torch.no_grad():
                 outputs = [self.stage.run_layer(index, trial, h, c) for h, c in judged]
-            errors[name] = relative_error(outputs, reference)
+            error = relative_error(outputs, reference)
+            errors[name] = error if math.isfinite(error) else None  # JSON has no NaN; never chosen
+            # modelopt's shared quantizer states hold their parent module: a cycle that would keep the
+            # copy's tensors until a garbage collection; drop them now
+            trial.to_empty(device="meta")
             del trial, outputs
-        chosen = min(errors, key=errors.__getitem__)
+        finite = {n: e for n, e in errors.items() if e is not None}
+        if not finite:
+            raise NonFiniteLayer(f"layer {index}: every auto candidate ({', '.join(errors)}) gave NaN or inf outputs "
+                                 "on held-out tokens; check the source's weights for NaN or inf (or use one algorithm)")
+        chosen = min(finite, key=finite.__getitem__)
         logger.info("layer %d: auto chose %s (held-out output error %s; %d candidates in %.2f s)", index, chosen,
-                    ", ".join(f"{n} {e:.3g}" for n, e in errors.items()), len(errors), time.perf_counter() - started)
-        return LayerChoice(layer=index, chosen=chosen, errors=errors)
+                    ", ".join(f"{n} {e:.3g}" if e is not None else f"{n} non-finite" for n, e in errors.items()),
+                    len(errors), time.perf_counter() - started)
+        return LayerChoice(layer=index, chosen=chosen, errors=errors, fitted_on=cut, judged_on=self.held_out)
 
 
 def relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

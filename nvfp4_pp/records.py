@@ -138,7 +138,12 @@ class LayerChoice:
 
     layer: int
     chosen: str
-    errors: dict[str, float]
+    errors: dict[str, float | None]
+    """None where a candidate's output was not finite (never chosen)."""
+    fitted_on: int
+    """Micro-batches each candidate was fitted on (the first ones); the winner then on all."""
+    judged_on: int
+    """Micro-batches held out to judge them (the last ones)."""
 
     def to_dict(self) -> dict:
         return _plain(self)

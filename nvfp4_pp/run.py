@@ -8,6 +8,7 @@ SIGTERM, the launcher's death) into one line per rank saying what a rerun resume
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -79,12 +80,17 @@ def main(argv: list[str] | None = None) -> int:
 def exit_now(code: int) -> None:
     """End the rank without the interpreter's finalization: 2-3 s per run of tearing down torch,
     transformers and modelopt, every rank at the end of every run (measured on the 3-rank demo: the
-    launcher returned 3.4 s after the ranks' last line). Everything the run writes is closed by
-    then; only the standard streams are still buffered."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    launcher returned 3.4 s after the ranks' last line). Only after a run that finished: everything it
+    wrote is closed then, and only the standard streams are still buffered. A failed run exits as
+    usual, letting any writer thread still busy finish."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a launcher gone with its pipe: nothing left to tell
+            stream.flush()
     os._exit(code)
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    code = main()
+    if code == 0:
+        exit_now(code)
+    sys.exit(code)

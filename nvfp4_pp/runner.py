@@ -163,7 +163,8 @@ class Run:
         def check() -> tuple[CheckpointFormat, SourceCheckpoint, Architecture]:
             info = self.info
             for algorithm in self.cfg.algorithms:
-                check_algorithm_device(algorithm, self.cfg.recipe, info.rank, info.host, info.device)
+                check_algorithm_device(algorithm, self.cfg.recipe, info.rank, info.host, info.device,
+                                       auto=self.cfg.algorithm == "auto")
             source = SourceCheckpoint(self.cfg.model)
             arch = architecture_of(source.config, source.weight_map)
             if "num_hidden_layers" not in source.text_config:
@@ -340,7 +341,7 @@ class Run:
                           for name, a in algorithms.items()}
         quant_cfg = next(iter(configs.values()))  # every candidate calibrates the same quantizers
         # A streaming stage's layers are written as they are solved: an interrupted one starts over.
-        solved = set() if self.streaming else set(self.state.partial.get("calibrate", {}).get("solved", []))
+        solved = set() if self.streaming else self.state.solved_layers()
         if not solved:
             self._record_choices({})
         if solved:  # an interrupted run: its quantizers and solved layers, as they were
@@ -356,8 +357,7 @@ class Run:
         def record(index: int, layer: torch.nn.Module) -> None:
             solved.add(index)
             self.state.save_layer(index, layer)
-            self.state.save_quantizers(self.stage)
-            self.state.record_partial("calibrate", {**self.state.partial.get("calibrate", {}), "solved": sorted(solved)})
+            self.state.save_quantizers(self.stage, sorted(solved))
 
         def choose(index: int, layer: torch.nn.Module, inputs: layerwise.LayerInputs) -> str:
             choice = chooser(index, layer, inputs)

@@ -149,18 +149,28 @@ class WorkState:
         return all(file_intact(self.directory / s.file, s.sha256) for s in export.shards)
 
     # calibrated quantizers --------------------------------------------------------------
-    def save_quantizers(self, stage: torch.nn.Module) -> None:
-        """modelopt's mode state plus every quantizer buffer (amaxes): a few MB, no weights."""
+    def save_quantizers(self, stage: torch.nn.Module, solved: list[int] = ()) -> None:
+        """modelopt's mode state plus every quantizer buffer (amaxes): a few MB, no weights. Layer by
+        layer, with the layers `solved` so far, in the same file: a rank killed after the write resumes
+        at the next layer, one killed before it re-solves the layer from quantizers it never touched."""
         import modelopt.torch.opt as mto
 
         state = {
             "modelopt_state": mto.modelopt_state(stage),
             "quantizers": {k: v.cpu() for k, v in stage.state_dict().items() if "_quantizer." in k},
+            "solved": list(solved),
         }
         tmp = self.directory / f".{QUANTIZER_FILE}.tmp"
         with write_errors_named(self.directory / QUANTIZER_FILE, 0):
             torch.save(state, tmp)
             os.replace(tmp, self.directory / QUANTIZER_FILE)
+
+    def solved_layers(self) -> set[int]:
+        """The layers solved by an interrupted layer-by-layer calibration (none without saved quantizers)."""
+        path = self.directory / QUANTIZER_FILE
+        if not path.is_file():
+            return set()
+        return set(torch.load(path, weights_only=False).get("solved", []))
 
     def restore_quantizers(self, stage: torch.nn.Module) -> None:
         """Re-insert the quantizers and load the saved amaxes: the stage is as calibration left it."""

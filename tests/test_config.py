@@ -92,14 +92,19 @@ def test_per_rank_and_per_host_pipeline_keys():
     ({**BASE, "algorithm": "auto"}, "algorithm auto chooses an algorithm per decoder layer, which needs "
      "layer-by-layer calibration; set 'layerwise.enable: true'"),
     ({**BASE, "algorithm": "auto", "recipe": "fp8", "layerwise": {"enable": True}},
-     "algorithm auto needs two candidates; for recipe fp8 in the compressed-tensors layout it has ['max']; choose "
-     "one algorithm instead"),
+     "algorithm auto needs two candidates; for recipe fp8 in the compressed-tensors layout it has ['max'] (gptq: "
+     "algorithm gptq fits the weights of recipes"),
+    ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "auto": {"candidates": ["max"]}},
+     "algorithm auto needs two candidates; for recipe nvfp4 in the compressed-tensors layout it has ['max']; name "
+     "two in 'auto.candidates'"),
+    ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "gptq": {"damping": 0.1},
+      "auto": {"candidates": ["max", "gptq"]}, "recipe": "mxfp4"}, "auto.candidates: algorithm gptq fits"),
     ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "recipe": "w4a16_int4",
       "auto": {"candidates": ["max", "awq_lite"]}}, "auto.candidates: algorithm awq_lite keeps AWQ pre-quant scales"),
     ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "auto": {"candidates": ["max", "mse"]}},
      "config key 'auto.candidates' must be a list of one of 'max', 'gptq', 'awq_lite'"),
     ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "auto": {"held_out": 1}},
-     "config key 'auto.held_out' must be between 0 and 1, got 1"),
+     "config key 'auto.held_out' must be above 0 and at most 0.5, got 1"),
     ({**BASE, "auto": {"held_out": 0.5}}, "config section 'auto' applies to 'algorithm: auto', not max"),
     ({**BASE, "algorithm": "four_over_six", "recipe": "mxfp4"},
      "algorithm four_over_six fits the weights of recipes ['nvfp4', 'w4a16_nvfp4'], not recipe mxfp4"),
