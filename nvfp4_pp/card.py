@@ -135,11 +135,16 @@ SCHEME_TAGS = {"int4_awq": "int4"}
 block-quantized Linear `int4_awq`, AWQ or not (the algorithm gets its own tag)."""
 
 
+def _layer_choices(record: dict) -> list[dict]:
+    """`algorithm: auto`: every rank's per-layer choices, in layer order (none for other algorithms)."""
+    return [c for rank in record["ranks"] for c in rank.get("choices", [])]
+
+
 def _fitted_by(record: dict) -> list[str]:
     """The algorithms the written weights were fitted by: the run's, or those auto chose for some layer."""
     if record["config"].get("algorithm", "max") != "auto":
         return [record["config"].get("algorithm", "max")]
-    return sorted({c["chosen"] for rank in record["ranks"] for c in rank.get("choices", [])})
+    return sorted({c["chosen"] for c in _layer_choices(record)})
 
 
 def _algorithm_text(record: dict) -> str:
@@ -149,7 +154,7 @@ def _algorithm_text(record: dict) -> str:
     algorithm = cfg.get("algorithm", "max")
     if algorithm == "auto":
         got: dict[str, list[int]] = {}
-        choices = [c for rank in record["ranks"] for c in rank.get("choices", [])]
+        choices = _layer_choices(record)
         for c in choices:
             got.setdefault(c["chosen"], []).append(c["layer"])
         text = (f"per decoder layer, whichever of {', '.join(f'`{n}`' for n in record['algorithms'])} "
