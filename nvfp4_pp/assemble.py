@@ -16,7 +16,7 @@ from .errors import NvFp4PpError
 from .files import write_errors_named, write_json
 from .formats import CheckpointFormat, Layers
 from .fp8_source import CONFIG_FILES
-from .output_guard import check_output
+from .output_guard import check_output, remove_own_files
 from .records import ExportResult
 from .source import SourceCheckpoint
 
@@ -68,14 +68,15 @@ def assemble(
     source: SourceCheckpoint,
     fmt: CheckpointFormat,
     overwrite: bool,
-    finalize: Callable[[Path], None] | None = None,
+    finalize: Callable[[Path, dict[str, str]], None] | None = None,
 ) -> Path:
     """Link every rank's shards into a temp dir with final names, add metadata, rename to `output`.
 
     `shard_dirs` maps each rank to the directory on this host holding its shards (see gather.py).
     The work directory keeps its files until the output is in place, so a cut-off assembly resumes.
-    `finalize(tmp)` runs on the complete temp dir just before the rename (verification, model card);
-    if it raises, `output` is left untouched.
+    `finalize(tmp, checksums)` runs on the complete temp dir just before the rename (verification, model
+    card, the record with every file's sha256: the shards' are in `checksums`); if it raises, `output` is
+    left untouched.
     """
     output = Path(output)
     for pattern in (f".{output.name}.tmp-*", f".{output.name}.old-*"):
@@ -87,6 +88,7 @@ def assemble(
         with write_errors_named(tmp, 0):
             shards = [(rank, s) for rank, e in enumerate(exports) for s in e.shards]
             weight_map: dict[str, str] = {}
+            checksums: dict[str, str] = {}
             total = 0
             for i, (rank, shard) in enumerate(shards, 1):
                 src = Path(shard_dirs[rank]) / shard.file
@@ -97,6 +99,7 @@ def assemble(
                     )
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 link_or_copy(src, tmp / name)  # the work dir keeps its copy until the output is in place
+                checksums[name] = shard.sha256
                 for tensor in shard.tensors:
                     if tensor in weight_map:
                         raise AssembleError(f"tensor {tensor!r} was written twice ({weight_map[tensor]}, {name})")
@@ -112,7 +115,7 @@ def assemble(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             write_json(tmp / "model.safetensors.index.json", index)
             if finalize is not None:
-                finalize(tmp)
+                finalize(tmp, checksums)
         check_output(output, overwrite)  # again: something may have appeared there during the run
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-assembled directory behind
@@ -133,4 +136,4 @@ def put_in_place(tmp: Path, output: Path) -> None:
     if old is not None and old.is_symlink():
         old.unlink()  # a link to a checkpoint: the link is replaced, its target stays
     elif old is not None:
-        shutil.rmtree(old)
+        remove_own_files(old)

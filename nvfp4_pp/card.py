@@ -11,13 +11,15 @@ from pathlib import Path
 from . import __version__
 from .charts import render_charts
 from .config import RunConfig, config_to_dict
-from .files import write_json
+from .files import sha256_of, write_json
 from .records import CalibrationManifest, RankReport
 from .serving import checkpoint_facts, serve_command, serving_lines
 from .source import SourceCheckpoint
 from .source_card import read_source_card
 
 RECORD = "nvfp4_pp.json"
+"""The run record. Its `files` maps every file the run wrote beside it to its sha256 (the card's is null:
+`evaluate --update-card` edits it): what makes a directory nvfp4_pp's own, and what `verify` re-checks."""
 CARD = "README.md"
 CALIBRATION_MANIFEST = "calibration.json"
 """The calibration set's manifest, written into rank 0's work directory when the run starts."""
@@ -273,13 +275,16 @@ def evaluate_command(record: dict) -> str:
             "--update-card")
 
 
-def write_record_and_card(directory: Path, record: dict, output_name: str) -> dict:
+def write_record_and_card(directory: Path, record: dict, output_name: str, checksums: dict[str, str]) -> dict:
     """Complete the record with what the (temporary) output directory holds and the pictures drawn from
-    it, then write nvfp4_pp.json and the README.md card rendered from it; returns the record."""
+    it, write the README.md card rendered from it, then nvfp4_pp.json with every file written beside it
+    and its sha256 (`checksums`: the shards', known from their writing); returns the record."""
     record = {**record, "checkpoint": checkpoint_facts(directory)}
     record["charts"] = render_charts(directory, record)
-    write_json(directory / RECORD, record)
     (directory / CARD).write_text(render_card(record, output_name))
+    record["files"] = {f.name: None if f.name == CARD else checksums.get(f.name) or sha256_of(f)
+                       for f in sorted(directory.iterdir()) if f.name != RECORD}
+    write_json(directory / RECORD, record)
     return record
 
 

@@ -70,6 +70,33 @@ class PeerLost(Fault):
         self.peer = peer
 
 
+_FAILED_KEY = "nvfp4_pp/failed/{rank}"
+
+
+def announce_failure(rank: int, line: str) -> None:
+    """Leave this rank's error line in the rendezvous store before it exits: the ranks that then lose
+    it name its error instead of blaming the network (best effort: the store may be gone)."""
+    with contextlib.suppress(Exception):
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d._get_default_store().set(_FAILED_KEY.format(rank=rank), line)
+
+
+def failure_of(peer: int | None, world_size: int) -> tuple[int, str] | None:
+    """(rank, error line) a lost peer left before it exited (any rank's, when the peer is unknown)."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        for rank in [peer] if peer is not None else range(world_size):
+            key = _FAILED_KEY.format(rank=rank)
+            if store.check([key]):
+                return rank, store.get(key).decode()
+    except Exception:  # the store went with the launcher
+        pass
+    return None
+
+
 @contextlib.contextmanager
 def talking_to(peer: int | None):
     """Turn any torch.distributed failure inside the block into PeerLost(peer)."""

@@ -27,3 +27,15 @@ class Interrupted(Fault):
     def __init__(self, signal_name: str, phase: str, why: str = ""):
         super().__init__(f"interrupted by {signal_name}{why} during {phase}")
         self.signal_name = signal_name
+
+
+EXIT_FAULT, EXIT_BAD_INPUT = 1, 2
+"""Exit statuses of a failed run: rerun the same command (it resumes), or fix the input first."""
+
+
+def exit_status(error: NvFp4PpError) -> int:
+    return EXIT_FAULT if error.resumable else EXIT_BAD_INPUT
+
+
+LAUNCHED = "NVFP4_PP_LAUNCHER"
+"""Set to "1" by `python -m nvfp4_pp.launch` for its ranks: it prints their error lines itself, last."""

@@ -288,3 +288,18 @@ def teardown() -> None:
         if handler is state.file:
             handler.close()
     logger.handlers[:] = []
+
+
+def keep_traceback(rank: int) -> Path:
+    """The exception being handled, with its traceback, where it outlives the run: this rank's log file
+    once it has one (a failed run keeps its work directory), else a file in the temp directory."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    if _state is not None and _state.file is not None:
+        _state.file.handle(logging.LogRecord("nvfp4_pp", logging.ERROR, "", 0, text.rstrip(), None, None))
+        return Path(_state.file.baseFilename)
+    path = Path(tempfile.gettempdir()) / f"nvfp4_pp-rank{rank}-pid{os.getpid()}-traceback.txt"
+    path.write_text(text)
+    return path

@@ -1,19 +1,23 @@
 """What a run may write to: never the model, and an existing output only if nvfp4_pp wrote it.
 
 The model, the output and the work directory must lie apart (none inside another), whatever the
-flags. An existing output is replaced only when it is empty or is an nvfp4_pp checkpoint (it holds
-the run record), and then only with --overwrite; any other directory is refused, so a mistyped
-`output` can never delete a model or a user's files. Checked before any weight is loaded and
-again just before the finished checkpoint is renamed into place.
+flags. An existing output is replaced only when it is empty or is an nvfp4_pp checkpoint, and then
+only with --overwrite. A checkpoint is nvfp4_pp's only if its run record names nvfp4_pp as producer
+and lists every file in the directory (a record file alone proves nothing: anyone can write one);
+any other directory is refused naming the first foreign file, so a mistyped `output` can never
+delete a model or a user's files. Checked before any weight is loaded and again just before the
+finished checkpoint is renamed into place, and a replaced checkpoint loses exactly its own files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from .card import RECORD
 from .errors import NvFp4PpError
+from .log import logger
 
 
 class OutputError(NvFp4PpError):
@@ -43,6 +47,37 @@ def check_paths(model: str | Path, output: str | Path, work_dir: str | Path) -> 
                           "outside the output")
 
 
+def own_files(directory: Path) -> list[str] | None:
+    """The files of `directory` that its run record says nvfp4_pp wrote (the record included), or None
+    when the record is missing, unreadable, not nvfp4_pp's, or has no file list (before 0.2)."""
+    try:
+        record = json.loads((directory / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return None
+    if not isinstance(record.get("producer"), dict) or record["producer"].get("name") != "nvfp4_pp":
+        return None
+    return [RECORD, *record["files"]]
+
+
+def _foreign(directory: Path) -> str:
+    """Why a non-empty `directory` is not nvfp4_pp's to replace, naming its first foreign file (empty: it is)."""
+    entries = sorted(os.listdir(directory))
+    own = own_files(directory)
+    if own is None:
+        others = [e for e in entries if e != RECORD] or entries
+        record = (f"an {RECORD} that nvfp4_pp did not write (no producer or file list)" if RECORD in entries
+                  else f"no {RECORD}")
+        more = f" and {len(others) - 1} more entries" if len(others) > 1 else ""
+        return f"it holds {others[0]}{more}, and {record}"
+    foreign = sorted(set(entries) - set(own))
+    if foreign:
+        more = f" and {len(foreign) - 1} more entries" if len(foreign) > 1 else ""
+        return f"it holds {foreign[0]}{more}, which nvfp4_pp did not write"
+    return ""
+
+
 def check_output(output: str | Path, overwrite: bool) -> None:
     """An existing output may be replaced (empty, or nvfp4_pp's with --overwrite), and its filesystem is writable."""
     output = Path(output)
@@ -50,10 +85,11 @@ def check_output(output: str | Path, overwrite: bool) -> None:
         if not output.is_dir():
             raise OutputError(f"output {output} exists and is not a directory; choose another 'output'")
         if any(output.iterdir()):
-            if not (output / RECORD).is_file():
-                raise OutputError(f"output {output} is a non-empty directory that nvfp4_pp did not write (it has no "
-                                  f"{RECORD}); nvfp4_pp replaces only its own checkpoints or an empty directory: "
-                                  "choose another 'output'")
+            why = _foreign(output)
+            if why:
+                raise OutputError(f"output {output} is a non-empty directory that nvfp4_pp did not write: {why}; "
+                                  "nvfp4_pp replaces only its own checkpoints or an empty directory: choose another "
+                                  "'output' (or move those files away)")
             if not overwrite:
                 raise OutputError(f"output {output} already holds an nvfp4_pp checkpoint; pass --overwrite to "
                                   "replace it or choose another 'output'")
@@ -62,5 +98,19 @@ def check_output(output: str | Path, overwrite: bool) -> None:
         raise OutputError(f"output {output} is on a read-only filesystem ({existing}); choose an 'output' on a "
                           "writable one")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write output {output}: no write permission in {existing}; choose another "
-                          "'output'")
+        raise OutputError(f"cannot write output {output}: no write permission in {existing}; choose an 'output' "
+                          "in a directory you can write")
+
+
+def remove_own_files(directory: Path) -> None:
+    """Delete a replaced checkpoint: exactly the files its record lists, then the directory if that left it
+    empty (anything that appeared in it since the last check stays, and so does the directory)."""
+    for name in own_files(directory) or []:
+        path = directory / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    try:
+        directory.rmdir()
+    except OSError:
+        logger.warning("the replaced checkpoint's directory %s still holds files nvfp4_pp did not write; left "
+                       "in place", directory)

@@ -7,32 +7,16 @@ SIGTERM, the launcher's death) into one line per rank saying what a rerun resume
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 
-from . import __version__, dist, stopping
+from . import dist, stopping
+from .command_line import parse_args
 from .config import load_config
-from .errors import Interrupted, NvFp4PpError
-from .log import report_error, setup, teardown
+from .errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED, Interrupted, NvFp4PpError, exit_status
+from .log import keep_traceback, report_error, setup, teardown
 from .runner import Options, Run
-from .work_state import PHASES
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nvfp4_pp.run", description=__doc__.splitlines()[0])
-    p.add_argument("config", help="YAML run configuration")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set calibration.samples=64 (repeatable)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output that nvfp4_pp wrote (never any other directory)")
-    p.add_argument("--fresh", action="store_true", help="discard saved progress in the work directory")
-    p.add_argument("--stop-after", choices=PHASES, help="stop once this phase is recorded (resume later)")
-    p.add_argument("--plan", action="store_true",
-                   help="measure every rank's memory, print the stage plan and exit without loading weights")
-    p.add_argument("--version", action="version", version=f"nvfp4_pp {__version__}")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,12 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     except NvFp4PpError as e:
         if rank == 0:  # every rank reads the same file: say it once
             print(f"nvfp4_pp: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     stopping.install()
     stopping.follow_launcher(cfg.pipeline.timeout_s, rank)
     options = Options(overwrite=args.overwrite, fresh=args.fresh, stop_after=args.stop_after, plan_only=args.plan)
     run = None
-    error, shown = None, True  # printed after the process group is gone, so it is this rank's last line
+    interrupted = False
+    error, shown, code = None, True, EXIT_FAULT  # printed after the process group is gone: this rank's last line
     try:
         info = dist.init(cfg.pipeline.backend, cfg.pipeline.device, cfg.pipeline.timeout_s)
         setup(info.rank, info.world_size)
@@ -58,23 +43,37 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         stopping.leaving()
         where = run.resume_point() if run is not None else "the beginning (no phase was finished)"
+        interrupted = True
         error = f"nvfp4_pp: error (rank {rank}): {e}; rerun the same command to resume from {where}"
-        return 1
+    except dist.PeerLost as e:
+        stopping.leaving()
+        error = f"nvfp4_pp: error (rank {rank}): {e}"
+        failed = dist.failure_of(e.peer, int(os.environ.get("WORLD_SIZE", 1)))
+        if failed is not None:  # it said why before it went: its line is the one to read
+            error, shown = f"nvfp4_pp: error (rank {rank}): stopped because rank {failed[0]} failed", False
     except dist.Agreed as e:
         stopping.leaving()
         error, shown = f"nvfp4_pp: error: {e}", rank == 0  # every rank knows it; rank 0 says it
-        return 1
+        code = exit_status(e)
     except NvFp4PpError as e:
         stopping.leaving()
-        error = f"nvfp4_pp: error (rank {rank}): {e}"
-        return 1
+        error, code = f"nvfp4_pp: error (rank {rank}): {e}", exit_status(e)
+        dist.announce_failure(rank, error)
+    except Exception as e:  # a bug, or input nothing checks yet: its line names it, the log keeps the traceback
+        stopping.leaving()
+        where = keep_traceback(rank)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        error = (f"nvfp4_pp: error (rank {rank}): unexpected {type(e).__name__}"
+                 f"{': ' + first[:300] if first else ''}; the traceback is in {where} (please report it)")
+        dist.announce_failure(rank, error)
     finally:
         stopping.leaving()
         dist.shutdown()
         stopping.restore()
-        if error:
-            report_error(error, shown)
+        if error:  # under nvfp4_pp.launch, the launcher prints the lines that explain a failure, last
+            report_error(error, shown and (interrupted or os.environ.get(LAUNCHED) != "1"))
         teardown()
+    return code
 
 
 def exit_now(code: int) -> None:

@@ -508,12 +508,12 @@ class Run:
             t0 = time.perf_counter()
             output = Path(self.cfg.output)
 
-            def seal(tmp: Path) -> None:
+            def seal(tmp: Path, checksums: dict[str, str]) -> None:
                 problems = verify(tmp, self.source.path)
                 record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
                                     time.perf_counter() - self.started, time.perf_counter() - t0, problems,
                                     wire_name(self.info))
-                self.record = write_record_and_card(tmp, record, output.name)
+                self.record = write_record_and_card(tmp, record, output.name, checksums)
                 if problems:
                     shown = "\n  ".join(problems[:20]) + (
                         f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")

@@ -140,17 +140,27 @@ def test_work_dir_overlapping_the_model_is_refused(tmp_path, capsys, model_in_di
 
 
 @pytest.mark.parametrize("flags", [(), ("--overwrite",)])
-def test_foreign_directory_is_never_replaced(tmp_path, capsys, tiny, flags):
+@pytest.mark.parametrize("record, why", [
+    (None, "it holds thesis.tex, and no nvfp4_pp.json"),
+    ("{}", "it holds thesis.tex, and an nvfp4_pp.json that nvfp4_pp did not write (no producer or file list)"),
+    ('{"producer": {"name": "nvfp4_pp"}, "files": {"README.md": null}}',
+     "it holds thesis.tex, which nvfp4_pp did not write"),
+])
+def test_foreign_directory_is_never_replaced(tmp_path, capsys, tiny, flags, record, why):
+    """A record file alone (`{}`, or one of nvfp4_pp's that does not list every file) makes no directory
+    nvfp4_pp's: --overwrite refuses it, naming the first foreign file."""
     output = tmp_path / "mine"
     output.mkdir()
     (output / "thesis.tex").write_text("years of work\n")
+    if record is not None:
+        (output / "nvfp4_pp.json").write_text(record)
     cfg = config(tmp_path, tiny, output)
     before = checksums(tmp_path, tiny)
     code, _, err = run(capsys, cfg, *flags)
-    assert code == 1
-    assert one_error(err) == (f"nvfp4_pp: error: output {output} is a non-empty directory that nvfp4_pp did not write "
-                              "(it has no nvfp4_pp.json); nvfp4_pp replaces only its own checkpoints or an empty "
-                              "directory: choose another 'output'")  # no advice to pass --overwrite
+    assert code == 2
+    assert one_error(err) == (f"nvfp4_pp: error: output {output} is a non-empty directory that nvfp4_pp did not write: "
+                              f"{why}; nvfp4_pp replaces only its own checkpoints or an empty directory: choose "
+                              "another 'output' (or move those files away)")  # no advice to pass --overwrite
     assert checksums(tmp_path, tiny) == before
 
 
@@ -175,18 +185,24 @@ def test_empty_directory_is_used_and_own_checkpoint_replaced_only_with_overwrite
     assert code == 0, err
     first = json.loads((output / "nvfp4_pp.json").read_text())
     assert first["verification"] == "passed"
-    (output / "stray.txt").write_text("left in the old output\n")
+    assert set(first["files"]) == {p.name for p in output.iterdir()} - {"nvfp4_pp.json"}
+    (output / "stray.txt").write_text("added by the user\n")
+    before = checksums(tmp_path, tiny)
+    code, _, err = run(capsys, cfg, "--overwrite")  # a file the run did not write: the directory is not its own
+    assert code == 2 and "it holds stray.txt, which nvfp4_pp did not write" in one_error(err)
+    assert checksums(tmp_path, tiny) == before
+    (output / "stray.txt").unlink()
     before = checksums(tmp_path, tiny)
 
     code, _, err = run(capsys, cfg)
-    assert code == 1
+    assert code == 2
     assert one_error(err) == (f"nvfp4_pp: error: output {output} already holds an nvfp4_pp checkpoint; pass "
                               "--overwrite to replace it or choose another 'output'")
     assert checksums(tmp_path, tiny) == before
 
     code, _, err = run(capsys, cfg, "--overwrite")
     assert code == 0, err
-    assert not (output / "stray.txt").exists() and (output / "nvfp4_pp.json").is_file()
+    assert (output / "nvfp4_pp.json").is_file()
     after = checksums(tmp_path / "notes.txt", tiny)
     assert after == {k: v for k, v in before.items() if k in after}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out", "run.yaml"]  # no lock, tmp or old dir
