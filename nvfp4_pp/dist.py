@@ -268,9 +268,9 @@ def _share_errors(error: tuple[str, bool] | None, world_size: int) -> None:
     """Collective: every rank's (message, resumable) or None; any error becomes `Agreed` on every rank."""
     errors = all_gather_objects(error, world_size)
     failed = {e: r for r, e in reversed(list(enumerate(errors))) if e is not None}
-    if failed:
-        alone = len(failed) == 1 and error is not None
-        raise Agreed("\n".join(text if alone else f"rank {r}: {text}" for (text, _), r in failed.items()),
+    if failed:  # the same words on every rank (the launcher shows one of them): a rank's own says which rank
+        everyone = len(failed) == 1 and all(e is not None for e in errors)
+        raise Agreed("\n".join(text if everyone else f"rank {r}: {text}" for (text, _), r in failed.items()),
                      any(resumable for resumable in (e[1] for e in failed)))
 
 

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from .errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED
@@ -69,18 +70,12 @@ class _TorchLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
 
-    def save(self, cfg) -> str | None:
-        """Write the lines beside the run's work directory; the path, or None when there is nowhere to."""
+    def save(self) -> str | None:
+        """Write the lines to a file in the temp directory (nothing beside the user's output); its path."""
         if not self.lines:
             return None
-        if cfg is not None:
-            from .work_state import work_dir_of
-
-            path = work_dir_of(cfg).parent / f"{work_dir_of(cfg).name}-launcher-{socket.gethostname()}.log"
-        else:
-            path = Path.cwd() / f"nvfp4_pp-launcher-{os.getpid()}.log"
+        path = Path(tempfile.gettempdir()) / f"nvfp4_pp-launcher-{socket.gethostname()}-pid{os.getpid()}.log"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(self.lines) + "\n")
         except OSError:
             return None
@@ -169,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         name = getattr(e.sigval, "name", str(e.sigval))
         lines, code = [f"nvfp4_pp: error: the launcher was stopped by {name}; each rank said above what it "
                        "saved; rerun the same command to resume"], EXIT_FAULT
-    saved = keeper.save(cfg) if code != EXIT_BAD_INPUT else None
+    saved = keeper.save() if code != EXIT_BAD_INPUT else None
     if saved:
         lines[-1] += f" (torchrun's own lines: {saved})"
     print("\n".join(lines), file=sys.stderr, flush=True)

@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, or input nothing checks yet: its line names it, the log keeps the traceback
         stopping.leaving()
         where = keep_traceback(rank)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = " ".join(str(e).split())
         error = (f"nvfp4_pp: error (rank {rank}): unexpected {type(e).__name__}"
-                 f"{': ' + first[:300] if first else ''}; the traceback is in {where} (please report it)")
+                 f"{': ' + text[:300] if text else ''}; the traceback is in {where} (please report it)")
         dist.announce_failure(rank, error)
     finally:
         stopping.leaving()

@@ -54,7 +54,7 @@ from .planning.memory import ModelSizes, Workload
 from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
 from .recipe_shapes import check_recipe_shapes
 from .records import CalibrationManifest, ExportResult, Health, LayerChoice, Memory, PhaseSpan, RankReport, Traffic
-from .source import SourceCheckpoint, SourceError
+from .source import SourceCheckpoint
 from .stage import Stage, build_stage
 from .streaming import LayerStream
 from .verify import verify
@@ -167,8 +167,7 @@ class Run:
                                        auto=self.cfg.algorithm == "auto")
             source = SourceCheckpoint(self.cfg.model)
             arch = architecture_of(source.config, source.weight_map)
-            if "num_hidden_layers" not in source.text_config:
-                raise SourceError(f"{source.path / 'config.json'} has no num_hidden_layers; is it a decoder LLM?")
+            source.require_sizes()  # after the architecture: an unsupported model is named as such first
             check_split(source.text_config["num_hidden_layers"], self.info.world_size, self.cfg.pipeline.layers)
             source.require_tokenizer()  # checked now: verification would refuse the output at the very end
             check_recipe_shapes(source, arch, self.cfg.recipe, self.cfg.recipe_overrides, self.cfg.ignore)

@@ -53,6 +53,21 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+SIZE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+
+
+def check_finite(name: str, tensor: torch.Tensor, file: Path) -> None:
+    """A NaN or infinite source weight poisons every amax it reaches (modelopt then fails deep inside
+    calibration): name it as it is read. Two reductions, no copy of the tensor."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if bool(torch.isfinite(tensor.amax())) and bool(torch.isfinite(tensor.amin())):
+        return
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    raise SourceError(f"source tensor {name!r} in {file} holds {nan} NaN and {inf} infinite values; the checkpoint "
+                      "is damaged: download it again or repair that tensor")
+
+
 class SourceCheckpoint:
     """A BF16 (or FP8, dequantised on load) checkpoint directory: config.json plus safetensors shards."""
 
@@ -110,6 +125,14 @@ class SourceCheckpoint:
 
         return AutoConfig.from_pretrained(self.path).get_text_config().to_dict()
 
+    def require_sizes(self) -> None:
+        """The sizes the split, the planner and the model skeleton come from. transformers fills a missing
+        one with its class default (Llama's 4096 hidden units) and fails far from the cause, or not at all."""
+        missing = [k for k in SIZE_KEYS if k not in self.text_config]
+        if missing:
+            raise SourceError(f"{self.path / 'config.json'} has no {', '.join(missing)}; is it a decoder LLM's "
+                              "config? Restore the missing key(s) from the base model's config.json")
+
     def require_tokenizer(self) -> None:
         """vLLM cannot serve a checkpoint without its tokenizer; say so before any work is done."""
         has_config = (self.path / "tokenizer_config.json").is_file()
@@ -162,6 +185,7 @@ class SourceCheckpoint:
             tensor = move(tensor)
             if name in self.fp8_scales:
                 tensor = fp8_source.dequantize(tensor, scales[self.fp8_scales[name]], self.fp8.block, self.dtype)
+            check_finite(name, tensor, self.path / self._stored[name])
             out[name] = tensor
             if loaded is not None:
                 loaded(tensor.numel() * tensor.element_size())

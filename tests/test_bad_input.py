@@ -57,7 +57,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_model_dir_missing(tmp_path, capsys):
     code, err = _run(tmp_path, capsys, tmp_path / "nowhere")
-    assert code == 1
+    assert code == 2
     assert f"model directory '{tmp_path / 'nowhere'}' does not exist; check config key 'model'" in _one_error(err)
 
 
@@ -65,7 +65,7 @@ def test_config_json_missing(tmp_path, capsys, tiny_llama):
     model = _copy(tiny_llama, tmp_path / "m")
     (model / "config.json").unlink()
     code, err = _run(tmp_path, capsys, model)
-    assert code == 1 and "config.json is missing; 'model' must be a Hugging Face checkpoint directory" in _one_error(err)
+    assert code == 2 and "config.json is missing; 'model' must be a Hugging Face checkpoint directory" in _one_error(err)
 
 
 def test_config_without_num_hidden_layers(tmp_path, capsys, tiny_llama):
@@ -74,7 +74,7 @@ def test_config_without_num_hidden_layers(tmp_path, capsys, tiny_llama):
     del config["num_hidden_layers"]
     (model / "config.json").write_text(json.dumps(config))
     code, err = _run(tmp_path, capsys, model)
-    assert code == 1 and "has no num_hidden_layers; is it a decoder LLM?" in _one_error(err)
+    assert code == 2 and "has no num_hidden_layers; is it a decoder LLM's config? Restore the missing key(s)" in _one_error(err)
 
 
 def test_unsupported_architecture(tmp_path, capsys, tiny_llama):
@@ -84,7 +84,7 @@ def test_unsupported_architecture(tmp_path, capsys, tiny_llama):
     (model / "config.json").write_text(json.dumps(config))
     code, err = _run(tmp_path, capsys, model)
     line = _one_error(err)
-    assert code == 1
+    assert code == 2
     assert "architecture ['MixtralForCausalLM'] is not supported (a mixture-of-experts model)" in line
     assert "LlamaForCausalLM" in line
 
@@ -95,7 +95,7 @@ def test_index_names_missing_shard(tmp_path, capsys, tiny_llama):
     weight_map = {"model.norm.weight": "model-00002-of-00002.safetensors"}
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     code, err = _run(tmp_path, capsys, model)
-    assert code == 1 and "names shard 'model-00002-of-00002.safetensors', which is missing" in _one_error(err)
+    assert code == 2 and "names shard 'model-00002-of-00002.safetensors', which is missing" in _one_error(err)
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -109,12 +109,12 @@ def test_damaged_safetensors(tmp_path, capsys, tiny_llama, damage, message):
     shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
     code, err = _run(tmp_path, capsys, model)
     line = _one_error(err)
-    assert code == 1 and message in line and "model.safetensors" in line
+    assert code == 2 and message in line and "model.safetensors" in line
 
 
 def test_layer_counts_do_not_sum(tmp_path, capsys, tiny_llama):
     code, err = _run(tmp_path, capsys, tiny_llama, pipeline__layers=[3])
-    assert code == 1
+    assert code == 2
     assert "pipeline.layers = [3] sums to 3 but the model has 2 decoder layers; make the counts sum to 2" in _one_error(err)
 
 
@@ -135,15 +135,15 @@ def test_source_without_tokenizer(tmp_path, capsys, tiny_llama):
     model = _copy(tiny_llama, tmp_path / "m")
     (model / "tokenizer.json").unlink()
     code, err = _run(tmp_path, capsys, model)
-    assert code == 1
+    assert code == 2
     assert "has no tokenizer (tokenizer_config.json and tokenizer.json or tokenizer.model)" in _one_error(err)
 
 
 def test_output_exists_without_overwrite(tmp_path, capsys, tiny_llama):
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "nvfp4_pp.json").write_text("{}")  # an earlier run's checkpoint
+    (tmp_path / "out" / "nvfp4_pp.json").write_text('{"producer": {"name": "nvfp4_pp"}, "files": {}}')  # an earlier run's
     code, err = _run(tmp_path, capsys, tiny_llama)
-    assert code == 1
+    assert code == 2
     assert f"output {tmp_path / 'out'} already holds an nvfp4_pp checkpoint; pass --overwrite" in _one_error(err)
 
 
@@ -154,14 +154,14 @@ def test_output_exists_without_overwrite(tmp_path, capsys, tiny_llama):
 def test_bad_calibration_file(tmp_path, capsys, tiny_llama, content, message):
     (tmp_path / "calib.jsonl").write_text(content)
     code, err = _run(tmp_path, capsys, tiny_llama, calibration__dataset=str(tmp_path / "calib.jsonl"))
-    assert code == 1 and message in _one_error(err)
+    assert code == 2 and message in _one_error(err)
 
 
 def test_samples_longer_than_max_position_embeddings(tmp_path, capsys, tiny_llama):
     (tmp_path / "calib.jsonl").write_text(json.dumps({"input_ids": list(range(40))}) + "\n")
     code, err = _run(tmp_path, capsys, tiny_llama, calibration__dataset=str(tmp_path / "calib.jsonl"),
                      calibration__max_length=64, calibration__samples=1)
-    assert code == 1
+    assert code == 2
     assert ("a calibration sample has 40 tokens but the model's max_position_embeddings is 32; "
             "set calibration.max_length <= 32") in _one_error(err)
 
@@ -169,7 +169,7 @@ def test_samples_longer_than_max_position_embeddings(tmp_path, capsys, tiny_llam
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_missing_cuda_device(tmp_path, capsys, tiny_llama):
     code, err = _run(tmp_path, capsys, tiny_llama, pipeline__device="cuda")
-    assert code == 1
+    assert code == 2
     assert (f"pipeline.device is 'cuda' but rank 0 on host {socket.gethostname()} sees no CUDA device; "
             "set pipeline.device: cpu") in _one_error(err)
 
@@ -193,7 +193,7 @@ def test_disk_full_during_export(tmp_path, capsys, smol_dir, token_file):
 
 def test_cuda_only_algorithm_on_a_cpu_rank(tmp_path, capsys, tiny_llama):
     code, err = _run(tmp_path, capsys, tiny_llama, recipe="nvfp4", algorithm="gptq")
-    assert code == 1
+    assert code == 2
     assert _one_error(err).endswith(
         f"rank 0 on host {socket.gethostname()} calibrates on cpu, but algorithm gptq with recipe nvfp4 (NVFP4 gptq) "
         "runs on CUDA only in modelopt 0.47; give every rank a CUDA device (pipeline.device) or choose recipe "
