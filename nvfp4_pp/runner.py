@@ -57,7 +57,7 @@ from .records import CalibrationManifest, ExportResult, Health, LayerChoice, Mem
 from .source import SourceCheckpoint
 from .stage import Stage, build_stage
 from .streaming import LayerStream
-from .verify import verify
+from .verify import summarize, verify
 from .work_state import PHASES, StaleWorkState, WorkState, fingerprint, work_dir_of
 from .writer import ShardWriter
 
@@ -514,8 +514,8 @@ class Run:
                                     wire_name(self.info))
                 self.record = write_record_and_card(tmp, record, output.name, checksums)
                 if problems:
-                    shown = "\n  ".join(problems[:20]) + (
-                        f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
+                    kinds = summarize(problems)
+                    shown = "\n  ".join(kinds[:20]) + (f"\n  ... {len(kinds) - 20} more" if len(kinds) > 20 else "")
                     raise VerificationError(f"the assembled checkpoint fails verification ({len(problems)} problems); "
                                             f"{output} was not written:\n  {shown}")
 

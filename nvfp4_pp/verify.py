@@ -1,8 +1,10 @@
-"""A written checkpoint against what vLLM's loader needs, without a GPU.
+"""A written checkpoint against what vLLM's loader needs, without a GPU, and against what the run wrote.
 
-`python -m nvfp4_pp.verify DIR [--source MODEL]` prints one line per problem, naming the tensor or
-field, and exits non-zero if there is any. `verify(DIR, SOURCE)` returns the same lines; the run
-calls it on the assembled checkpoint before renaming it into place.
+`python -m nvfp4_pp.verify DIR [--source MODEL] [--quick]` first re-hashes every file the run record
+(`nvfp4_pp.json`) lists with its sha256 (a corrupted or incomplete copy: exit 3; `--quick` skips it),
+then checks the loader contract (a violation: exit 1). One line per root cause, with how many more
+places it shows in. `verify(DIR, SOURCE)` returns the contract's lines, one per place; the run calls
+it on the assembled checkpoint before renaming it into place.
 
 The contract it checks against lives in vllm_contract.py. vLLM itself is silent about most of
 these: a missing input scale stays `torch.empty`, unequal fused scales are mis-scaled by `.max()`,
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .files import sha256_of
 from .fp8_source import CONFIG_KEYS as SOURCE_QUANT_KEYS
 from .source import SourceError, read_safetensors_header
 from .vllm_contract import (
@@ -94,8 +98,9 @@ def _linear_modules(directory: Path, tensors: dict[str, dict] | None, problems: 
     return linears, params, tied
 
 
-def _check_index(directory: Path, problems: list[str]) -> dict[str, dict] | None:
-    """Every tensor's header entry, if the index and the files agree exactly."""
+def _check_index(directory: Path, problems: list[str], lost: set[str]) -> dict[str, dict] | None:
+    """Every tensor's header entry, if the index and the files agree exactly. The tensors of a shard that
+    is missing or unreadable go into `lost`: the shard's line is their root cause, said once."""
     index_path = directory / "model.safetensors.index.json"
     if index_path.is_file():
         index = _json(index_path, problems)
@@ -111,13 +116,16 @@ def _check_index(directory: Path, problems: list[str]) -> dict[str, dict] | None
     files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
     tensors: dict[str, dict] = {}
     for file in files:
+        in_file = [n for n, f in (weight_map or {}).items() if f == file]
         if not (directory / file).is_file():
-            problems.append(f"{file}: named by the index but missing")
+            problems.append(f"{file}: named by the index but missing ({len(in_file)} tensors in it not checked)")
+            lost.update(in_file)
             continue
         try:
             header = read_safetensors_header(directory / file)
         except SourceError as e:
-            problems.append(f"{file}: {e}")
+            problems.append(f"{file}: {e} ({len(in_file)} tensors in it not checked)")
+            lost.update(in_file)
             continue
         for name, meta in header.items():
             if weight_map is not None and weight_map.get(name) != file:
@@ -125,7 +133,7 @@ def _check_index(directory: Path, problems: list[str]) -> dict[str, dict] | None
             tensors[name] = {**meta, "file": file}
     if weight_map is not None:
         for name, file in weight_map.items():
-            if name not in tensors and (directory / file).is_file():
+            if name not in tensors and name not in lost:
                 problems.append(f"{name}: the index names it in {file}, which does not hold it")
         for stray in sorted({p.name for p in directory.glob("*.safetensors")} - set(files)):
             problems.append(f"{stray}: not named by the index (vLLM would ignore or double-load it)")
@@ -323,13 +331,15 @@ def _check_source(directory: Path, config: dict, source: Path, problems: list[st
 
 
 def verify(directory: str | Path, source: str | Path | None = None) -> list[str]:
-    """Every problem found in `directory`, one line each, naming the tensor or field (empty: fine)."""
+    """Every place `directory` breaks the loader contract, one line each, naming the tensor or field
+    (empty: fine). Tensors of a missing or unreadable shard are covered by that shard's line."""
     directory = Path(directory)
     problems: list[str] = []
     if not directory.is_dir():
         return [f"{directory}: not a directory"]
     config = _json(directory / "config.json", problems)
-    tensors = _check_index(directory, problems)
+    lost: set[str] = set()
+    tensors = _check_index(directory, problems, lost)
     if not any((directory / f).is_file() for f in TOKENIZER_FILES) or not (directory / "tokenizer_config.json").is_file():
         problems.append("tokenizer: tokenizer_config.json and tokenizer.json (or tokenizer.model) are required")
     if source is not None:
@@ -350,19 +360,67 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
     kv_names = _check_kv_cache(layout, model[0], tensors, problems)
     _check_scales(directory, layout.method, quantized, kv_names, tensors, problems)
     _check_weight_shapes(directory, layout.method, quantized, model[0], tensors, problems)
-    return problems
+    return [p for p in problems if p.partition(": ")[0] not in lost]
+
+
+RECORD = "nvfp4_pp.json"
+"""The run record (card.RECORD: not imported, so the checker stays independent of the writers)."""
+
+
+def check_copy(directory: str | Path) -> tuple[list[str], str | None]:
+    """Every file the run record lists, re-hashed against the sha256 the run wrote it with: (one line per
+    file that is missing or differs, a note when there is nothing to check against)."""
+    directory = Path(directory)
+    try:
+        files = json.loads((directory / RECORD).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if not isinstance(files, dict):
+        return [], f"{RECORD} lists no file checksums (not written by nvfp4_pp >= 0.2): the copy itself was not checked"
+    problems = []
+    for name, sha in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: listed in {RECORD} but missing (an incomplete copy)")
+        elif sha is not None and sha256_of(path) != sha:
+            problems.append(f"{name}: sha256 differs from the one the run recorded in {RECORD} (a corrupted copy: "
+                            "copy it again from the original)")
+    return problems, None
+
+
+def summarize(problems: list[str]) -> list[str]:
+    """One line per kind of problem: the first place it shows, and how many more show it. A kind is the
+    text after the tensor or file name with every number blanked, so one wrong group size, one missing
+    scale or one wrong layer count across 200 Linears is one line."""
+    kinds: dict[str, list[str]] = {}
+    for line in problems:
+        kinds.setdefault(re.sub(r"\d+", "#", line.partition(": ")[2]) or line, []).append(line)
+    return [lines[0] + (f" (and {len(lines) - 1} more like it)" if len(lines) > 1 else "") for lines in kinds.values()]
+
+
+EXIT_CONTRACT, EXIT_CORRUPTED = 1, 3
+"""Exit statuses: the checkpoint breaks vLLM's loader contract (as written: a bug to report), or this
+copy differs from what the run wrote (copy it again)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nvfp4_pp.verify", description=__doc__.splitlines()[0])
     p.add_argument("directory", type=Path, help="the quantized checkpoint")
     p.add_argument("--source", type=Path, help="the BF16 source: config fields and tokenizer files must match it")
+    p.add_argument("--quick", action="store_true", help="skip re-hashing the files against the run record's sha256")
     args = p.parse_args(argv)
+    corrupted, note = ([], "--quick: file checksums not checked") if args.quick else check_copy(args.directory)
     problems = verify(args.directory, args.source)
-    for line in problems:
+    for line in summarize(corrupted + problems):
         print(line)
+    if note:
+        print(f"note: {note}")
+    if corrupted:
+        print(f"{args.directory}: {len(corrupted)} file(s) differ from what the run wrote"
+              f"{f', {len(problems)} contract problem(s)' if problems else ''}: a corrupted or incomplete copy")
+        return EXIT_CORRUPTED
     print(f"{args.directory}: {len(problems)} problem(s)" if problems else f"{args.directory}: OK")
-    return 1 if problems else 0
+    return EXIT_CONTRACT if problems else 0
 
 
 if __name__ == "__main__":

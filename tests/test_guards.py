@@ -124,7 +124,7 @@ def test_output_overlapping_the_model_is_refused_whatever_the_flags(tmp_path, ca
     cfg = config(tmp_path, model, output)
     before = checksums(tmp_path)
     code, _, err = run(capsys, cfg, "--overwrite", "--fresh")
-    assert code == 1
+    assert code == 2
     assert one_error(err) == "nvfp4_pp: error: " + message.format(output=output, model=model)
     assert checksums(tmp_path) == before  # no byte of the model or the unrelated file changed, nothing added
 
@@ -133,7 +133,7 @@ def test_work_dir_overlapping_the_model_is_refused(tmp_path, capsys, model_in_di
     parent, model = model_in_dir
     before = checksums(parent)
     code, _, err = run(capsys, config(tmp_path, model, tmp_path / "out", gather={"work_dir": str(model)}))
-    assert code == 1
+    assert code == 2
     assert one_error(err) == (f"nvfp4_pp: error: the work directory {model} and the model directory {model} overlap; "
                               "set gather.work_dir (or 'output', which it defaults beside) outside the model")
     assert checksums(parent) == before and not (tmp_path / "out").exists()
@@ -170,7 +170,7 @@ def test_output_that_is_a_file_is_refused(tmp_path, capsys, tiny):
     cfg = config(tmp_path, tiny, output)
     before = checksums(tmp_path, tiny)
     code, _, err = run(capsys, cfg, "--overwrite")
-    assert code == 1
+    assert code == 2
     assert one_error(err) == (f"nvfp4_pp: error: output {output} exists and is not a directory; choose another "
                               "'output'")
     assert checksums(tmp_path, tiny) == before
@@ -216,7 +216,7 @@ def test_read_only_filesystem(tmp_path, capsys, tiny):
         pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         code, _, err = run(capsys, config(tmp_path, tiny, disk / "out"))
-        assert code == 1
+        assert code == 2
         assert one_error(err) == (f"nvfp4_pp: error: output {disk / 'out'} is on a read-only filesystem ({disk}); "
                                   "choose an 'output' on a writable one")
     finally:
@@ -251,7 +251,7 @@ def test_two_runs_on_one_output(tmp_path, tiny):
         time.sleep(0.05)
     logs = [(tmp_path / f"{name}.log").read_text() for name in ("first", "second")]
     codes = [p.returncode for p, _ in runs]
-    assert sorted(codes) == [0, 1], logs
+    assert sorted(codes) == [0, 2], logs
     loser = codes.index(1)
     line = one_error(logs[loser])
     assert line.startswith(f"nvfp4_pp: error: output {output} is in use by another nvfp4_pp run (host "
@@ -389,7 +389,7 @@ def test_tokenizer_larger_than_the_embeddings(tmp_path, capsys, tiny):
     cfg = config(tmp_path, model, tmp_path / "out")
     before = checksums(tmp_path)
     code, _, err = run(capsys, cfg)
-    assert code == 1
+    assert code == 2
     assert one_error(err) == (f"nvfp4_pp: error: the tokenizer in {model} has token ids up to 257 (2 beyond the embeddings) but "
                               f"model.embed_tokens.weight in {model / 'model.safetensors'} has 256 rows (ids 0..255); "
                               "resize the model's embeddings to the tokenizer (resize_token_embeddings) or use the "
@@ -404,7 +404,7 @@ def test_config_vocab_smaller_than_the_embeddings(tmp_path, capsys, tiny):
     cfg = config(tmp_path, model, tmp_path / "out")
     before = checksums(tmp_path)
     code, _, err = run(capsys, cfg)
-    assert code == 1
+    assert code == 2
     assert one_error(err) == (f"nvfp4_pp: error: {model / 'config.json'}: vocab_size is 200 but model.embed_tokens.weight "
                               f"in {model / 'model.safetensors'} has 256 rows; the config does not describe these "
                               "weights: set vocab_size to the embedding rows (or use the config of this checkpoint)")
@@ -419,7 +419,7 @@ def test_fewer_samples_than_asked(tmp_path, capsys, tiny):
     cfg = config(tmp_path, tiny, tmp_path / "out", calibration={"dataset": str(calib), "samples": 32, "min_length": 4})
     before = checksums(tmp_path, tiny)
     code, _, err = run(capsys, cfg)
-    assert code == 1
+    assert code == 2
     assert one_error(err) == (f"nvfp4_pp: error: calibration.dataset '{calib}' gave 2 of the 32 samples asked (5 rows "
                               "read: 3 shorter than min_length 4, 0 longer than max_length 16 skipped); add data, "
                               "widen calibration.min_length / max_length, or set calibration.samples to 2 (or all)")

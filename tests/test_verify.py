@@ -109,9 +109,11 @@ def test_broken_checkpoint_is_named(breakage, ct_output, smol_dir, tmp_path):
 def test_layer_count_change_is_caught_without_source(ct_output, tmp_path, capsys):
     broken = copy_checkpoint(ct_output, tmp_path / "broken")
     edit_config(broken, num_hidden_layers=29)
-    assert main([str(broken)]) == 1
-    out = capsys.readouterr().out
-    assert f"{L}.29.self_attn.q_proj.weight_packed: not a parameter of the model config.json describes" in out
+    assert main([str(broken), "--quick"]) == 1  # the config changed: its checksum would say so first (exit 3)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{L}.29.input_layernorm.weight: not a parameter of the model config.json describes "
+                             "(wrong layer count, stray or misnamed tensor) (and 29 more like it)"), out
+    assert main([str(broken)]) == 3
 
 
 def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_path, monkeypatch, capsys):
@@ -136,7 +138,55 @@ def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_p
     real_verify = runner_module.verify
     assert real_verify(source) != []  # a BF16 source is not a quantized checkpoint: verify says so
     monkeypatch.setattr(runner_module, "verify", lambda d, s: real_verify(d, s) + ["model.norm.weight: planted problem"])
-    assert run_module.main([str(run_config)]) == 1
+    assert run_module.main([str(run_config)]) == 2  # rerunning cannot help: a bug to report
     err = capsys.readouterr().err
     assert "fails verification (1 problems)" in err and "model.norm.weight: planted problem" in err, err[-2000:]
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def flip_bytes(path: Path, offset_from_end: int, count: int, mask: int = 0xFF) -> None:
+    """Flip `count` bytes (each XOR `mask`) inside a shard's data, `offset_from_end` bytes before its end."""
+    data = bytearray(path.read_bytes())
+    start = len(data) - offset_from_end
+    for i in range(start, start + count):
+        data[i] ^= mask
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("count, mask", [(64, 0xFF), (1, 0x01)])
+def test_corrupted_copy_is_caught_by_its_checksums(ct_output, tmp_path, capsys, count, mask):
+    """Flipped bytes in packed weights still load (the contract cannot see them): the record's sha256 can.
+    Exit 3, one line naming the shard; --quick skips the checksums and finds nothing."""
+    broken = tmp_path / "copy"
+    shutil.copytree(ct_output, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[0]
+    flip_bytes(shard, 4096, count, mask)
+    assert main([str(broken)]) == 3
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{shard.name}: sha256 differs from the one the run recorded in nvfp4_pp.json (a corrupted copy: "
+                   "copy it again from the original)",
+                   f"{broken}: 1 file(s) differ from what the run wrote: a corrupted or incomplete copy"]
+    assert main([str(broken), "--quick"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{broken}: OK"
+
+
+def test_one_root_cause_is_one_line(ct_output, tmp_path, capsys):
+    """A deleted shard: its own line (hundreds of tensors in it are not listed one by one); a wrong group
+    size in the config: one line per kind of tensor it breaks, with how many more show it."""
+    dropped = copy_checkpoint(ct_output, tmp_path / "dropped")
+    (dropped / "model-00002-of-00002.safetensors").unlink()
+    assert main([str(dropped)]) == 3
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("model-00002-of-00002.safetensors: listed in nvfp4_pp.json but missing (an incomplete copy)")
+    assert out[1].startswith("model-00002-of-00002.safetensors: named by the index but missing (")
+    assert len(out) == 3, out
+
+    regrouped = copy_checkpoint(ct_output, tmp_path / "regrouped")
+    config = json.loads((regrouped / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["weights"]["group_size"] = 32
+    (regrouped / "config.json").write_text(json.dumps(config))
+    assert main([str(regrouped), "--quick"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) <= 4 and "more like it)" in out[0], out
+    assert out[-1].startswith(f"{regrouped}: ") and out[-1].endswith("problem(s)")
