@@ -1,4 +1,4 @@
-# Fresh machine: `make demo` (quantize the built-in SmolLM2-135M with 3 local ranks), `make test`.
+# Fresh machine: `make demo` (quantize the built-in SmolLM2-135M with 3 local ranks, then a short evaluate), `make test`.
 # Seed models: `make behemoth MODEL_DIR=... OUT=... RDZV=node0:29500`, the same command on every node; each
 # reproduces its release's recipe and data (configs/<name>.yaml says which, and how to fill the data cache)
 # (NNODES per model below; one host with several GPUs: NNODES=1 NPROC_PER_NODE=<GPUs>).
@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 3
 DEMO_MODEL ?= models/SmolLM2-135M
+DEMO_OUT ?= out/SmolLM2-135M-NVFP4
 
 SEED_MODELS := behemoth behemoth-t1 anubis-pro llama-3.3-70b deepseek-r1-distill-llama-70b
 NPROC_PER_NODE ?= 1
@@ -29,6 +30,7 @@ demo: install
 	$(PY) -m nvfp4_pp.demo_model $(DEMO_MODEL)
 	OMP_NUM_THREADS=1 $(LAUNCH) --standalone --nproc-per-node $(NPROC) -m nvfp4_pp.run configs/demo.yaml \
 		--set model=$(DEMO_MODEL) --overwrite
+	$(PY) -m nvfp4_pp.evaluate --source $(DEMO_MODEL) --quantized $(DEMO_OUT) --samples 8 --max-length 256 --update-card
 
 test: install
 	$(PY) -m pytest tests

@@ -5,6 +5,8 @@ quality section later."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -269,10 +271,12 @@ def render_card(record: dict, output_name: str) -> str:
     return "\n".join(lines)
 
 
-def evaluate_command(record: dict) -> str:
+def evaluate_command(record: dict, python: str = "python") -> str:
+    """The evaluate command, paths shell-quoted (the final line names the interpreter that ran the job;
+    the card, read on other machines, says `python`)."""
     cfg = record["config"]
-    return (f"python -m nvfp4_pp.evaluate --source {cfg['model']} --quantized {cfg['output']} --input-scale-one "
-            "--update-card")
+    return (f"{python} -m nvfp4_pp.evaluate --source {shlex.quote(cfg['model'])} --quantized "
+            f"{shlex.quote(cfg['output'])} --input-scale-one --update-card")
 
 
 def write_record_and_card(directory: Path, record: dict, output_name: str, checksums: dict[str, str]) -> dict:
@@ -292,7 +296,7 @@ def final_line(record: dict, wall_s: float) -> str:
     """The run's last line: what was written, how big, how long, whether it verified, what to run next."""
     cfg = record["config"]
     return (f"done: {cfg['output']} ({record['checkpoint']['bytes'] / 1e9:.2f} GB) in {wall_s:.0f} s, verification "
-            f"{record['verification']}; evaluate: {evaluate_command(record)}; serve: "
+            f"{record['verification']}; evaluate: {evaluate_command(record, shlex.quote(sys.executable))}; serve: "
             f"{serve_command(record['checkpoint'], cfg['output'])}")
 
 

@@ -27,6 +27,8 @@ def write_demo_model(target: str | Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from .files import honour_umask
+
     target = Path(target)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -41,6 +43,8 @@ def write_demo_model(target: str | Path) -> Path:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        honour_umask(f)  # safetensors writes 0600: the demo model is an ordinary file like the others
     tmp.replace(target)
     return target
 

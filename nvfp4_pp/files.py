@@ -87,3 +87,25 @@ def file_intact(path: Path, sha256: str, size: int | None = None) -> bool:
     if not path.is_file() or (size is not None and path.stat().st_size != size):
         return False
     return sha256_of(path) == sha256
+
+
+class DiskSpaceError(NvFp4PpError):
+    """Too little free space for what the run will write (found before calibrating, not 45 s into it)."""
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists: where a file at `path` would be created."""
+    return next(p for p in [Path(path).absolute(), *Path(path).absolute().parents] if p.exists())
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for an unprivileged writer on the filesystem that holds (or would hold) `path`."""
+    st = os.statvfs(nearest_existing(path))
+    return st.f_bavail * st.f_frsize
+
+
+def require_free(path: Path, need: int, what: str, fix: str) -> None:
+    free = free_bytes(path)
+    if free < need:
+        raise DiskSpaceError(f"{what} needs about {need / 1e9:.2f} GB but {path}'s filesystem has {free / 1e9:.2f} GB "
+                             f"free; {fix}")

@@ -112,8 +112,9 @@ class FileLock:
         if holder is not None and holder.run == me.run:
             return
         who = holder.describe() if holder else "a process that left no record"
+        other = "gather.work_dir" if self.what.startswith("work directory") else "'output'"
         raise LockError(f"{self.what} is in use by another nvfp4_pp run ({who}); wait for it to finish or stop it, "
-                        "or choose another 'output'")
+                        f"or choose another {other}")
 
     def release(self) -> None:
         """Remove the file (while still holding it, so no one takes a stale inode) and unlock."""

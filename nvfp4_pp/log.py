@@ -228,15 +228,20 @@ def attach_file(directory: Path) -> Path:
     return path
 
 
-def third_party_summary() -> str | None:
-    """One line about the third-party output this rank kept off the console, or None if there was none."""
+def third_party_summary(finished: bool = False) -> str | None:
+    """One line about the third-party output this rank kept off the console, or None if there was none.
+    A finished run has removed its work directory, and the log file with it: the line says so."""
     if _state is None or _state.third_party is None or not _state.third_party.counts:
         return None
     counts = _state.third_party.counts
     parts = ", ".join(f"{n} {'printed line(s)' if k == 'printed' else 'warning(s) from ' + k}"
                       for k, n in counts.most_common())
-    where = (f"in {_state.file.baseFilename} (kept when a run fails or stops)" if _state.file is not None
-             else "not kept (the run stopped before it had a work directory)")
+    if finished:
+        where = "not kept (the log went with the work directory)"
+    elif _state.file is not None:
+        where = f"in {_state.file.baseFilename} (kept when a run fails or stops)"
+    else:
+        where = "not kept (the run stopped before it had a work directory)"
     return f"third-party output kept off the console: {parts}; {where}; NVFP4_PP_LOG=INFO shows it"
 
 
@@ -244,7 +249,7 @@ def end_of_run(line: str) -> None:
     """Rank 0's last lines: what the others relayed so far, the third-party summary, then `line`."""
     if _state is not None and _state.listener is not None:
         _state.listener.poll()
-    summary = third_party_summary()
+    summary = third_party_summary(finished=True)
     if summary:
         logger.info("%s", summary)
     logger.info("%s", line)

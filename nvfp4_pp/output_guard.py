@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .card import RECORD
 from .errors import NvFp4PpError
+from .files import nearest_existing
 from .log import logger
 
 
@@ -93,7 +94,7 @@ def check_output(output: str | Path, overwrite: bool) -> None:
             if not overwrite:
                 raise OutputError(f"output {output} already holds an nvfp4_pp checkpoint; pass --overwrite to "
                                   "replace it or choose another 'output'")
-    existing = next(p for p in [output.parent.absolute(), *output.parent.absolute().parents] if p.exists())
+    existing = nearest_existing(output.parent)
     if os.statvfs(existing).f_flag & os.ST_RDONLY:
         raise OutputError(f"output {output} is on a read-only filesystem ({existing}); choose an 'output' on a "
                           "writable one")

@@ -41,7 +41,7 @@ from .data.samples import CalibrationDataError, MicroBatch, Tokenizer, load_samp
 from .data.vocabulary import check_vocabulary
 from .errors import NvFp4PpError
 from .export import StageExporter, export_stage
-from .files import write_json
+from .files import nearest_existing, require_free, write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
 from .layer_choice import LayerChooser, held_out_count
@@ -50,7 +50,7 @@ from .log import RELAY, attach_file, end_of_run, logger
 from .output_guard import check_output, check_paths
 from .pipeline import run_pipeline
 from .planning import budget
-from .planning.memory import ModelSizes, Workload
+from .planning.memory import ModelSizes, Workload, written_bytes
 from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
 from .recipe_shapes import check_recipe_shapes
 from .records import CalibrationManifest, ExportResult, Health, LayerChoice, Memory, PhaseSpan, RankReport, Traffic
@@ -104,6 +104,7 @@ class Run:
         self.arch: Architecture
         self.samples: Samples
         self.plans: list[StagePlan]
+        self.sizes: ModelSizes
         self.state: WorkState
         self.stage: Stage | None = None
         self.exporter: StageExporter | None = None
@@ -122,6 +123,7 @@ class Run:
             if self.options.plan_only:
                 return
             self.open_work_state()
+            self.check_disk_space()
             self.load()
             self.calibrate()
             if self.options.stop_after == "calibrate":
@@ -260,7 +262,7 @@ class Run:
             return plan_stages(sizes, budgets, pipeline.layers, workload, info.wire_device.type == "cpu",
                                pipeline.stream)
 
-        sizes = ModelSizes.from_source(self.source, self.arch)
+        sizes = self.sizes = ModelSizes.from_source(self.source, self.arch)
         self.plans = dist.everywhere(info, plan)
         for line in describe(self.plans, sizes):
             logger.info("%s", line)
@@ -275,6 +277,28 @@ class Run:
         logger.info("log: every line of this rank in %s", attach_file(self.rank_dir))
         if info.is_first:
             write_json(self.rank_dir / CALIBRATION_MANIFEST, self.samples.manifest.to_dict())
+
+    def check_disk_space(self) -> None:
+        """Free space for the shards this rank will write (rank 0: every rank's, gathered, and the output
+        when it lies on another filesystem), checked before the weights load; skipped once exported."""
+        if "export" in self.state.phases:
+            return
+        last = self.info.world_size - 1
+        stages = [written_bytes(self.sizes, self.cfg.recipe, p.start, p.stop, i == 0, i == last)
+                  for i, p in enumerate(self.plans)]
+
+        def check() -> None:
+            fix = "free space there, or set gather.work_dir on a larger disk"
+            mine = sum(stages) if self.info.is_first else stages[self.info.rank]
+            require_free(self.work_dir, mine, f"the work directory {self.work_dir} (this rank's shards"
+                         f"{' and the copies it gathers' if self.info.is_first else ''})", fix)
+            output = Path(self.cfg.output)
+            elsewhere = nearest_existing(output).stat().st_dev != nearest_existing(self.work_dir).stat().st_dev
+            if self.info.is_first and elsewhere:  # assembly copies the shards instead of linking them
+                require_free(output.parent, sum(stages), f"output {output}", "free space there or choose an "
+                             "'output' on a larger disk")
+
+        dist.everywhere(self.info, check)
 
     # ---- the stage -------------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 from .vllm_contract import read_quant_config
@@ -106,7 +107,7 @@ def not_vllm_loadable(facts: dict) -> list[str]:
 def serve_command(facts: dict, path: str, extra: list[str] = ()) -> str:
     if not_vllm_loadable(facts):
         return f"none with vLLM (no loader for the {facts['method']} layout of {', '.join(not_vllm_loadable(facts))})"
-    return " ".join(["vllm serve", path, *vllm_flags(facts), *extra])
+    return " ".join(["vllm serve", shlex.quote(str(path)), *vllm_flags(facts), *extra])
 
 
 def spark_memory_utilization(size_bytes: int) -> float | None:
@@ -183,7 +184,7 @@ def serving_lines(facts: dict, path: str, name: str) -> list[str]:
 
 def llama_swap_entry(facts: dict, path: str, name: str) -> list[str]:
     """A `models:` entry for llama-swap's config.yaml: vLLM on the port llama-swap assigns."""
-    absolute = str(Path(path).resolve())
+    absolute = shlex.quote(str(Path(path).resolve()))
     return ["models:", f'  "{name}":', "    cmd: |", f"      vllm serve {absolute}", "      --port ${PORT}",
             "      --served-model-name ${MODEL_ID}", *(f"      {flag}" for flag in vllm_flags(facts)),
             "    checkEndpoint: /health", "    ttl: 0"]

@@ -350,7 +350,10 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
     if not isinstance(qc, dict):
         problems.append("config.json quantization_config: missing; vLLM would load the model unquantized")
         return problems
+    found = len(problems)
     layout = read_quant_config(directory, qc, problems)
+    if len(problems) > found:  # every tensor would be checked against a config that is itself wrong
+        return problems
     model = _linear_modules(directory, tensors, problems)
     if layout is None or model is None or tensors is None:
         return problems

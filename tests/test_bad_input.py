@@ -174,7 +174,9 @@ def test_missing_cuda_device(tmp_path, capsys, tiny_llama):
             "set pipeline.device: cpu") in _one_error(err)
 
 
-def test_disk_full_during_export(tmp_path, capsys, smol_dir, token_file):
+def test_too_little_disk_is_found_before_loading(tmp_path, capsys, smol_dir, token_file):
+    """The plan's predicted shard bytes against the work directory's free space: one line, before any weight
+    is loaded or calibrated, nothing written."""
     disk = tmp_path / "small-disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True)
@@ -184,9 +186,12 @@ def test_disk_full_during_export(tmp_path, capsys, smol_dir, token_file):
         config = write_config(tmp_path / "run.yaml", model=str(smol_dir), output=str(disk / "out"),
                               format="modelopt", calibration={"dataset": str(token_file), "samples": 1})
         code = main([str(config)])
-        line = _one_error(capsys.readouterr().err)
-        assert code == 1 and "disk full while writing" in line and "free space on" in line
-        assert not (disk / "out").exists()
+        err = capsys.readouterr().err
+        line = _one_error(err)
+        assert code == 2 and line.startswith(f"nvfp4_pp: error: the work directory {disk / 'out.nvfp4_pp-work'} "
+                                             "(this rank's shards and the copies it gathers) needs about 0.1"), line
+        assert line.endswith("free space there, or set gather.work_dir on a larger disk")
+        assert "load done" not in err and not (disk / "out").exists()
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 

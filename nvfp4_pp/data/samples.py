@@ -101,7 +101,7 @@ def _jsonl_rows(path: Path, cfg: CalibrationConfig, tok: Tokenizer, vocab_size: 
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CalibrationDataError(f"{path}:{lineno} is not valid JSON: {e.msg}") from e
+                raise CalibrationDataError(f"{path}:{lineno} is not valid JSON: {e.msg} column {e.colno}") from e
             if isinstance(row, dict) and isinstance(row.get("input_ids"), list):
                 ids = row["input_ids"]
                 if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):

@@ -95,8 +95,22 @@ def evaluate_one(args: argparse.Namespace) -> None:
         update_quality(args.quantized, what, list(table(results)))
 
 
+def show_progress() -> None:
+    """The package's progress lines (rate, ETA) on stderr: evaluating a large model takes a while."""
+    import logging
+
+    from ..log import logger
+
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    show_progress()
     try:
         (compare if args.compare else evaluate_one)(args)
     except (NvFp4PpError, OSError) as e:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..progress import Progress
 from .decode import DecodedLinear, EvaluateError, decode_checkpoint
 
 EVAL_DATA = "builtin:pydoc"
@@ -134,6 +135,8 @@ def evaluate(source: Path, quantized: Path, samples: list[list[int]], device: to
         variants["w4a4-scale1"] = (True, True)
     totals = {name: {"nll": 0.0, "kl": 0.0} for name in ["bf16", *variants]}
     count = 0
+    progress = Progress(f"evaluate ({len(variants) + 1} forward passes per sample)", sum(len(s) for s in samples),
+                        "tokens", steps=len(samples), step_unit="samples", every_s=5.0)
     for ids in samples:
         target = torch.tensor(ids[1:], device=device)[:, None]
         ref = log_probs(reference, ids, device)
@@ -143,6 +146,7 @@ def evaluate(source: Path, quantized: Path, samples: list[list[int]], device: to
             totals[name]["nll"] -= lp.gather(1, target).sum().item()
             totals[name]["kl"] += (ref.exp() * (ref - lp)).sum().item()
         count += len(ids) - 1
+        progress.advance(len(ids))
     return {name: {"perplexity": math.exp(t["nll"] / count), "kl": t["kl"] / count} for name, t in totals.items()}
 
 

@@ -51,6 +51,8 @@ from ..source import SourceCheckpoint
 PACKED_PER_BF16_BYTE = 0.25 + 1 / 32
 """NVFP4 bytes written per BF16 weight byte: 4-bit codes plus one FP8 scale per 16 values. It bounds
 the INT4 output too (group 128: 0.25 + 1/64 with modelopt's FP32 scales, 0.25 + 1/128 in BF16)."""
+FP8_PER_BF16_BYTE = 0.5 + 1 / 32
+"""FP8 bytes written per BF16 weight byte, rounded up to bound the mixes that hold FP8 Linears too."""
 EXPORT_TRANSIENT_PER_BF16_BYTE = 7
 CALIBRATION_TRANSIENT_PER_BF16_BYTE = 2
 SENDS_IN_FLIGHT = 3
@@ -248,3 +250,12 @@ def stage_need(
     staging = PINNED_STAGING_PER_BYTE * max(layers) if streaming else 0
     return Need(device=device, host=baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + buffer + wire + staging,
                 items={**items, "CUDA libraries": CUDA_HOST_BYTES, "pinned staging": staging})
+
+
+def written_bytes(sizes: ModelSizes, recipe: str, start: int, stop: int, first: bool, last: bool) -> int:
+    """About what a stage writes as shards: its Linears packed, the rest (norms, embeddings, head) as in the
+    source. A Linear kept in BF16 by `ignore` or an override is counted packed, so this can fall short."""
+    per_byte = FP8_PER_BF16_BYTE if "fp8" in recipe else PACKED_PER_BF16_BYTE
+    linear = sum(sizes.layer_linear_bytes[start:stop])
+    rest = sum(sizes.layer_bytes[start:stop]) - linear
+    return math.ceil(linear * per_byte) + rest + (sizes.embed_bytes if first else 0) + (sizes.head_bytes if last else 0)
