@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .config import ConfigError
+from .errors import CalibrationError
 from .log import logger
 from .records import Health
 
@@ -141,7 +142,7 @@ class ValidTokens:
 
     def set(self, mask: torch.Tensor | None) -> None:
         if mask is not None and self.unmaskable:
-            raise RuntimeError(
+            raise CalibrationError(
                 f"padded micro-batch, but quantizers {self.unmaskable[:3]} collect statistics that cannot skip "
                 "pad positions; use calibration.batch_size: 1 or calibration.pack: true")
         self.mask = mask

@@ -15,6 +15,11 @@ class NvFp4PpError(Exception):
     resumable = False
 
 
+class CalibrationError(NvFp4PpError):
+    """The calibration set cannot give the statistics the recipe needs (padding it cannot skip, a
+    quantizer that saw no data): change the data or its batching."""
+
+
 class Fault(NvFp4PpError):
     """A fault outside the input (lost rank, signal, disk full): rerunning the same command resumes."""
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .errors import CalibrationError
 from .formats import CheckpointFormat
 from .linear_stats import PendingStats, linear_stats, read_back
 from .log import logger
@@ -139,7 +140,8 @@ def quantize_linear(name: str, module: nn.Module, dtype: torch.dtype) -> tuple[s
 
     scheme = get_quantization_format(module)
     if scheme in STATIC_INPUT_SCALE and module.input_quantizer.amax is None:
-        raise RuntimeError(f"{name}: input quantizer has no calibrated amax; calibration saw no data")
+        raise CalibrationError(f"{name}: input quantizer has no calibrated amax; calibration saw no data: check the "
+                               "calibration set (calibration.json) and the log's calibration health")
     if scheme == QUANTIZATION_NVFP4 and not NVFP4QTensor._is_static_quantizer(module.weight_quantizer):
         return scheme, _nvfp4_in_row_chunks(name, module, dtype)
     if scheme == QUANTIZATION_INT4_AWQ and getattr(module.input_quantizer, "pre_quant_scale", None) is None:
@@ -163,7 +165,8 @@ def kv_cache_scales(layer: nn.Module, prefix: str) -> tuple[str | None, dict[str
         kv_format = get_kv_cache_dtype(module)
         for q_name, q in (("k_bmm_quantizer", k_q), ("v_bmm_quantizer", v_q)):
             if q.amax is None:
-                raise RuntimeError(f"{name}.{q_name}: no calibrated amax; calibration saw no data")
+                raise CalibrationError(f"{name}.{q_name}: no calibrated amax; calibration saw no data: check the "
+                                       "calibration set (calibration.json) and the log's calibration health")
             found[f"{name}.{q_name}._amax"] = q.amax
     return kv_format, postprocess_state_dict(found, KV_CACHE_MAX_BOUND, kv_format) if found else {}
 

@@ -204,3 +204,57 @@ def test_cuda_only_algorithm_on_a_cpu_rank(tmp_path, capsys, tiny_llama):
         "runs on CUDA only in modelopt 0.47; give every rank a CUDA device (pipeline.device) or choose recipe "
         "w4a16_int4 or 'algorithm: max'")
     assert not (tmp_path / "out").exists()
+
+
+def _edit_weight(model: Path, name: str, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = model / "model.safetensors"
+    tensors = load_file(path)
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_nan_in_a_source_weight_is_named_before_calibrating(tmp_path, capsys, tiny_llama):
+    """Not a network fault and not "rerun to resume": the tensor named, exit 2, nothing written."""
+    model = _copy(tiny_llama, tmp_path / "m")
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[3, 5], t[0, 0] = float("nan"), float("inf")
+        return t
+
+    _edit_weight(model, "model.layers.1.mlp.up_proj.weight", poison)
+    code, err = _run(tmp_path, capsys, model)
+    assert code == 2
+    assert _one_error(err) == (f"nvfp4_pp: error: source tensor 'model.layers.1.mlp.up_proj.weight' in "
+                               f"{model / 'model.safetensors'} holds 1 NaN and 1 infinite values; the checkpoint is "
+                               "damaged: download it again or repair that tensor")
+    assert "calibration:" not in err and not (tmp_path / "out").exists()
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_kept(tmp_path, tiny_llama):
+    """Input nothing checks yet (a weight of the wrong shape on rank 1): under the launcher, one line from the
+    rank that failed, naming the exception and the log that keeps its traceback; rank 0 does not blame the
+    network, nobody advises a rerun."""
+    import os
+    import sys
+
+    from helpers import REPO
+
+    model = _copy(tiny_llama, tmp_path / "m")
+    _edit_weight(model, "model.layers.1.mlp.up_proj.weight", lambda t: t[:, :32].contiguous())
+    config = write_config(tmp_path / "run.yaml", model=str(model), output=str(tmp_path / "out"),
+                          calibration={"dataset": "builtin:pydoc", "samples": 2, "max_length": 16})
+    cmd = [sys.executable, "-m", "nvfp4_pp.launch", "--standalone", "--nproc-per-node=2", "-m", "nvfp4_pp.run",
+           str(config)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nvfp4_pp: error")]
+    assert len(errors) == 1 and result.stderr.splitlines()[-1].startswith(errors[0]), result.stderr[-3000:]
+    line = errors[0]
+    assert line.startswith("nvfp4_pp: error (rank 1): unexpected RuntimeError: ") and "(please report it)" in line
+    assert "rerun" not in line and "lost rank" not in result.stderr and "Traceback" not in result.stderr
+    log = Path(line.split("; the traceback is in ")[1].split(" (please report it)")[0])
+    assert "Traceback (most recent call last)" in log.read_text()
