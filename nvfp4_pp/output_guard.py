@@ -48,16 +48,23 @@ def check_paths(model: str | Path, output: str | Path, work_dir: str | Path) -> 
                           "outside the output")
 
 
-def own_files(directory: Path) -> list[str] | None:
-    """The files of `directory` that its run record says nvfp4_pp wrote (the record included), or None
-    when the record is missing, unreadable, not nvfp4_pp's, or has no file list (before 0.2)."""
+def _record(directory: Path) -> dict | None:
     try:
         record = json.loads((directory / RECORD).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        return None
-    if not isinstance(record.get("producer"), dict) or record["producer"].get("name") != "nvfp4_pp":
+    return record if isinstance(record, dict) else None
+
+
+def _by_nvfp4_pp(record: dict | None) -> bool:
+    return record is not None and isinstance(record.get("producer"), dict) and record["producer"].get("name") == "nvfp4_pp"
+
+
+def own_files(directory: Path) -> list[str] | None:
+    """The files of `directory` that its run record says nvfp4_pp wrote (the record included), or None
+    when the record is missing, unreadable, not nvfp4_pp's, or has no file list (before 0.2)."""
+    record = _record(directory)
+    if not _by_nvfp4_pp(record) or not isinstance(record.get("files"), dict):
         return None
     return [RECORD, *record["files"]]
 
@@ -68,8 +75,13 @@ def _foreign(directory: Path) -> str:
     own = own_files(directory)
     if own is None:
         others = [e for e in entries if e != RECORD] or entries
-        record = (f"an {RECORD} that nvfp4_pp did not write (no producer or file list)" if RECORD in entries
-                  else f"no {RECORD}")
+        if RECORD not in entries:
+            record = f"no {RECORD}"
+        elif _by_nvfp4_pp(_record(directory)):
+            record = (f"an {RECORD} of nvfp4_pp before 0.2, which kept no list of the files it wrote (delete the "
+                      "directory yourself if it holds nothing else)")
+        else:
+            record = f"an {RECORD} that nvfp4_pp did not write (no producer or file list)"
         more = f" and {len(others) - 1} more entries" if len(others) > 1 else ""
         return f"it holds {others[0]}{more}, and {record}"
     foreign = sorted(set(entries) - set(own))

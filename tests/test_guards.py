@@ -143,6 +143,8 @@ def test_work_dir_overlapping_the_model_is_refused(tmp_path, capsys, model_in_di
 @pytest.mark.parametrize("record, why", [
     (None, "it holds thesis.tex, and no nvfp4_pp.json"),
     ("{}", "it holds thesis.tex, and an nvfp4_pp.json that nvfp4_pp did not write (no producer or file list)"),
+    ('{"producer": {"name": "nvfp4_pp", "version": "0.1.0"}}', "it holds thesis.tex, and an nvfp4_pp.json of nvfp4_pp "
+     "before 0.2, which kept no list of the files it wrote (delete the directory yourself if it holds nothing else)"),
     ('{"producer": {"name": "nvfp4_pp"}, "files": {"README.md": null}}',
      "it holds thesis.tex, which nvfp4_pp did not write"),
 ])
