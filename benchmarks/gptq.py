@@ -9,8 +9,11 @@ Writes throughput.py's random-weight checkpoint and, on the same samples, each i
     with {"method": "gptq"}) + export_hf_checkpoint, flat and with `layerwise: {enable: true}` (its
     forward loop passes use_cache=False: with the model's KV cache its layerwise replay feeds every layer
     after the first stale keys, see nvfp4_pp/layerwise.py);
-then prints time per phase, the per-layer solve times nvfp4_pp logs, its measured peak against the
-planner's prediction, and tensor identity of each nvfp4_pp output with modelopt's of the same mode.
+  - llm-compressor's GPTQ W4A16 (INT4 g128) oneshot, its sequential pipeline, on the same samples
+    (`--peers` picks the tools beside nvfp4_pp);
+then prints time per phase, the per-layer solve times nvfp4_pp logs (its GPTQ solve alone in brackets),
+its measured peak against the planner's prediction, and tensor identity of each nvfp4_pp output with
+modelopt's of the same mode. modelopt's CUDA extensions are built once before anything is timed.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import DEV, REPO, SHAPES, log, write_checkpoint, write_tokens  # noqa: E402
 
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""modelopt's reference with one CPU thread, as nvfp4_pp's rank (CPU bytes depend on the thread count)."""
 MODES = {"flat": {"enable": False}, "layerwise": {"enable": True, "boundary": "sequential"}}
 
 
@@ -51,7 +56,8 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: in
     solves = [float(s) for s in re.findall(r"layer \d+ solved in ([0-9.]+) s", proc.stdout)]
     return {"wall": wall, "load": rank["phases"]["load"], "calibrate": rank["phases"]["calibrate"],
             "export": rank["phases"]["export"], "peak": rank["measured"].get("device", rank["measured"]["host"]) / 1e9,
-            "predicted": rank["predicted"]["device"] / 1e9, "solves": solves}
+            "predicted": rank["predicted"]["device"] / 1e9, "solves": solves,
+            "gptq_solve": [rank.get("gptq_solve", {})[k] for k in sorted(rank.get("gptq_solve", {}), key=int)]}
 
 
 def modelopt_child(model_dir: Path, rows: list[list[int]], out: Path, mode: str) -> dict:
@@ -83,7 +89,49 @@ def modelopt_child(model_dir: Path, rows: list[list[int]], out: Path, mode: str)
     return {"wall": load + calib + export, "load": load, "calibrate": calib, "export": export, "peak": peak}
 
 
+def llmcompressor_child(model_dir: Path, rows: list[list[int]], out: Path) -> dict:
+    """llm-compressor's GPTQ W4A16 (INT4 g128 symmetric) as its examples run it: model on the GPU, its
+    sequential pipeline (layer by layer), compressed save."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": DEV})
+    load = time.perf_counter() - t0
+    data = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+            max_seq_length=max(map(len, rows)), num_calibration_samples=len(rows), shuffle_calibration_samples=False)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    calib = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.save_pretrained(out, save_compressed=True)
+    export = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 1e9 if DEV == "cuda" else 0.0
+    return {"wall": load + calib + export, "load": load, "calibrate": calib, "export": export, "peak": peak}
+
+
+def warm_extensions() -> float:
+    """modelopt's CUDA extensions built once (a minute on a fresh machine), in a process of their own,
+    before any tool is timed: every later process finds them built."""
+    if DEV != "cuda":
+        return 0.0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from modelopt.torch.quantization.extensions import get_cuda_ext, "
+                    "get_cuda_ext_fp8; get_cuda_ext(raise_if_failed=True); get_cuda_ext_fp8(raise_if_failed=True)"],
+                   check=True, capture_output=True, text=True)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--llmcompressor-child"]:
+        model_dir, tokens, out = sys.argv[2:5]
+        rows = [json.loads(line)["input_ids"] for line in Path(tokens).read_text().splitlines()]
+        print("RESULT " + json.dumps(llmcompressor_child(Path(model_dir), rows, Path(out))), flush=True)
+        return
     if sys.argv[1:2] == ["--modelopt-child"]:
         model_dir, tokens, out, mode = sys.argv[2:6]
         rows = [json.loads(line)["input_ids"] for line in Path(tokens).read_text().splitlines()]
@@ -95,6 +143,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--modes", default="flat,layerwise")
+    ap.add_argument("--peers", default="modelopt,llmcompressor", help="tools beside nvfp4_pp (or none)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-gptq"))
     ap.add_argument("--report", type=Path, default=None)
     args = ap.parse_args()
@@ -105,12 +154,16 @@ def main() -> None:
     write_tokens(tokens, args.samples, args.seq, SHAPES[args.shape]["vocab_size"])
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import load_tensors, tensor_differences
+    warm = warm_extensions()
+    log(f"modelopt's CUDA extensions built and loaded in {warm:.1f} s (before any timing)")
+    peers = set(filter(None, args.peers.split(",")))
 
     lines = [f"# GPTQ W4A16 INT4 g128, {time.strftime('%Y-%m-%d')}, "
              f"{torch.cuda.get_device_name(0) if DEV == 'cuda' else 'CPU'}",
              f"{args.shape} shapes, {args.layers} layers ({nbytes / 1e9:.1f} GB), {args.samples} x {args.seq} "
              "random tokens, batch 1", "",
-             "| run | load s | calibrate s | export s | total s | peak GB (predicted) | per-layer solve s |",
+             f"modelopt's CUDA extensions built and loaded first ({warm:.1f} s), outside every timing", "",
+             "| run | load s | calibrate s | export s | total s | peak GB (predicted) | per layer s [GPTQ solve s] |",
              "|---|---|---|---|---|---|---|"]
     notes = []
     for mode in args.modes.split(","):
@@ -119,13 +172,16 @@ def main() -> None:
             r = run_nvfp4_pp(model_dir, tokens, ours, args.samples, args.seq, mode)
             log(f"nvfp4_pp {mode}: {r}")
             solves = ", ".join(f"{s:.1f}" for s in r["solves"]) or "-"
+            solves += " [GPTQ solve " + (", ".join(f"{s:.2f}" for s in r["gptq_solve"]) or "-") + "]"
             lines.append(f"| nvfp4_pp {mode} | {r['load']:.1f} | {r['calibrate']:.1f} | {r['export']:.1f} | "
                          f"{r['wall']:.1f} | {r['peak']:.1f} ({r['predicted']:.1f}) | {solves} |")
         except RuntimeError as e:
             log(str(e))
+        if "modelopt" not in peers:
+            continue
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--modelopt-child", str(model_dir), str(tokens), str(theirs),
-                               mode], capture_output=True, text=True, cwd=REPO)
+                               mode], capture_output=True, text=True, cwd=REPO, env=ONE_THREAD)
         if proc.returncode != 0:
             log(f"modelopt {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             continue
@@ -138,6 +194,18 @@ def main() -> None:
             diffs = tensor_differences(a, b)
             notes.append(f"{mode}: nvfp4_pp vs modelopt {len(a) - len(diffs)}/{len(a)} tensors bit-identical"
                          + ("" if not diffs else "; e.g. " + "; ".join(diffs[:3])))
+    if "llmcompressor" in peers:
+        out = args.work / "out-llmcompressor"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--llmcompressor-child", str(model_dir), str(tokens), str(out)],
+                              capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            log(f"llm-compressor failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        else:
+            m = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
+            log(f"llm-compressor: {m}")
+            lines.append(f"| llm-compressor GPTQ W4A16 (its sequential pipeline) | {m['load']:.1f} | "
+                         f"{m['calibrate']:.1f} | {m['export']:.1f} | {m['wall']:.1f} | {m['peak']:.1f} | - |")
     text = "\n".join(lines + [""] + notes)
     print(text, flush=True)
     if args.report:

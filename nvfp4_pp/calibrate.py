@@ -11,6 +11,7 @@ import torch
 
 from .config import ConfigError
 from .errors import CalibrationError
+from .gptq import SolveTimes
 from .log import logger
 from .records import Health
 
@@ -149,7 +150,7 @@ class ValidTokens:
 
 
 def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None], cfg: dict,
-              valid: ValidTokens | None = None) -> float:
+              valid: ValidTokens | None = None, solve_times: SolveTimes | None = None) -> float:
     """Insert the quantizers of modelopt config `cfg` into `stage`; collect statistics inside `forward_loop`.
 
     The loop must run inside `mtq.quantize`: statistics are gathered only while modelopt drives
@@ -157,7 +158,8 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
     the loop more than once (AWQ-lite: once to cache statistics, once to search scales); every
     rank's modelopt makes the same calls, so each call is one more pass of the whole pipeline.
     KV-cache quantizers go into attention modules only once their class is registered, which
-    modelopt does for a `PreTrainedModel` alone: a bare stage needs it done here.
+    modelopt does for a `PreTrainedModel` alone: a bare stage needs it done here. GPTQ is modelopt's
+    with nvfp4_pp.gptq's solve (same bytes; `solve_times` collects its seconds per Linear).
     """
     import modelopt.torch.quantization as mtq
 
@@ -178,13 +180,36 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
             forward_loop(model)
         marks.append(time.perf_counter())
 
-    mtq.quantize(stage, cfg, loop)
+    if method == "gptq":
+        from .layerwise import LayerAlgorithm
+
+        mtq.quantize(stage, {**cfg, "algorithm": None}, None)
+        LayerAlgorithm(cfg["algorithm"], solve_times).calibrate(stage, loop)
+    else:
+        mtq.quantize(stage, cfg, loop)
     marks.append(time.perf_counter())
     # Where the phase's time goes; returns the seconds spent in the loop(s).
     logger.info("calibration: %.1f s inserting quantizers and reading weight amaxes, %.1f s in %d loop(s), "
                 "%.1f s closing statistics", marks[1] - marks[0], marks[-2] - marks[1], (len(marks) - 2) // 2,
                 marks[-1] - marks[-2])
     return sum(b - a for a, b in zip(marks[1:-1:2], marks[2:-1:2]))
+
+
+def load_cuda_extensions(device: torch.device) -> float:
+    """modelopt's CUDA extensions (INT4 and FP8 fake quantization) loaded before calibration, the wait
+    announced: on a machine without them modelopt compiles them at first use (the INT4 one took 60 s on
+    an H200), which would otherwise stall the first pass without a word. Returns the seconds taken."""
+    if device.type != "cuda":
+        return 0.0
+    from modelopt.torch.quantization.extensions import get_cuda_ext, get_cuda_ext_fp8
+
+    logger.info("modelopt's CUDA extensions: loading (built on first use on a machine: about a minute)")
+    t0 = time.perf_counter()
+    get_cuda_ext()
+    get_cuda_ext_fp8()
+    seconds = time.perf_counter() - t0
+    logger.info("modelopt's CUDA extensions: ready in %.1f s", seconds)
+    return seconds
 
 
 def insert_quantizers(stage: torch.nn.Module, cfg: dict) -> None:

@@ -22,6 +22,7 @@ captured inputs are kept there too, so a killed rank resumes from its last solve
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import nn
 
 from . import dist
 from .calibrate import ValidTokens, running_max_collection
+from .gptq import SolveTimes, gptq
 from .log import logger
 from .stage import LayerContext, Stage
 
@@ -44,14 +46,17 @@ INPUTS_FILE = "layer_inputs.pt"
 
 class LayerAlgorithm:
     """modelopt's calibration function for one algorithm config (e.g. {"method": "gptq",
-    "perc_damp": 0.01}), applied to one decoder layer at a time as modelopt's layerwise mode does."""
+    "perc_damp": 0.01}), applied to a module (one decoder layer, or a whole stage) as modelopt's
+    layerwise mode does. GPTQ is modelopt's with its solve step from nvfp4_pp.gptq (same bytes,
+    the cost of its arithmetic); `times` collects where that solve's time went."""
 
-    def __init__(self, algorithm: dict):
+    def __init__(self, algorithm: dict, times: SolveTimes | None = None):
         from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, CalibrateModeRegistry
 
         name = BaseCalibrateModeDescriptor._get_mode_name(algorithm["method"], check=True)
         self.descriptor = type(CalibrateModeRegistry[name])
         self.config = self.descriptor().config_class(**algorithm)
+        self.times = times
 
     @property
     def feeds_quantized_outputs(self) -> bool:
@@ -77,8 +82,10 @@ class LayerAlgorithm:
                 with running_max_collection(module, ValidTokens()):
                     forward_loop(module)
 
-        wrapped_calib_func(layer, self.config, loop, func=self.descriptor._calib_func,
-                           supports_layerwise=self.descriptor._supports_layerwise)
+        func = self.descriptor._calib_func
+        if self.config.method == "gptq":
+            func = functools.partial(gptq, times=self.times)
+        wrapped_calib_func(layer, self.config, loop, func=func, supports_layerwise=self.descriptor._supports_layerwise)
 
 
 @contextlib.contextmanager
@@ -129,13 +136,15 @@ class Solver:
                  heartbeat: Callable[[int], None] = lambda index: None,
                  before: Callable[[int, nn.Module], None] = lambda index, layer: None,
                  choose: Callable[[int, nn.Module, LayerInputs], str] | None = None,
-                 chosen: dict[int, str] | None = None):
+                 chosen: dict[int, str] | None = None, times: SolveTimes | None = None):
         """`algorithms`: name -> modelopt algorithm config; one, or (with `choose`, `algorithm: auto`)
         the candidates `choose(index, layer, inputs)` picks from per layer; `chosen` holds what solved
         layers got. `before(index, layer)` runs ahead of each layer (a streaming stage loads it there);
         `record` after each layer solved here (save it for resume; a streaming stage writes and frees it)."""
         self.stage, self.solved, self.record, self.heartbeat, self.before = stage, solved, record, heartbeat, before
-        self.algorithms = {name: LayerAlgorithm(algorithm) for name, algorithm in algorithms.items()}
+        self.times = times
+        """GPTQ's solve seconds per Linear (named with its layer's prefix), where the run collects them."""
+        self.algorithms = {name: LayerAlgorithm(algorithm, times) for name, algorithm in algorithms.items()}
         self.choose, self.chosen = choose, dict(chosen or {})
 
     def algorithm(self, index: int) -> LayerAlgorithm:
@@ -172,6 +181,8 @@ class Solver:
             if self.choose:
                 self.chosen[index] = self.choose(index, layer, inputs)
                 split.lap("choose")
+            if self.times is not None:
+                self.times.prefix = f"{self.stage.layer_prefix(index)}."
             if self.algorithm(index).calibrates_at_bf16 and not self.feeds_quantized(index):
                 # one pass: it calibrates and gives the next inputs
                 inputs.hidden = self._calibrate_and_advance(inputs, index, layer)
@@ -183,8 +194,10 @@ class Solver:
             done = todo.index(index) + 1
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (len(todo) - done)
-            logger.info("layer %d solved in %.2f s (%s; %d/%d of this stage, %d tokens; ETA %.0f s)", index,
-                        split.layer_total(), split.layer_text(), done, len(todo), inputs.tokens, eta)
+            solve = (self.times.per_layer() if self.times is not None else {}).get(index)
+            logger.info("layer %d solved in %.2f s (%s%s; %d/%d of this stage, %d tokens; ETA %.0f s)", index,
+                        split.layer_total(), split.layer_text(), "" if solve is None else f", GPTQ solve {solve:.2f}",
+                        done, len(todo), inputs.tokens, eta)
             self.heartbeat(index)
         if todo:
             logger.info("%d layers solved in %.1f s: %s", len(todo), sum(split.totals.values()), split.totals_text())

@@ -209,6 +209,9 @@ class RankReport:
     """Start and end of each phase (start-up, load, calibrate, export, gather), in run order."""
     choices: tuple[LayerChoice, ...] = ()
     """`algorithm: auto`: each of the stage's layers' algorithm, in layer order."""
+    gptq_solve: dict[str, float] = dataclasses.field(default_factory=dict)
+    """GPTQ: seconds of the solve per decoder layer this run solved (layer index -> its Linears' damped
+    inverses and updates; Hessians and passes not counted)."""
 
     def to_dict(self) -> dict:
         """The rank's entry in nvfp4_pp.json (shards and schemes are summarised for the whole run)."""

@@ -30,6 +30,7 @@ from .calibrate import (
     calibration_health,
     check_algorithm_device,
     insert_quantizers,
+    load_cuda_extensions,
     modelopt_config,
     no_data_parallel_group,
     register_kv_attention,
@@ -44,6 +45,7 @@ from .export import StageExporter, export_stage
 from .files import nearest_existing, require_free, write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
+from .gptq import SolveTimes, solve_progress
 from .layer_choice import LayerChooser, held_out_count
 from .lock import WORK_DIR_LOCK, FileLock, Holder, output_lock_path
 from .log import RELAY, attach_file, end_of_run, logger
@@ -96,6 +98,8 @@ class Run:
         self.cfg, self.info, self.options = cfg, info, options
         self.started, self.started_wall = time.perf_counter(), time.time()
         self.timings: dict[str, float] = {}
+        self.solve_times = SolveTimes()
+        """GPTQ's solve seconds per Linear (the run record keeps them per layer)."""
         self.spans: list[PhaseSpan] = [PhaseSpan("start-up", self.started_wall, self.started_wall)]
         self.work_dir = work_dir_of(cfg)
         self.rank_dir = self.work_dir / f"rank{info.rank}"
@@ -326,6 +330,7 @@ class Run:
     def calibrate(self) -> None:
         """Quantizers calibrated through the pipeline (every rank at once), or restored from the work dir."""
         with self.phase("calibrate"):
+            load_cuda_extensions(self.info.device)
             self.traffic = self.state.once(
                 "calibrate", self._calibrate_through_pipeline, self._restore_quantizers,
                 reused=f"calibration: reusing the state every rank saved in {self.work_dir}",
@@ -351,7 +356,7 @@ class Run:
         def loop(model: torch.nn.Module) -> None:
             traffic.append(run_pipeline(model, self.info, samples.batches, samples.lengths, valid))
 
-        self.timings["calibration loop"] = calibrate(self.stage, loop, quant_cfg, valid)
+        self.timings["calibration loop"] = calibrate(self.stage, loop, quant_cfg, valid, self.solve_times)
         self.state.save_quantizers(self.stage)
         return traffic[-1]
 
@@ -398,6 +403,8 @@ class Run:
         chooser = None
         if self.cfg.algorithm == "auto":
             chooser = LayerChooser(self.stage, algorithms, held_out_count(len(inputs.hidden), self.cfg.auto.held_out))
+        if chooser is None and "gptq" in algorithms:  # one progress line over the stage's solves
+            self.solve_times.progress = solve_progress(self.stage, solved)
         t0 = time.perf_counter()
         try:
             outputs = layerwise.Solver(
@@ -405,7 +412,8 @@ class Run:
                 heartbeat=relay.heartbeat if relay else lambda index: None,
                 before=stream.load if stream else lambda index, layer: None,
                 choose=choose if chooser else None,
-                chosen={i: c.chosen for i, c in self.choices.items() if i in solved}).run(inputs)
+                chosen={i: c.chosen for i, c in self.choices.items() if i in solved},
+                times=self.solve_times).run(inputs)
         finally:
             if stream:
                 stream.close()
@@ -518,7 +526,8 @@ class Run:
             kind=plan.budget.kind, phases=dict(self.timings), health=self.health, traffic=self.traffic,
             predicted=Memory(plan.need.host, plan.need.device), measured=budget.measured_peak(plan.budget.kind),
             export=self.export_result, spans=tuple(self.spans),
-            choices=tuple(choice for _, choice in sorted(self.choices.items())))
+            choices=tuple(choice for _, choice in sorted(self.choices.items())),
+            gptq_solve={str(i): round(t, 3) for i, t in sorted(self.solve_times.per_layer().items())})
 
     def assemble(self) -> None:
         """Rank 0 gathers every rank's shards and report, assembles, verifies and renames into place."""
