@@ -219,7 +219,7 @@ def test_refusal_from_the_command_line(tmp_path):
     config = write_config(tmp_path / "run.yaml", model=str(model_dir), output=str(tmp_path / "out"))
     result = subprocess.run([sys.executable, "-m", "nvfp4_pp.run", str(config)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
+    assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("nvfp4_pp: error:")]
     assert len(errors) == 1 and "['MixtralForCausalLM'] is not supported" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

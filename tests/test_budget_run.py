@@ -66,7 +66,7 @@ def test_model_that_cannot_fit_is_refused_before_loading(smol_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-m", "nvfp4_pp.run", str(config)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert re.search(r"nvfp4_pp: error: the model does not fit in these ranks' memory: \d+\.\d\d GB missing in all\. "
                      r"The closest split \[30\] leaves \d+\.\d\d GB missing on rank 0 \(\S+, memory: needs "
                      r"\d+\.\d\d GB, budget 0\.30 GB\)", result.stderr), result.stderr[-2000:]

@@ -285,7 +285,7 @@ def test_nvfp4_source_run_fails_with_one_line(tmp_path, capsys):
     source = write_tiny_source(tmp_path / "src", {"quant_method": "modelopt", "quant_algo": "NVFP4"},
                                {"layer.weight": torch.ones(4, 4)})
     config = write_config(tmp_path / "run.yaml", model=str(source), output=str(tmp_path / "out"))
-    assert main([str(config)]) == 1
+    assert main([str(config)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nvfp4_pp: error")]
     assert len(lines) == 1 and "is quantized (modelopt quant_algo 'NVFP4')" in lines[0], lines
     assert not (tmp_path / "out").exists()

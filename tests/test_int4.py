@@ -146,7 +146,7 @@ def test_verify_rejects_missing_weight_shape_and_wrong_group(int4, smol_dir, tmp
 def test_widths_not_a_multiple_of_128_refused_before_loading(smol_dir, tmp_path, capsys):
     config = write_config(tmp_path / "run.yaml", model=str(smol_dir), output=str(tmp_path / "out"),
                           recipe="w4a16_int4", calibration={"dataset": "builtin:pydoc", "samples": 2, "max_length": 16})
-    assert main([str(config)]) == 1
+    assert main([str(config)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nvfp4_pp: error")]
     assert len(lines) == 1 and "input width not a multiple of the group size" in lines[0], lines
     assert "q_proj (in 576, groups of 128) x30" in lines[0] and "down_proj" not in lines[0]
