@@ -509,7 +509,7 @@ class Run:
             output = Path(self.cfg.output)
 
             def seal(tmp: Path) -> None:
-                problems = verify(tmp, self.source.path)
+                problems = verify(tmp, self.source.path, self.cfg.serving.target)
                 record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
                                     time.perf_counter() - self.started, time.perf_counter() - t0, problems,
                                     wire_name(self.info))

@@ -27,12 +27,26 @@ from .vllm_contract import (
     KV_SCALE_NAMES,
     OPTIONAL_SUFFIXES,
     SCALAR,
+    VLLM_RELEASE,
     QuantLayout,
     ignored,
     read_quant_config,
+    vllm_problems,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+RUN_RECORD = "nvfp4_pp.json"
+"""The run record beside a written checkpoint: its config's `serving.target` says who is meant to read it."""
+
+
+def serving_target(directory: Path) -> str:
+    """Who the checkpoint is for: the run record's `serving.target`, else vLLM (what a checkpoint without
+    one is promised to)."""
+    record = directory / RUN_RECORD
+    try:
+        return json.loads(record.read_text())["config"]["serving"]["target"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "vllm"
 
 
 def _json(path: Path, problems: list[str]) -> dict | None:
@@ -322,8 +336,10 @@ def _check_source(directory: Path, config: dict, source: Path, problems: list[st
                 problems.append(f"{f.name}: in the source but missing")
 
 
-def verify(directory: str | Path, source: str | Path | None = None) -> list[str]:
-    """Every problem found in `directory`, one line each, naming the tensor or field (empty: fine)."""
+def verify(directory: str | Path, source: str | Path | None = None, target: str | None = None) -> list[str]:
+    """Every problem found in `directory`, one line each, naming the tensor or field (empty: fine).
+    `target` (default: the run record's `serving.target`, else vllm): for `vllm`, a quantization config
+    the pinned vLLM release does not load is a problem; other readers' loaders are not checked."""
     directory = Path(directory)
     problems: list[str] = []
     if not directory.is_dir():
@@ -341,6 +357,9 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
         problems.append("config.json quantization_config: missing; vLLM would load the model unquantized")
         return problems
     layout = read_quant_config(directory, qc, problems)
+    if (target or serving_target(directory)) == "vllm":
+        problems += [f"quantization_config: not vLLM-loadable, vLLM {VLLM_RELEASE} refuses it ({why}); write the "
+                     "layout it loads, or name the reader in the run's serving.target" for why in vllm_problems(qc)]
     model = _linear_modules(directory, tensors, problems)
     if layout is None or model is None or tensors is None:
         return problems

@@ -296,27 +296,24 @@ def vllm_method(qc: dict) -> str | None:
 
 
 def vllm_problems(qc: dict) -> list[str]:
-    """Why vLLM VLLM_RELEASE cannot load a checkpoint with this `quantization_config`, one line each
-    (empty: its loader tables take every Linear)."""
-    where = f"vLLM {VLLM_RELEASE}"
+    """Why vLLM VLLM_RELEASE cannot load a checkpoint with this `quantization_config`, one short reason
+    each (empty: its loader tables take every Linear)."""
     if qc.get("quant_method") == "modelopt":
         algo = str(qc.get("quant_algo", "")).upper()
         if algo not in MODELOPT_QUANT_ALGOS:
-            return [f"quantization_config.quant_algo: {algo!r} is not loaded by {where}'s ModelOpt loader "
-                    f"(it accepts {', '.join(MODELOPT_QUANT_ALGOS)})"]
+            return [f"its ModelOpt loader takes quant_algo {', '.join(MODELOPT_QUANT_ALGOS)}, not {algo}"]
         layers = (qc.get("quantized_layers") or {}) if algo == "MIXED_PRECISION" else {}
-        left = sorted({str(v.get("quant_algo", "")).upper() for v in layers.values()} - set(MODELOPT_MIXED_LINEAR_ALGOS))
+        algos = {str(v.get("quant_algo", "")).upper() for v in layers.values()}
+        left = sorted(algos - set(MODELOPT_MIXED_LINEAR_ALGOS))
         if left:
-            count = sum(str(v.get("quant_algo", "")).upper() in left for v in layers.values())
-            return [f"quantization_config.quantized_layers: {count} Linears of quant_algo {', '.join(left)}, which "
-                    f"{where}'s MIXED_PRECISION loader leaves unquantized (their packed weights meet BF16 parameters)"]
+            return [f"its MIXED_PRECISION loader leaves the Linears of quant_algo {', '.join(left)} unquantized "
+                    "(their packed weights meet BF16 parameters)"]
         return []
     problems = []
     for name, group in (qc.get("config_groups") or {}).items():
         fmt = group.get("format") or qc.get("format")
         if not ct_vllm_schemes(fmt, group.get("weights"), group.get("input_activations")):
-            problems.append(f"quantization_config.config_groups.{name}: no compressed-tensors scheme of {where} takes "
-                            f"format {fmt!r} with these weights / input_activations")
+            problems.append(f"no compressed-tensors scheme of it takes config group {name} (format {fmt})")
     return problems
 
 
