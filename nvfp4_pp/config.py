@@ -268,7 +268,8 @@ class ServingConfig:
 RECIPE_SCHEMES = {"nvfp4": ("nvfp4",), "nvfp4_awq": ("nvfp4_awq",), "fp8": ("fp8",), "w4a16_nvfp4": ("w4a16_nvfp4",),
                   "mxfp4": ("mxfp4",), "mxfp4_mlp_fp8_attn": ("mxfp4", "fp8"), "w4a16_int4": ("int4_awq",)}
 """The schemes (modelopt's per-Linear names) a recipe writes; the serving check reads the layout's config
-for them from vllm_contract (tests/test_serving_target.py holds it to what the runs write)."""
+for them from vllm_contract (tests/test_recipes.py holds it to what the runs of fp8, w4a16_nvfp4, mxfp4
+and the mix write, test_int4.py to w4a16_int4's)."""
 ALGORITHM_RECIPES = {"gptq": ("w4a16_int4", "nvfp4", "w4a16_nvfp4"), "awq_lite": ("w4a16_int4",),
                      "local_hessian": ("nvfp4", "w4a16_nvfp4"), "mse": ("nvfp4", "w4a16_nvfp4"),
                      "four_over_six": ("nvfp4", "w4a16_nvfp4")}
