@@ -251,8 +251,9 @@ upper-cased per-layer `quant_algo` is not in MODELOPT_MIXED_LINEAR_ALGOS gets an
 its packed weights meet BF16 parameters. CT_SCHEME_DISPATCH: compressed-tensors' per-group scheme choice
 in order (the first test that holds wins; no test holding stops the load); CT_PREDICATES: each test's
 parameters and the conditions that must all hold (an early `return True` of vLLM's is left out, so
-they are never looser than vLLM; a GPU-capability check counts as met); CT_ACTIVATION_FORMATS: the
-formats `act_quant_format` stands for."""
+they are never looser than vLLM; a GPU-capability check counts as met; a `raise` inside a chosen
+branch is not modelled: vLLM 0.34 stops on NVFP4 weights whose input activations are neither NVFP4 nor
+absent, which CT_SCHEMES never writes); CT_ACTIVATION_FORMATS: the formats `act_quant_format` stands for."""
 
 CT_ARG_DEFAULTS = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": None,
                    "dynamic": False, "scale_dtype": None}
