@@ -96,7 +96,7 @@ def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device
     ignore = int4_ignore(model) if recipe == "w4a16_int4" else []
     config.write_text(yaml.safe_dump({
         "model": str(model), "output": str(out), "format": "modelopt", "recipe": recipe, "algorithm": algorithm,
-        "ignore": ignore,
+        "ignore": ignore, "serving": {"target": "none"},  # modelopt's layout of INT4 / NVFP4-AWQ: compared, not served
         "layerwise": {"enable": boundary is not None, "boundary": boundary or "parallel"},
         "calibration": {"dataset": str(tokens), "samples": samples, "max_length": 4096, "batch_size": 1},
         "pipeline": {"device": device, "backend": "gloo"},

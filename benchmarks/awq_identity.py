@@ -140,6 +140,7 @@ def main() -> int:
     config = args.work / f"{args.recipe}-{args.device}.yaml"
     config.write_text(yaml.safe_dump({
         "model": str(model), "output": str(out), "format": "modelopt", "recipe": args.recipe,
+        "serving": {"target": "none"},  # NVFP4_AWQ: compared with modelopt, not served by vLLM 0.34
         "calibration": {"dataset": str(tokens), "samples": samples, "max_length": 128, "batch_size": 1},
         "pipeline": {"device": args.device, "backend": "gloo"},
     }, sort_keys=False))

@@ -41,6 +41,7 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: in
     config = out.parent / f"nvfp4_pp-{mode}.yaml"
     config.write_text(json.dumps({
         "model": str(model_dir), "output": str(out), "format": "modelopt", "recipe": "w4a16_int4",
+        "serving": {"target": "none"},
         "algorithm": "gptq", "layerwise": MODES[mode],
         "calibration": {"dataset": str(tokens), "samples": samples, "max_length": seq, "batch_size": 1}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1",

@@ -316,13 +316,14 @@ def _make_max_hook(box: list, valid: ValidTokens):
 
 def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> Health:
     """Enabled static quantizers with a usable amax, none or zero, NaN/inf; the first `max_named`
-    unusable names."""
+    unusable names. MX quantizers (E8M0 block scales from each block's own values) use no amax and are
+    not counted."""
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     counts = {"good": 0, "zero": 0, "nan": 0}
     bad: list[str] = []
     for name, module in stage.named_modules():
-        if isinstance(module, TensorQuantizer) and module.is_enabled and not module._dynamic:
+        if isinstance(module, TensorQuantizer) and module.is_enabled and not module._dynamic and not module.is_mx_format:
             amax = getattr(module, "_amax", None)
             if amax is None or bool((amax == 0).all()):
                 kind = "zero"

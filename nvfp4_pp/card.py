@@ -16,6 +16,7 @@ from .config import RunConfig, config_to_dict
 from .files import sha256_of, write_json
 from .records import CalibrationManifest, RankReport
 from .serving import checkpoint_facts, serve_command, serving_lines
+from .vllm_contract import VLLM_RELEASE
 from .source import SourceCheckpoint
 from .source_card import read_source_card
 
@@ -259,7 +260,8 @@ def render_card(record: dict, output_name: str) -> str:
         *_pipeline_rows(record["ranks"]),
         "",
         "## Verification",
-        f"`python -m nvfp4_pp.verify` against vLLM's loader contract for this layout: {record['verification']}.",
+        f"`python -m nvfp4_pp.verify` against vLLM's loader contract for this layout: {record['verification']}"
+        + _target_note(cfg) + ".",
         "",
         "## Quality",
         QUALITY_START,
@@ -273,6 +275,13 @@ def render_card(record: dict, output_name: str) -> str:
         *serving_lines(record["checkpoint"], cfg["output"], output_name),
     ]
     return "\n".join(lines)
+
+
+def _target_note(cfg: dict) -> str:
+    """A checkpoint written for another reader (`serving.target`) was checked for its tensors only."""
+    target = (cfg.get("serving") or {}).get("target", "vllm")
+    return "" if target == "vllm" else (f" (its tensors and scales; written for `{target}`, so whether vLLM "
+                                        f"{VLLM_RELEASE} loads it was not required: see Serving)")
 
 
 def evaluate_command(record: dict, python: str = "python") -> str:

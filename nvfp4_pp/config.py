@@ -16,6 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from .errors import NvFp4PpError
+from .vllm_contract import VLLM_RELEASE, declared_config, vllm_problems
 
 
 class ConfigError(NvFp4PpError):
@@ -251,6 +252,24 @@ class AutoConfig:
             raise ConfigError(f"config key 'auto.candidates' names an algorithm twice: {self.candidates}")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ServingConfig:
+    """Who reads the checkpoint: the run refuses, before any weight loads, a recipe and layout that reader cannot load."""
+
+    target: Literal["vllm", "tensorrt-llm", "sglang", "transformers", "none"] = "vllm"
+    """`vllm`: the recipe and `format` must be loadable by vLLM 0.34.0 (the release whose loader tables
+    nvfp4_pp/vllm_contract.py pins; docs/serving.md has the table); a pair it does not load is refused
+    naming the layout that works. `tensorrt-llm`, `sglang` or `none` (no engine: identity checks, other
+    tools) state another reader, which is not checked: the run writes the layout as modelopt exports it,
+    `verify` does not require vLLM to load it, and the card names the readers instead of a vLLM command.
+    `transformers`: the compressed-tensors layout (transformers has no loader for modelopt's)."""
+
+
+RECIPE_SCHEMES = {"nvfp4": ("nvfp4",), "nvfp4_awq": ("nvfp4_awq",), "fp8": ("fp8",), "w4a16_nvfp4": ("w4a16_nvfp4",),
+                  "mxfp4": ("mxfp4",), "mxfp4_mlp_fp8_attn": ("mxfp4", "fp8"), "w4a16_int4": ("int4_awq",)}
+"""The schemes (modelopt's per-Linear names) a recipe writes; the serving check reads the layout's config
+for them from vllm_contract (tests/test_recipes.py holds it to what the runs of fp8, w4a16_nvfp4, mxfp4
+and the mix write, test_int4.py to w4a16_int4's)."""
 ALGORITHM_RECIPES = {"gptq": ("w4a16_int4", "nvfp4", "w4a16_nvfp4"), "awq_lite": ("w4a16_int4",),
                      "local_hessian": ("nvfp4", "w4a16_nvfp4"), "mse": ("nvfp4", "w4a16_nvfp4"),
                      "four_over_six": ("nvfp4", "w4a16_nvfp4")}
@@ -296,6 +315,7 @@ class RunConfig:
     layerwise: LayerwiseConfig = dataclasses.field(default_factory=LayerwiseConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     gather: GatherConfig = dataclasses.field(default_factory=GatherConfig)
+    serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -308,10 +328,13 @@ class RunConfig:
             raise ConfigError("layerwise.enable calibrates each layer with modelopt's own statistics, which cannot "
                               "skip pad positions; set calibration.batch_size: 1 or calibration.pack: true")
         self._check_algorithm()
+        self._check_serving()
         awq = self.recipe == "nvfp4_awq" or "nvfp4_awq" in self.recipe_overrides.values()
         if awq and self.format == "compressed-tensors":
             raise ConfigError("recipe nvfp4_awq keeps AWQ pre-quant scales, which compressed-tensors has no field "
-                              "for; set 'format: modelopt'")
+                              "for; set 'format: modelopt'" + (f" with a 'serving.target' (vLLM {VLLM_RELEASE} does not "
+                              "load NVFP4_AWQ: tensorrt-llm, sglang, none), or choose recipe nvfp4"
+                                                             if self.serving.target == "vllm" else ""))
 
     @property
     def algorithms(self) -> list[str]:
@@ -349,6 +372,32 @@ class RunConfig:
             raise ConfigError(f"algorithm auto needs two candidates; for recipe {self.recipe} in the {self.format} "
                               f"layout it has {self.algorithms}{why}; {fix}")
 
+    @property
+    def schemes(self) -> list[str]:
+        """The schemes this run writes: its recipe's and its overrides' (ignored modules aside)."""
+        named = [*RECIPE_SCHEMES[self.recipe], *(s for r in self.recipe_overrides.values() for s in RECIPE_SCHEMES[r])]
+        return sorted(set(named))
+
+    def _check_serving(self) -> None:
+        """The layout of this run's schemes is one its serving target loads (vLLM: the pinned loader tables)."""
+        target = self.serving.target
+        if target == "transformers" and self.format == "modelopt":
+            raise ConfigError("serving.target transformers: transformers has no loader for the modelopt layout; set "
+                              "'format: compressed-tensors', or another serving.target")
+        if target != "vllm":
+            return
+        what = f"recipe {self.recipe}" + (" with recipe_overrides" if self.recipe_overrides else "")
+        qc = declared_config(self.format, self.schemes)
+        if qc is None or not vllm_problems(qc):
+            return  # no such layout: refused below with its own line
+        other = "modelopt" if self.format == "compressed-tensors" else "compressed-tensors"
+        other_qc = declared_config(other, self.schemes)
+        fix = (f"set 'format: {other}', which it loads" if other_qc is not None and not vllm_problems(other_qc) else
+               "choose recipe nvfp4, which it loads in both layouts")
+        raise ConfigError(f"{what} in the {self.format} layout is not loadable by vLLM {VLLM_RELEASE} "
+                          f"({vllm_problems(qc)[0]}); {fix}, or set 'serving.target' to the engine that will read it "
+                          "(tensorrt-llm, sglang, none)")
+
     def _misfit(self, algorithm: str) -> str | None:
         """Why `algorithm` cannot calibrate this run's recipe and format, or None when it can."""
         if algorithm == "max":
@@ -363,7 +412,8 @@ class RunConfig:
             return f"algorithm {algorithm} runs on one recipe; remove recipe_overrides or use 'algorithm: max'"
         if algorithm == "awq_lite" and self.format == "compressed-tensors":
             return ("algorithm awq_lite keeps AWQ pre-quant scales, which compressed-tensors has no field for; set "
-                    "'format: modelopt'")
+                    "'format: modelopt'" + (f" with a 'serving.target' (vLLM {VLLM_RELEASE} does not load modelopt's "
+                                           "INT4: tensorrt-llm, sglang, none)" if self.serving.target == "vllm" else ""))
         return None
 
 

@@ -48,20 +48,25 @@ class LayerAlgorithm:
     """modelopt's calibration function for one algorithm config (e.g. {"method": "gptq",
     "perc_damp": 0.01}), applied to a module (one decoder layer, or a whole stage) as modelopt's
     layerwise mode does. GPTQ is modelopt's with its solve step from nvfp4_pp.gptq (same bytes,
-    the cost of its arithmetic); `times` collects where that solve's time went."""
+    the cost of its arithmetic); `times` collects where that solve's time went. None: a recipe with
+    nothing to calibrate on data (pure MXFP4): each layer is only passed through (a streaming stage
+    still reads and writes it a window at a time)."""
 
-    def __init__(self, algorithm: dict, times: SolveTimes | None = None):
+    def __init__(self, algorithm: dict | None, times: SolveTimes | None = None):
         from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, CalibrateModeRegistry
 
+        self.config = None
+        self.times = times
+        if algorithm is None:
+            return
         name = BaseCalibrateModeDescriptor._get_mode_name(algorithm["method"], check=True)
         self.descriptor = type(CalibrateModeRegistry[name])
         self.config = self.descriptor().config_class(**algorithm)
-        self.times = times
 
     @property
     def feeds_quantized_outputs(self) -> bool:
         """Whether the next layer is fed this layer's quantize-dequantize outputs (GPTQ) or BF16 ones."""
-        return self.config.layerwise.get_qdq_activations_from_prev_layer
+        return self.config is not None and self.config.layerwise.get_qdq_activations_from_prev_layer
 
     @property
     def calibrates_at_bf16(self) -> bool:
@@ -69,13 +74,15 @@ class LayerAlgorithm:
         layer's inputs: max calibration (modelopt's `enable_stats_collection` disables quantization
         while statistics are collected; this module's max collection only reads the inputs), unless
         the next layer is fed quantized outputs. Other methods quantize during their passes."""
-        return self.config.method == "max" and not self.feeds_quantized_outputs
+        return self.config is not None and self.config.method == "max" and not self.feeds_quantized_outputs
 
     def calibrate(self, layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
         """Max calibration collects input maxima on the device (calibrate.running_max_collection: the
         same amaxes, no host sync per quantizer and micro-batch), as the pipelined pass does."""
         from modelopt.torch.quantization.mode import wrapped_calib_func
 
+        if self.config is None:
+            return
         loop = forward_loop
         if self.config.method == "max":
             def loop(module: nn.Module) -> None:

@@ -358,6 +358,9 @@ class Run:
 
         self.timings["calibration loop"] = calibrate(self.stage, loop, quant_cfg, valid, self.solve_times)
         self.state.save_quantizers(self.stage)
+        if not traffic:  # no calibration algorithm (MXFP4: weight scales from the weights, activations dynamic)
+            logger.info("calibration: recipe %s has nothing to calibrate on data; modelopt ran no pass", cfg.recipe)
+            return Traffic()
         return traffic[-1]
 
     def _calibrate_layer_by_layer(self, configs: dict[str, dict]) -> Traffic:
@@ -365,7 +368,7 @@ class Run:
         `configs`: modelopt's config per algorithm (several: `algorithm: auto`'s candidates)."""
         algorithms = {name: quant_cfg["algorithm"] for name, quant_cfg in configs.items()}
         if not self.cfg.layerwise.enable:  # streaming alone: each layer's inputs as in one pass (BF16)
-            algorithms = {name: {**a, "layerwise": {"get_qdq_activations_from_prev_layer": False}}
+            algorithms = {name: a and {**a, "layerwise": {"get_qdq_activations_from_prev_layer": False}}
                           for name, a in algorithms.items()}
         quant_cfg = next(iter(configs.values()))  # every candidate calibrates the same quantizers
         # A streaming stage's layers are written as they are solved: an interrupted one starts over.
@@ -541,7 +544,7 @@ class Run:
             output = Path(self.cfg.output)
 
             def seal(tmp: Path, checksums: dict[str, str]) -> None:
-                problems = verify(tmp, self.source.path)
+                problems = verify(tmp, self.source.path, self.cfg.serving.target)
                 record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
                                     time.perf_counter() - self.started, time.perf_counter() - t0, problems,
                                     wire_name(self.info))

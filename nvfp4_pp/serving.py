@@ -15,7 +15,7 @@ import math
 import shlex
 from pathlib import Path
 
-from .vllm_contract import read_quant_config
+from .vllm_contract import VLLM_RELEASE, declared_config, read_quant_config, vllm_method, vllm_problems
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
@@ -25,13 +25,13 @@ SCHEME_TEXT = {
     "fp8": "FP8 W8A8", "mxfp4": "MXFP4", "int4_awq": "INT4 weight-only (W4A16, group 128)",
 }
 ACTIVATION_QUANTIZED = ("nvfp4", "nvfp4_awq", "fp8", "mxfp4")
-MODELOPT_QUANTIZATION = {"nvfp4": "modelopt_fp4", "nvfp4_awq": "modelopt_fp4", "w4a16_nvfp4": "modelopt_fp4",
-                         "fp8": "modelopt"}
-"""vLLM's `--quantization` for a one-scheme modelopt checkpoint (it also detects these from quant_algo;
-older releases needed the flag). Mixed checkpoints are left to detection. modelopt's INT4
-(`W4A16_AWQ`) has no vLLM loader (none up to its 2026 main): no flag, and the card says so."""
-NO_VLLM_LOADER = {("modelopt", "int4_awq")}
-"""(layout, scheme) pairs vLLM cannot load; the compressed-tensors layout of the same recipe it can."""
+OTHER_READERS = {
+    "modelopt": "TensorRT-LLM and SGLang, whose ModelOpt loaders read modelopt's own export (nvfp4_pp does not "
+                "check their loaders)",
+    "compressed-tensors": "transformers with compressed-tensors (`CompressedTensorsConfig(dequantize=True)`) and "
+                          "compressed-tensors' own decompressors",
+}
+"""Who reads a layout besides vLLM, named on the card of a checkpoint vLLM VLLM_RELEASE does not load."""
 GPU_CLASSES = (
     ("Blackwell (B200, GB200, RTX PRO 6000, RTX 50x0)", 180),
     ("Hopper and Ampere (H100, H200, A100, RTX 30x0 / 40x0)", 80),
@@ -87,11 +87,18 @@ def _tensor_parallel(size_bytes: int, gpu_gb: int) -> int:
     return 1 if need <= 1 else 2 ** math.ceil(math.log2(need))
 
 
+def _declared(facts: dict) -> dict:
+    return (declared_config(facts["method"], facts["schemes"]) if facts["method"] and facts["schemes"] else None) or {}
+
+
 def vllm_flags(facts: dict) -> list[str]:
-    """Flags every vLLM command for this checkpoint carries, in the order they are shown."""
+    """Flags every vLLM command for this checkpoint carries, in the order they are shown: a modelopt
+    checkpoint names the method whose config loads its quant_algo in vLLM VLLM_RELEASE (which also
+    detects it; older releases needed the flag)."""
     flags = []
-    if facts["method"] == "modelopt" and len(facts["schemes"]) == 1 and facts["schemes"][0] in MODELOPT_QUANTIZATION:
-        flags.append(f"--quantization {MODELOPT_QUANTIZATION[facts['schemes'][0]]}")
+    method = vllm_method(_declared(facts))
+    if method:
+        flags.append(f"--quantization {method}")
     if facts["max_model_len"]:
         flags.append(f"--max-model-len {facts['max_model_len']}")
     if facts["kv_cache_scales"]:
@@ -100,13 +107,15 @@ def vllm_flags(facts: dict) -> list[str]:
 
 
 def not_vllm_loadable(facts: dict) -> list[str]:
-    """The checkpoint's schemes vLLM has no loader for in its layout (empty: vLLM serves it)."""
-    return sorted(s for s in facts["schemes"] if (facts["method"], s) in NO_VLLM_LOADER)
+    """Why vLLM VLLM_RELEASE's loaders refuse the checkpoint's layout (empty: vLLM serves it)."""
+    declared = _declared(facts)
+    return vllm_problems(declared) if declared else []
 
 
 def serve_command(facts: dict, path: str, extra: list[str] = ()) -> str:
     if not_vllm_loadable(facts):
-        return f"none with vLLM (no loader for the {facts['method']} layout of {', '.join(not_vllm_loadable(facts))})"
+        return (f"none with vLLM {VLLM_RELEASE} ({not_vllm_loadable(facts)[0]}); readers: "
+                f"{OTHER_READERS[facts['method']]}")
     return " ".join(["vllm serve", shlex.quote(str(path)), *vllm_flags(facts), *extra])
 
 
@@ -153,10 +162,13 @@ def serving_lines(facts: dict, path: str, name: str) -> list[str]:
     ]
     unloadable = not_vllm_loadable(facts)
     if unloadable:
-        return lines + [f"vLLM has no loader for the `{facts['method']}` layout of {', '.join(unloadable)} (its "
-                        "ModelOpt loader reads FP8, NVFP4 and MXFP8 only), so no vLLM command is "
-                        "given. Write the same recipe with `format: compressed-tensors` for vLLM; this layout is "
-                        "for TensorRT-LLM and SGLang's ModelOpt W4A16 loader.", ""] + sampling_lines(facts)
+        other = "modelopt" if facts["method"] == "compressed-tensors" else "compressed-tensors"
+        other_qc = declared_config(other, facts["schemes"])
+        instead = (f"The same recipe in `format: {other}` is one vLLM {VLLM_RELEASE} loads."
+                   if other_qc and not vllm_problems(other_qc) else
+                   f"No layout of these schemes loads in vLLM {VLLM_RELEASE}; recipe `nvfp4` does in both.")
+        return lines + [f"vLLM {VLLM_RELEASE} does not load this checkpoint ({'; '.join(unloadable)}), so no vLLM "
+                        f"command is given. It is for {OTHER_READERS[facts['method']]}. {instead}", ""] + sampling_lines(facts)
     notes = {GPU_CLASSES[0][0]: blackwell, GPU_CLASSES[1][0]: older}
     for gpu_class, gpu_gb in GPU_CLASSES:
         tp = _tensor_parallel(facts["bytes"], gpu_gb)

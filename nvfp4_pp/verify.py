@@ -31,12 +31,35 @@ from .vllm_contract import (
     KV_SCALE_NAMES,
     OPTIONAL_SUFFIXES,
     SCALAR,
+    VLLM_RELEASE,
     QuantLayout,
     ignored,
     read_quant_config,
+    vllm_problems,
 )
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+RECORD = "nvfp4_pp.json"
+"""The run record beside a written checkpoint (card.RECORD, not imported: the checker stays independent
+of the writers): its config's `serving.target` says who is meant to read it, its `files` what the run
+wrote, with their sha256."""
+
+
+def _run_record(directory: Path) -> dict:
+    try:
+        record = json.loads((Path(directory) / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def serving_target(directory: Path) -> str:
+    """Who the checkpoint is for: the run record's `serving.target`, else vLLM (what a checkpoint without
+    one is promised to)."""
+    try:
+        return _run_record(directory)["config"]["serving"]["target"]
+    except (KeyError, TypeError):
+        return "vllm"
 
 
 def _json(path: Path, problems: list[str]) -> dict | None:
@@ -330,9 +353,11 @@ def _check_source(directory: Path, config: dict, source: Path, problems: list[st
                 problems.append(f"{f.name}: in the source but missing")
 
 
-def verify(directory: str | Path, source: str | Path | None = None) -> list[str]:
+def verify(directory: str | Path, source: str | Path | None = None, target: str | None = None) -> list[str]:
     """Every place `directory` breaks the loader contract, one line each, naming the tensor or field
-    (empty: fine). Tensors of a missing or unreadable shard are covered by that shard's line."""
+    (empty: fine). Tensors of a missing or unreadable shard are covered by that shard's line.
+    `target` (default: the run record's `serving.target`, else vllm): for `vllm`, a quantization config
+    the pinned vLLM release does not load is a problem; other readers' loaders are not checked."""
     directory = Path(directory)
     problems: list[str] = []
     if not directory.is_dir():
@@ -354,6 +379,9 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
     layout = read_quant_config(directory, qc, problems)
     if len(problems) > found:  # every tensor would be checked against a config that is itself wrong
         return problems
+    if (target or serving_target(directory)) == "vllm":
+        problems += [f"quantization_config: not vLLM-loadable, vLLM {VLLM_RELEASE} refuses it ({why}); write the "
+                     "layout it loads, or name the reader in the run's serving.target" for why in vllm_problems(qc)]
     model = _linear_modules(directory, tensors, problems)
     if layout is None or model is None or tensors is None:
         return problems
@@ -366,18 +394,11 @@ def verify(directory: str | Path, source: str | Path | None = None) -> list[str]
     return [p for p in problems if p.partition(": ")[0] not in lost]
 
 
-RECORD = "nvfp4_pp.json"
-"""The run record (card.RECORD: not imported, so the checker stays independent of the writers)."""
-
-
 def check_copy(directory: str | Path) -> tuple[list[str], str | None]:
     """Every file the run record lists, re-hashed against the sha256 the run wrote it with: (one line per
     file that is missing or differs, a note when there is nothing to check against)."""
     directory = Path(directory)
-    try:
-        files = json.loads((directory / RECORD).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        files = None
+    files = _run_record(directory).get("files")
     if not isinstance(files, dict):
         return [], f"{RECORD} lists no file checksums (not written by nvfp4_pp >= 0.2): the copy itself was not checked"
     problems = []

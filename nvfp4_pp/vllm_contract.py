@@ -1,7 +1,9 @@
 """What vLLM's loaders need from a quantized checkpoint, and what a checkpoint's config declares.
 
-The contract is written down here from vLLM's loaders (0.8-0.33), independently of the writer in
-formats/, so a writer bug cannot hide behind a shared table. `read_quant_config` turns a
+The contract is written down here from vLLM's loaders (0.8-0.33, and the tables of the release it is
+pinned to, `VLLM_RELEASE`), independently of the writer in formats/, so a writer bug cannot hide
+behind a shared table. `tools/vllm_tables.py` re-derives the pinned tables from that release's
+wheel (parsing its source, never importing it) and fails when a release drifts from them. `read_quant_config` turns a
 `quantization_config` block into the layout it declares (`QuantLayout`), naming every field a
 loader would misread; `verify` checks the tensors against it and `evaluate` decodes by it.
 """
@@ -12,6 +14,7 @@ import dataclasses
 import fnmatch
 import json
 import re
+import types
 from pathlib import Path
 
 SCALAR = ((), (1,))
@@ -89,9 +92,9 @@ CONTRACTS: dict[str, dict[str, Contract]] = {
 }
 """Layout -> scheme -> contract, from vLLM's loaders (ModelOpt{Fp8,NvFp4,MixedPrecision}Config;
 compressed-tensors W4A4Fp4, W4A16Fp4, W8A8Fp8, MXFP4, WNA16: int32 `weight_packed`, group scales
-loaded into the model dtype whatever they are stored in, `weight_shape`). vLLM's ModelOpt loader has
-no INT4 (`W4A16_AWQ`) method up to its 2026 main (QUANT_ALGOS: FP8 variants, NVFP4, W4A16_NVFP4,
-MXFP8, MIXED_PRECISION); that contract is modelopt's export as TensorRT-LLM and SGLang read it:
+loaded into the model dtype whatever they are stored in, `weight_shape`). The modelopt contracts of
+`nvfp4_awq`, `mxfp4` and `int4_awq` are modelopt's export, which vLLM VLLM_RELEASE's ModelOpt loader does
+not load (`vllm_problems`; MODELOPT_QUANT_ALGOS below); INT4 is written as TensorRT-LLM and SGLang read it:
 uint8 [out/2, in] (two output rows per byte, row 2i in the low nibble) and FP32 scales [out, in/128]."""
 MODELOPT_ALGOS = {"NVFP4": "nvfp4", "NVFP4_AWQ": "nvfp4_awq", "W4A16_NVFP4": "w4a16_nvfp4", "FP8": "fp8",
                   "MXFP4": "mxfp4", "W4A16_AWQ": "int4_awq"}
@@ -108,6 +111,229 @@ CT_SCHEMES: dict[str, tuple[str, dict | None, dict | None]] = {
     "int4_awq": ("pack-quantized", {**_CT_INT4, "dynamic": False}, None),
 }
 """compressed-tensors scheme -> (format, weights args, input_activations args) that readers need."""
+# --- vLLM VLLM_RELEASE's loader tables, as tools/vllm_tables.py derives them from its wheel -------------
+VLLM_RELEASE = "0.34.0"
+"""The vLLM release whose loaders the tables below mirror (re-derive: `python tools/vllm_tables.py --download 0.34.0`)."""
+MODELOPT_LINEAR_ALGOS = {'FP8': 'modelopt',
+ 'FP8_PB_WO': 'modelopt',
+ 'FP8_PER_CHANNEL_PER_TOKEN': 'modelopt',
+ 'MXFP8': 'modelopt_mxfp8',
+ 'NVFP4': 'modelopt_fp4',
+ 'W4A16_NVFP4': 'modelopt_fp4'}
+MODELOPT_QUANT_ALGOS = ('FP8', 'FP8_PER_CHANNEL_PER_TOKEN', 'FP8_PB_WO', 'NVFP4', 'W4A16_NVFP4', 'MXFP8', 'MIXED_PRECISION')
+MODELOPT_MIXED_METHOD = 'modelopt_mixed'
+MODELOPT_MIXED_LINEAR_ALGOS = ('FP8',
+ 'FP8_PER_CHANNEL_PER_TOKEN',
+ 'FP8_PB_WO',
+ 'NVFP4',
+ 'W4A16_NVFP4',
+ 'MXFP8',
+ 'IQ2_XS',
+ 'IQ2_XXS',
+ 'Q8_0')
+CT_SCHEME_DISPATCH = (('_is_nvfp4_format(weight_quant)', ('CompressedTensorsW4A4Fp4',)),
+ ('_is_mxfp4_w4a8_fp8(weight_quant, input_quant)', ('CompressedTensorsW4A8Mxfp4',)),
+ ('_is_mxfp4(weight_quant)', ('CompressedTensorsW4A4Mxfp4',)),
+ ('_is_mxfp8(weight_quant)', ('CompressedTensorsW8A8Mxfp8',)),
+ ('_is_fp8_w4a8_sm90(weight_quant, input_quant)', ('CompressedTensorsW4A8Fp8',)),
+ ('_is_wNa8o8_int(weight_quant, input_quant, output_quant, format)', ('CompressedTensorsWNA8O8Int',)),
+ ('_is_wNaM_int(weight_quant, input_quant, format) and input_quant.num_bits == 8',
+  ('CompressedTensorsWNA8Int',)),
+ ('_is_wNaM_int(weight_quant, input_quant, format) and input_quant.num_bits == 4',
+  ('CompressedTensorsWNA4Int',)),
+ ("_is_wNa16_group_channel(weight_quant, input_quant) and format == 'pack-quantized'",
+  ('CompressedTensorsWNA16',)),
+ ('act_quant_format and (_is_fp8_w8a8(weight_quant, input_quant))',
+  ('CompressedTensorsW8A16Fp8', 'CompressedTensorsW8A8Fp8')),
+ ('act_quant_format and (_is_fp8_w8a16(weight_quant, input_quant))', ('CompressedTensorsW8A16Fp8',)),
+ ('act_quant_format and (_is_static_tensor_w8a8(weight_quant, input_quant))', ('CompressedTensorsW8A8Int8',)),
+ ('act_quant_format and (_is_dynamic_token_w8a8(weight_quant, input_quant))', ('CompressedTensorsW8A8Int8',)),
+ ('act_quant_format and (_is_dynamic_token_w4a8_int(weight_quant, input_quant))',
+  ('CompressedTensorsW4A8Int',)))
+CT_PREDICATES = {'_is_dynamic_token_w4a8_int': (('weight_quant', 'input_quant'),
+                                ('not (not weight_quant or not input_quant)',
+                                 "not (weight_quant.type != 'int' or input_quant.type != 'int')",
+                                 'weight_quant.num_bits == 4',
+                                 'input_quant.num_bits == 8',
+                                 "(weight_quant.strategy == 'group' or weight_quant.strategy == 'channel') "
+                                 "and input_quant.strategy == 'token'",
+                                 'weight_quant.symmetric',
+                                 'not weight_quant.dynamic and input_quant.dynamic')),
+ '_is_dynamic_token_w8a8': (('weight_quant', 'input_quant'),
+                            ('weight_quant.num_bits == input_quant.num_bits == 8',
+                             "(weight_quant.strategy == 'tensor' or weight_quant.strategy == 'channel') and "
+                             "input_quant.strategy == 'token'",
+                             'weight_quant.symmetric',
+                             'not weight_quant.dynamic and input_quant.dynamic')),
+ '_is_fp8_w4a8': (('weight_quant', 'input_quant'),
+                  ('not (not weight_quant or not input_quant)',
+                   "not (weight_quant.type != 'int' or input_quant.type != 'float')",
+                   'weight_quant.num_bits == 4',
+                   'input_quant.num_bits == 8',
+                   "weight_quant.strategy == 'group' and input_quant.strategy == 'token'",
+                   'weight_quant.symmetric and input_quant.symmetric',
+                   'not weight_quant.dynamic and input_quant.dynamic')),
+ '_is_fp8_w4a8_sm90': (('weight_quant', 'input_quant'), ('True', '_is_fp8_w4a8(weight_quant, input_quant)')),
+ '_is_fp8_w8a16': (('weight_quant', 'input_quant'),
+                   ('not weight_quant is None',
+                    "not weight_quant.type != 'float'",
+                    'weight_quant.symmetric',
+                    'not weight_quant.dynamic',
+                    "weight_quant.strategy in ['tensor', 'channel', 'block']")),
+ '_is_fp8_w8a8': (('weight_quant', 'input_quant'),
+                  ('not (weight_quant is None or input_quant is None)',
+                   "not not ((weight_quant.type == 'float' and input_quant.type == 'float') and "
+                   'weight_quant.symmetric and (not weight_quant.dynamic) and (weight_quant.strategy in '
+                   "['tensor', 'channel', 'block']))",
+                   'input_quant.symmetric',
+                   "input_quant.strategy == 'tensor'")),
+ '_is_mxfp4': (('quant_args',),
+               ('not quant_args is None',
+                "quant_args.strategy == 'group'",
+                "quant_args.type == 'float'",
+                'quant_args.num_bits == 4',
+                'quant_args.group_size == 32',
+                'quant_args.symmetric')),
+ '_is_mxfp4_w4a8_fp8': (('weight_quant', 'input_quant'),
+                        ('not (not _is_mxfp4(weight_quant) or input_quant is None)',
+                         "input_quant.type == 'float'",
+                         'input_quant.num_bits == 8',
+                         'not weight_quant.dynamic',
+                         'bool(input_quant.dynamic)',
+                         "input_quant.strategy in ('token', 'group')",
+                         'input_quant.symmetric')),
+ '_is_mxfp8': (('quant_args',),
+               ('not quant_args is None',
+                "quant_args.strategy == 'group'",
+                "quant_args.type == 'float'",
+                'quant_args.num_bits == 8',
+                'quant_args.group_size == 32',
+                'quant_args.symmetric',
+                "quant_args.scale_dtype == 'uint8'")),
+ '_is_nvfp4_format': (('quant_args',),
+                      ('not quant_args is None',
+                       "quant_args.strategy == 'tensor_group'",
+                       "quant_args.type == 'float'",
+                       'quant_args.num_bits == 4',
+                       'quant_args.group_size == 16',
+                       'quant_args.symmetric')),
+ '_is_static_tensor_w8a8': (('weight_quant', 'input_quant'),
+                            ('weight_quant.num_bits == input_quant.num_bits == 8',
+                             "(weight_quant.strategy == 'tensor' or weight_quant.strategy == 'channel') and "
+                             "input_quant.strategy == 'tensor'",
+                             'weight_quant.symmetric',
+                             'not weight_quant.dynamic and (not input_quant.dynamic)')),
+ '_is_wNa16_group_channel': (('weight_quant', 'input_quant'),
+                             ("weight_quant.strategy == 'channel' or weight_quant.strategy == 'group'",
+                              'input_quant is None',
+                              'not weight_quant.dynamic')),
+ '_is_wNa8o8_int': (('weight_quant', 'input_quant', 'output_quant', 'format'),
+                    ("(weight_quant.type == 'int' and (not weight_quant.dynamic)) and weight_quant.strategy "
+                     "in ('channel', 'group') and (format in ('pack-quantized', 'int-quantized'))",
+                     "(input_quant is not None and input_quant.type == 'int' and (input_quant.strategy == "
+                     "'tensor') and (input_quant.num_bits == 8) and (not input_quant.dynamic)) and "
+                     "(output_quant is not None and output_quant.type == 'int' and (output_quant.strategy == "
+                     "'tensor') and (output_quant.num_bits == 8) and (not output_quant.dynamic))")),
+ '_is_wNaM_int': (('weight_quant', 'input_quant', 'format'),
+                  ('not input_quant is None',
+                   "weight_quant.type == 'int' and (not weight_quant.dynamic)",
+                   "weight_quant.strategy in ('channel', 'group')",
+                   "format == 'pack-quantized'",
+                   "input_quant.type == 'int'",
+                   'input_quant.symmetric',
+                   'input_quant.dynamic',
+                   "input_quant.strategy in ('token', 'group')"))}
+CT_ACTIVATION_FORMATS = ('naive-quantized', 'int-quantized', 'float-quantized', 'nvfp4-pack-quantized')
+"""MODELOPT_LINEAR_ALGOS: ModelOpt `quant_algo` -> the `--quantization` method whose config loads it;
+MODELOPT_QUANT_ALGOS: every top-level `quant_algo` the ModelOpt loader accepts (anything else stops with
+"ModelOpt currently only supports"); under MIXED_PRECISION (method MODELOPT_MIXED_METHOD) a Linear whose
+upper-cased per-layer `quant_algo` is not in MODELOPT_MIXED_LINEAR_ALGOS gets an unquantized method, so
+its packed weights meet BF16 parameters. CT_SCHEME_DISPATCH: compressed-tensors' per-group scheme choice
+in order (the first test that holds wins; no test holding stops the load); CT_PREDICATES: each test's
+parameters and the conditions that must all hold (an early `return True` of vLLM's is left out, so
+they are never looser than vLLM; a GPU-capability check counts as met; a `raise` inside a chosen
+branch is not modelled: vLLM 0.34 stops on NVFP4 weights whose input activations are neither NVFP4 nor
+absent, which CT_SCHEMES never writes); CT_ACTIVATION_FORMATS: the formats `act_quant_format` stands for."""
+
+CT_ARG_DEFAULTS = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": None,
+                   "dynamic": False, "scale_dtype": None}
+"""compressed-tensors' QuantizationArgs defaults, for fields a config group leaves out."""
+
+
+def _holds(expression: str, namespace: dict) -> bool:
+    """One pinned condition on the config's arguments (an attribute of a missing argument: not met)."""
+    try:
+        return bool(eval(expression, {"__builtins__": {}}, namespace))  # noqa: S307 - our own pinned table
+    except (AttributeError, TypeError):
+        return False
+
+
+def ct_vllm_schemes(fmt: str | None, weights: dict | None, inputs: dict | None) -> tuple[str, ...]:
+    """The scheme class(es) vLLM VLLM_RELEASE gives a compressed-tensors group (several: chosen by GPU);
+    empty when no test of its dispatch holds and the load stops."""
+    def args(raw: dict | None):
+        return None if raw is None else types.SimpleNamespace(**{**CT_ARG_DEFAULTS, **raw})
+
+    namespace = {"weight_quant": args(weights), "input_quant": args(inputs), "output_quant": None, "format": fmt,
+                 "act_quant_format": fmt in CT_ACTIVATION_FORMATS, "bool": bool}
+    predicates: dict = {}
+
+    def predicate(params: tuple[str, ...], conditions: tuple[str, ...]):
+        return lambda *values: all(_holds(c, {**predicates, "bool": bool, **dict(zip(params, values))})
+                                   for c in conditions)
+
+    predicates.update({name: predicate(*spec) for name, spec in CT_PREDICATES.items()})
+    namespace.update(predicates)
+    return next((schemes for test, schemes in CT_SCHEME_DISPATCH if _holds(test, namespace)), ())
+
+
+def vllm_method(qc: dict) -> str | None:
+    """vLLM VLLM_RELEASE's `--quantization` method for a modelopt config (None: compressed-tensors, which it
+    detects, or a config it does not load)."""
+    if qc.get("quant_method") != "modelopt":
+        return None
+    algo = str(qc.get("quant_algo", "")).upper()
+    return MODELOPT_MIXED_METHOD if algo == "MIXED_PRECISION" else MODELOPT_LINEAR_ALGOS.get(algo)
+
+
+def vllm_problems(qc: dict) -> list[str]:
+    """Why vLLM VLLM_RELEASE cannot load a checkpoint with this `quantization_config`, one short reason
+    each (empty: its loader tables take every Linear)."""
+    if qc.get("quant_method") == "modelopt":
+        algo = str(qc.get("quant_algo", "")).upper()
+        if algo not in MODELOPT_QUANT_ALGOS:
+            return [f"its ModelOpt loader takes quant_algo {', '.join(MODELOPT_QUANT_ALGOS)}, not {algo}"]
+        layers = (qc.get("quantized_layers") or {}) if algo == "MIXED_PRECISION" else {}
+        algos = {str(v.get("quant_algo", "")).upper() for v in layers.values()}
+        left = sorted(algos - set(MODELOPT_MIXED_LINEAR_ALGOS))
+        if left:
+            return [f"its MIXED_PRECISION loader leaves the Linears of quant_algo {', '.join(left)} unquantized "
+                    "(their packed weights meet BF16 parameters)"]
+        return []
+    problems = []
+    for name, group in (qc.get("config_groups") or {}).items():
+        fmt = group.get("format") or qc.get("format")
+        if not ct_vllm_schemes(fmt, group.get("weights"), group.get("input_activations")):
+            problems.append(f"no compressed-tensors scheme of it takes config group {name} (format {fmt})")
+    return problems
+
+
+def declared_config(method: str, schemes: list[str]) -> dict | None:
+    """The loader-relevant part of the `quantization_config` a layout declares for these schemes (one
+    Linear per scheme), as this contract reads layouts; None when the layout has no field for one."""
+    if method == "modelopt":
+        algos = {s: next(a for a, scheme in MODELOPT_ALGOS.items() if scheme == s) for s in schemes}
+        if len(schemes) == 1:
+            return {"quant_method": "modelopt", "quant_algo": algos[schemes[0]]}
+        return {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
+                "quantized_layers": {f"layer.{s}": {"quant_algo": a} for s, a in algos.items()}}
+    if any(s not in CT_SCHEMES for s in schemes):
+        return None
+    groups = {f"group_{i}": {"format": CT_SCHEMES[s][0], "weights": CT_SCHEMES[s][1],
+                             "input_activations": CT_SCHEMES[s][2]} for i, s in enumerate(schemes)}
+    return {"quant_method": "compressed-tensors", "config_groups": groups}
+
+
 KV_SCALE_NAMES = {"modelopt": (".k_proj.k_scale", ".v_proj.v_scale"),
                   "compressed-tensors": (".k_scale", ".v_scale")}
 """Where vLLM looks for FP8 KV-cache scales, relative to the attention module."""

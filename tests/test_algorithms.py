@@ -43,7 +43,7 @@ def _config(path: Path, smol_dir: Path, token_file: Path | None, out: Path, cali
     return write_config(
         path, model=str(smol_dir), output=str(out), format="modelopt", recipe=RECIPE, ignore=IGNORE,
         calibration=calibration or {"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
-        pipeline={"timeout_s": 120, "layers": SPLIT}, **sections)
+        pipeline={"timeout_s": 120, "layers": SPLIT}, serving={"target": "none"}, **sections)
 
 
 def _reference(smol_dir: Path, token_file: Path, out: Path, *options: str) -> Path:

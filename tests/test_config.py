@@ -19,13 +19,14 @@ def test_config_keys_are_pinned():
         "layerwise.enable", "layerwise.boundary",
         "pipeline.layers", "pipeline.backend", "pipeline.device", "pipeline.memory_limit_gb",
         "pipeline.reserve_gb", "pipeline.timeout_s", "pipeline.stream",
-        "gather.shared", "gather.transfer", "gather.work_dir", "gather.rsync_port",
+        "gather.shared", "gather.transfer", "gather.work_dir", "gather.rsync_port", "serving.target",
     ]
 
 
 def test_auto_tries_every_algorithm_that_fits_unless_told():
     layerwise = {"layerwise": {"enable": True}, "algorithm": "auto"}
-    assert config_from_dict({**BASE, **layerwise, "recipe": "w4a16_int4", "format": "modelopt"}).algorithms == [
+    assert config_from_dict({**BASE, **layerwise, "recipe": "w4a16_int4", "format": "modelopt",
+                            "serving": {"target": "none"}}).algorithms == [
         "max", "gptq", "awq_lite"]
     assert config_from_dict({**BASE, **layerwise}).algorithms == ["max", "gptq"]  # NVFP4, compressed-tensors
     named = config_from_dict({**BASE, **layerwise, "auto": {"candidates": ["gptq", "max"]}, "gptq": {"damping": 0.1}})

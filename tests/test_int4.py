@@ -16,7 +16,9 @@ import torch
 from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
 from tiny_models import _save_perturbed, write_token_file
 from test_verify import copy_checkpoint, edit_quant_config, edit_tensor
+from nvfp4_pp.config import RECIPE_SCHEMES
 from nvfp4_pp.evaluate.decode import decode_checkpoint
+from nvfp4_pp.serving import checkpoint_facts
 from nvfp4_pp.evaluate.int4 import codes_from_row_pairs
 from nvfp4_pp.evaluate.quality import evaluate, perplexity
 from nvfp4_pp.run import main
@@ -38,7 +40,8 @@ def int4(smol_dir, token_file, tmp_path_factory):
         out = work / f"out-{fmt}"
         config = write_config(
             work / f"{fmt}.yaml", model=str(smol_dir), output=str(out), format=fmt, recipe="w4a16_int4",
-            ignore=IGNORE, calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1})
+            ignore=IGNORE, calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
+            serving={"target": "tensorrt-llm" if fmt == "modelopt" else "vllm"})
         result = run_nvfp4_pp(config, 3)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         outs.append(out)
@@ -57,11 +60,17 @@ def test_modelopt_layout_identical_to_single_process_modelopt(int4, smol_dir):
         assert our_q[key] == ref_q[key], key
     qc = read_json(out / "config.json")["quantization_config"]
     assert (qc["quant_algo"], qc["group_size"]) == ("W4A16_AWQ", 128)
-    assert verify(out, smol_dir) == []
+    assert checkpoint_facts(out)["schemes"] == list(RECIPE_SCHEMES["w4a16_int4"])
+    assert verify(out, smol_dir) == []  # written for tensorrt-llm (its nvfp4_pp.json says so)
+    assert verify(out, smol_dir, target="vllm") == [
+        "quantization_config: not vLLM-loadable, vLLM 0.34.0 refuses it (its ModelOpt loader takes quant_algo FP8, "
+        "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8, MIXED_PRECISION, not W4A16_AWQ); write the "
+        "layout it loads, or name the reader in the run's serving.target"]
     errors = {n: s["weight_error"] for n, s in read_json(out / "nvfp4_pp.json")["linears"].items()}
     assert sorted(errors) == sorted(DOWN) and all(0.05 < e < 0.2 for e in errors.values()), errors  # decoded at export
     card = (out / "README.md").read_text()
-    assert "vLLM has no loader for the `modelopt` layout of int4_awq" in card and "vllm serve" not in card
+    assert "vLLM 0.34.0 does not load this checkpoint (its ModelOpt loader takes quant_algo" in card
+    assert "TensorRT-LLM and SGLang" in card and "vllm serve" not in card
 
 
 def test_every_linear_of_a_128_wide_model_identical_to_single_process_modelopt(tmp_path):
@@ -78,7 +87,8 @@ def test_every_linear_of_a_128_wide_model_identical_to_single_process_modelopt(t
     subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), "--recipe", "w4a16_int4", str(model_dir),
                     str(tokens), str(ref)], check=True, capture_output=True)
     run = write_config(tmp_path / "run.yaml", model=str(model_dir), output=str(out), format="modelopt",
-                       recipe="w4a16_int4", calibration={"dataset": str(tokens), "samples": 4, "batch_size": 1})
+                       recipe="w4a16_int4", calibration={"dataset": str(tokens), "samples": 4, "batch_size": 1},
+                       serving={"target": "none"})
     result = run_nvfp4_pp(run, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ours = load_tensors(out)

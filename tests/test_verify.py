@@ -137,7 +137,8 @@ def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_p
                               calibration={"dataset": str(tokens), "samples": 2, "max_length": 16})
     real_verify = runner_module.verify
     assert real_verify(source) != []  # a BF16 source is not a quantized checkpoint: verify says so
-    monkeypatch.setattr(runner_module, "verify", lambda d, s: real_verify(d, s) + ["model.norm.weight: planted problem"])
+    monkeypatch.setattr(runner_module, "verify",
+                        lambda d, s, target: real_verify(d, s, target) + ["model.norm.weight: planted problem"])
     assert run_module.main([str(run_config)]) == 2  # rerunning cannot help: a bug to report
     err = capsys.readouterr().err
     assert "fails verification (1 problems)" in err and "model.norm.weight: planted problem" in err, err[-2000:]
