@@ -115,8 +115,11 @@ def failure_lines(failures: dict[int, object], cfg) -> tuple[list[str], int]:
             causes.append((message, exitcode))
     if not causes:
         return list(dict.fromkeys(consequences)), EXIT_FAULT
-    code = EXIT_BAD_INPUT if all(c == EXIT_BAD_INPUT for _, c in causes) else EXIT_FAULT
-    return list(dict.fromkeys(line for line, _ in causes)), code
+    codes: dict[str, set[int]] = {}
+    for line, exitcode in causes:  # one line from several ranks: one of them may be torchrun's SIGTERM victim
+        codes.setdefault(line, set()).add(exitcode)
+    code = EXIT_BAD_INPUT if all(EXIT_BAD_INPUT in c for c in codes.values()) else EXIT_FAULT
+    return list(codes), code
 
 
 CONSEQUENCES = ("interrupted by SIGTERM during", ": stopped because rank ", ": lost rank ")

@@ -104,6 +104,9 @@ def test_failure_lines_from_torchs_record(tmp_path):
                "resume from the beginning (no phase was finished)")
     lines, code = failure_lines({0: _failure(tmp_path, 0, 1, stopped), 1: _failure(tmp_path, 1, 2, own)}, None)
     assert (lines, code) == ([own], 2)
+    # every rank words a shared error alike; one may have been killed by torchrun's SIGTERM while leaving
+    lines, code = failure_lines({0: _failure(tmp_path, 0, 2, own), 1: _failure(tmp_path, 1, -15, own)}, None)
+    assert (lines, code) == ([own], 2)
     lines, code = failure_lines({0: _failure(tmp_path, 0, 1, stopped), 2: _failure(tmp_path, 2, -9, None)}, None)
     assert code == 1 and len(lines) == 1
     assert lines[0].startswith("nvfp4_pp: error: rank 2 was killed by SIGKILL (from outside: the kernel's "
