@@ -307,7 +307,7 @@ class Run:
     def calibrate(self) -> None:
         """Quantizers calibrated through the pipeline (every rank at once), or restored from the work dir."""
         with self.phase("calibrate"):
-            load_cuda_extensions(self.info.device)
+            load_cuda_extensions(self.info.device, {self.cfg.recipe, *(self.cfg.recipe_overrides or {}).values()})
             self.traffic = self.state.once(
                 "calibrate", self._calibrate_through_pipeline, self._restore_quantizers,
                 reused=f"calibration: reusing the state every rank saved in {self.work_dir}",
