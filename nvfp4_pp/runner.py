@@ -267,7 +267,8 @@ class Run:
 
         sizes = ModelSizes.from_source(self.source, self.arch)
         self.plans = dist.everywhere(info, plan)
-        for line in describe(self.plans, sizes):
+        gptq = None if not uses_hessians(self.cfg) else self.boundary if self.cfg.layerwise.enable else "flat"
+        for line in describe(self.plans, sizes, gptq):
             logger.info("%s", line)
 
     def open_work_state(self) -> None:
