@@ -270,9 +270,9 @@ def gptq_time_line(plans: list[StagePlan], sizes: ModelSizes, mode: str) -> str:
     if len(plans) == 1:
         how = "one stage"
     elif mode == "sequential":
-        how = "the stages solve in turn (boundary: sequential)"
+        how = "the stages solve in turn: boundary sequential"
     else:
-        how = f"the {len(plans)} stages solve at once ({mode}), {sum(layers) / max(layers):.1f}x sooner than in turn"
+        how = f"the {len(plans)} stages solve at once, {mode}: {sum(layers) / max(layers):.1f}x sooner than in turn"
     return (f"GPTQ: solve predicted at {per_layer:.1f} s a layer on an H200 (measured rate; other devices differ), "
             f"{total:.{0 if total >= 10 else 1}f} s for this split ({how}); the Hessian passes come on top")
 
