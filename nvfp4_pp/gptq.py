@@ -214,24 +214,14 @@ def _block_steps(work: torch.Tensor, errors: torch.Tensor, quantized: torch.Tens
 
 
 def _record(steps: Callable[[], None], device: torch.device) -> torch.cuda.CUDAGraph | None:
-    """`steps` recorded as a CUDA graph (nothing runs while recording); None where recording fails.
-    Recorded on a stream of its own without `torch.cuda.graph`'s device-wide synchronize (and its
-    garbage collection): a damped inverse may be running on another stream meanwhile (`InverseAhead`),
-    and other threads' CUDA calls stay allowed (thread-local capture)."""
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
-    current = torch.cuda.current_stream(device)
-    stream.wait_stream(current)
+    """`steps` recorded as a CUDA graph (nothing runs while recording); None where recording fails."""
+    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.stream(stream):
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                steps()
-            finally:
-                graph.capture_end()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls unaffected
+            steps()
     except RuntimeError as e:
         logger.debug("GPTQ: the block's steps could not be recorded as a CUDA graph (%s); running them eagerly", e)
         return None
-    current.wait_stream(stream)
     return graph
 
 
@@ -272,67 +262,10 @@ def gptq(model: nn.Module, forward_loop: Callable[[nn.Module], None], perc_damp:
     times = times if times is not None else SolveTimes()
     progress = times.progress or Progress("GPTQ solve", sum(m.weight.numel() for _, m in linears), "M weights",
                                           scale=1e6, steps=len(linears), step_unit="Linears")
-    groups = shared_input_groups(helpers, block_size)
-    ahead = InverseAhead.start(groups, block_size, perc_damp)
-    for group in ahead.order if ahead else groups:
-        solve_group(group, block_size, perc_damp, times, progress,
-                    ahead.result if ahead is not None and group is ahead.group else None)
+    for group in shared_input_groups(helpers, block_size):
+        solve_group(group, block_size, perc_damp, times, progress)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-class InverseAhead:
-    """On a GPU, the widest group's damped inverse (Llama-70B's down_proj: 28672 wide, 1.5 s of cuSOLVER
-    on an H200) computed on a stream and thread of its own while the groups no larger than it are solved
-    (launch-bound column steps): same function, same bytes, its time hidden. `order`: those groups
-    first, then it, then the larger ones (a stacked gate/up's FP32 copy would add to the inverse's
-    memory; the planner counts the inverse and one Linear's copy)."""
-
-    def __init__(self, group: list, order: list[list], future, done: torch.cuda.Event, device: torch.device):
-        self.group, self.order, self._future, self._done, self._device = group, order, future, done, device
-
-    @classmethod
-    def start(cls, groups: list[list], block_size: int, perc_damp: float) -> InverseAhead | None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from modelopt.torch.quantization.utils.calib_utils import compute_hessian_inverse
-
-        ours = [g for g in groups if _own_quantizer(g[0], block_size) is not None]
-        if not ours or not ours[0][0].module.weight.is_cuda:
-            return None
-        wide = max(ours, key=lambda g: g[0].module.weight.shape[-1])
-        size = {id(g): sum(h.module.weight.numel() for h in g) for g in groups}
-        before = [g for g in groups if g is not wide and size[id(g)] <= size[id(wide)]]
-        if not before:
-            return None
-        device = wide[0].module.weight.device
-        main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-        hessian = wide[0].hessian.to(device)
-        weight = wide[0].module.weight.data.float()  # the dead columns of every member (checked equal)
-        side.wait_stream(main)
-        done = torch.cuda.Event()
-
-        def inverse() -> torch.Tensor:
-            with torch.cuda.stream(side):
-                h_inv = compute_hessian_inverse(hessian, weight, perc_damp)
-                done.record(side)
-            return h_inv
-
-        hessian.record_stream(side)
-        weight.record_stream(side)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="gptq-inverse")
-        future = pool.submit(inverse)
-        pool.shutdown(wait=False)  # the thread ends with its one task
-        after = [g for g in groups if g is not wide and size[id(g)] > size[id(wide)]]
-        return cls(wide, [*before, wide, *after], future, done, device)
-
-    def result(self) -> torch.Tensor:
-        """The inverse, usable on the current stream."""
-        h_inv = self._future.result()
-        main = torch.cuda.current_stream(self._device)
-        main.wait_event(self._done)
-        h_inv.record_stream(main)
-        return h_inv
 
 
 def solve_progress(stage, solved: set[int]) -> Progress:
@@ -386,10 +319,9 @@ def rows_stack_exactly(device: torch.device) -> bool:
     return device.type == "cuda" or torch.get_num_threads() == 1
 
 
-def solve_group(group: list, block_size: int, perc_damp: float, times: SolveTimes, progress: Progress,
-                inverse: Callable[[], torch.Tensor] | None = None) -> None:
-    """One damped inverse of the group's shared Hessian (or `inverse()`'s, computed ahead); its Linears
-    solved together (rows stacked) where that is exact, else one after another; weights written back."""
+def solve_group(group: list, block_size: int, perc_damp: float, times: SolveTimes, progress: Progress) -> None:
+    """One damped inverse of the group's shared Hessian; its Linears solved together (rows stacked) where
+    that is exact, else one after another; weights written back."""
     from modelopt.torch.quantization.utils.calib_utils import compute_hessian_inverse
 
     started = time.perf_counter()
@@ -406,12 +338,11 @@ def solve_group(group: list, block_size: int, perc_damp: float, times: SolveTime
         stacked = column_quantizer([m.weight_quantizer for m in modules], [m.weight.shape[0] for m in modules],
                                    in_features, block_size)
     parts = [(modules, stacked)] if stacked else [([m], _own_quantizer(h, block_size)) for h, m in zip(group, modules)]
-    hessian = group[0].hessian.to(device) if inverse is None else None
+    hessian = group[0].hessian.to(device)
     for helper in group:
         helper.free()
     # dead columns are those of every member (checked equal): the first's weight stands for all
-    h_inv = compute_hessian_inverse(hessian, modules[0].weight.data.float(), perc_damp) if inverse is None \
-        else inverse()
+    h_inv = compute_hessian_inverse(hessian, modules[0].weight.data.float(), perc_damp)
     del hessian
     inverse_s = _now(device) - started
     for members, quantize in parts:
