@@ -32,12 +32,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import DEV, REPO, SHAPES, log, write_checkpoint, write_tokens  # noqa: E402
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"} if DEV == "cpu" else None
 """modelopt's reference with one CPU thread, as nvfp4_pp's rank (CPU bytes depend on the thread count)."""
 MODES = {"flat": {"enable": False}, "layerwise": {"enable": True, "boundary": "sequential"}}
 
 
-def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: int, mode: str) -> dict:
+def child(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """A tool in its own process; one stuck past `timeout` is killed and reported with the end of its output."""
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return subprocess.CompletedProcess(cmd, 124, out, err + f"\n(killed after {timeout:.0f} s)")
+
+
+def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: int, mode: str,
+                 timeout: float | None = None) -> dict:
     config = out.parent / f"nvfp4_pp-{mode}.yaml"
     config.write_text(json.dumps({
         "model": str(model_dir), "output": str(out), "format": "modelopt", "recipe": "w4a16_int4",
@@ -47,9 +58,8 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: in
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                           "-m", "nvfp4_pp.run", str(config), "--overwrite"], env=env, capture_output=True,
-                          text=True, cwd=REPO)
+    proc = child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                  "-m", "nvfp4_pp.run", str(config), "--overwrite"], env, timeout)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"nvfp4_pp {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -116,13 +126,13 @@ def llmcompressor_child(model_dir: Path, rows: list[list[int]], out: Path) -> di
 
 
 def warm_extensions() -> float:
-    """modelopt's CUDA extensions built once (a minute on a fresh machine), in a process of their own,
+    """modelopt's INT4 CUDA extension built once (a minute on a fresh machine), in a process of their own,
     before any tool is timed: every later process finds them built."""
     if DEV != "cuda":
         return 0.0
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "from modelopt.torch.quantization.extensions import get_cuda_ext, "
-                    "get_cuda_ext_fp8; get_cuda_ext(raise_if_failed=True); get_cuda_ext_fp8(raise_if_failed=True)"],
+    subprocess.run([sys.executable, "-c", "from modelopt.torch.quantization.extensions import get_cuda_ext; "
+                    "get_cuda_ext(raise_if_failed=True)"],
                    check=True, capture_output=True, text=True)
     return time.perf_counter() - t0
 
@@ -145,16 +155,19 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--modes", default="flat,layerwise")
     ap.add_argument("--peers", default="modelopt,llmcompressor", help="tools beside nvfp4_pp (or none)")
+    ap.add_argument("--tool-timeout-s", type=float, default=0, help="kill a tool's process after this long (0: never)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-gptq"))
     ap.add_argument("--report", type=Path, default=None)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = args.work / f"{args.shape}-{args.layers}l"
+    log(f"writing the {args.shape} checkpoint ({args.layers} layers) and the tokens")
     nbytes = write_checkpoint(model_dir, args.shape, args.layers)
     tokens = args.work / "tokens.jsonl"
     write_tokens(tokens, args.samples, args.seq, SHAPES[args.shape]["vocab_size"])
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import load_tensors, tensor_differences
+    log("building/loading modelopt's CUDA extensions")
     warm = warm_extensions()
     log(f"modelopt's CUDA extensions built and loaded in {warm:.1f} s (before any timing)")
     peers = set(filter(None, args.peers.split(",")))
@@ -166,47 +179,55 @@ def main() -> None:
              f"modelopt's CUDA extensions built and loaded first ({warm:.1f} s), outside every timing", "",
              "| run | load s | calibrate s | export s | total s | peak GB (predicted) | per layer s [GPTQ solve s] |",
              "|---|---|---|---|---|---|---|"]
-    notes = []
-    for mode in args.modes.split(","):
+    notes: list[str] = []
+    timeout = args.tool_timeout_s or None
+
+    def row(line: str) -> None:
+        """Each result as it comes: a call cut off still returns what finished."""
+        lines.append(line)
+        print(line, flush=True)
+        if args.report:
+            args.report.write_text("\n".join(lines + [""] + notes) + "\n")
+
+    for index, mode in enumerate(args.modes.split(",")):
         ours, theirs = args.work / f"out-pp-{mode}", args.work / f"out-modelopt-{mode}"
         try:
-            r = run_nvfp4_pp(model_dir, tokens, ours, args.samples, args.seq, mode)
+            r = run_nvfp4_pp(model_dir, tokens, ours, args.samples, args.seq, mode, timeout)
             log(f"nvfp4_pp {mode}: {r}")
             solves = ", ".join(f"{s:.1f}" for s in r["solves"]) or "-"
             solves += " [GPTQ solve " + (", ".join(f"{s:.2f}" for s in r["gptq_solve"]) or "-") + "]"
-            lines.append(f"| nvfp4_pp {mode} | {r['load']:.1f} | {r['calibrate']:.1f} | {r['export']:.1f} | "
-                         f"{r['wall']:.1f} | {r['peak']:.1f} ({r['predicted']:.1f}) | {solves} |")
+            row(f"| nvfp4_pp {mode} | {r['load']:.1f} | {r['calibrate']:.1f} | {r['export']:.1f} | "
+                f"{r['wall']:.1f} | {r['peak']:.1f} ({r['predicted']:.1f}) | {solves} |")
         except RuntimeError as e:
             log(str(e))
-        if "modelopt" not in peers:
-            continue
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--modelopt-child", str(model_dir), str(tokens), str(theirs),
-                               mode], capture_output=True, text=True, cwd=REPO, env=ONE_THREAD)
-        if proc.returncode != 0:
-            log(f"modelopt {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            continue
-        m = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
-        log(f"modelopt {mode}: {m}")
-        lines.append(f"| modelopt {mode} | {m['load']:.1f} | {m['calibrate']:.1f} | {m['export']:.1f} | "
-                     f"{m['wall']:.1f} | {m['peak']:.1f} | - |")
-        if (ours / "config.json").is_file():
-            a, b = load_tensors(ours), load_tensors(theirs)
-            diffs = tensor_differences(a, b)
-            notes.append(f"{mode}: nvfp4_pp vs modelopt {len(a) - len(diffs)}/{len(a)} tensors bit-identical"
-                         + ("" if not diffs else "; e.g. " + "; ".join(diffs[:3])))
-    if "llmcompressor" in peers:
-        out = args.work / "out-llmcompressor"
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--llmcompressor-child", str(model_dir), str(tokens), str(out)],
-                              capture_output=True, text=True, cwd=REPO)
-        if proc.returncode != 0:
-            log(f"llm-compressor failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        else:
-            m = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
-            log(f"llm-compressor: {m}")
-            lines.append(f"| llm-compressor GPTQ W4A16 (its sequential pipeline) | {m['load']:.1f} | "
-                         f"{m['calibrate']:.1f} | {m['export']:.1f} | {m['wall']:.1f} | {m['peak']:.1f} | - |")
+        if "modelopt" in peers:
+            t0 = time.perf_counter()
+            proc = child([sys.executable, __file__, "--modelopt-child", str(model_dir), str(tokens), str(theirs), mode],
+                         ONE_THREAD, timeout)
+            if proc.returncode != 0:
+                log(f"modelopt {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            else:
+                m = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
+                log(f"modelopt {mode}: {m}")
+                if (ours / "config.json").is_file():
+                    a, b = load_tensors(ours), load_tensors(theirs)
+                    diffs = tensor_differences(a, b)
+                    notes.append(f"{mode}: nvfp4_pp vs modelopt {len(a) - len(diffs)}/{len(a)} tensors bit-identical"
+                                 + ("" if not diffs else "; e.g. " + "; ".join(diffs[:3])))
+                row(f"| modelopt {mode} | {m['load']:.1f} | {m['calibrate']:.1f} | {m['export']:.1f} | "
+                    f"{m['wall']:.1f} | {m['peak']:.1f} | - |")
+        if index == 0 and "llmcompressor" in peers:  # after the first mode: every tool measured early
+            out = args.work / "out-llmcompressor"
+            t0 = time.perf_counter()
+            proc = child([sys.executable, __file__, "--llmcompressor-child", str(model_dir), str(tokens), str(out)],
+                         None, timeout)
+            if proc.returncode != 0:
+                log(f"llm-compressor failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            else:
+                m = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
+                log(f"llm-compressor: {m}")
+                row(f"| llm-compressor GPTQ W4A16 (its sequential pipeline) | {m['load']:.1f} | "
+                    f"{m['calibrate']:.1f} | {m['export']:.1f} | {m['wall']:.1f} | {m['peak']:.1f} | - |")
     text = "\n".join(lines + [""] + notes)
     print(text, flush=True)
     if args.report:

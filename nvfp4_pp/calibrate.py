@@ -195,18 +195,20 @@ def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], 
     return sum(b - a for a, b in zip(marks[1:-1:2], marks[2:-1:2]))
 
 
-def load_cuda_extensions(device: torch.device) -> float:
-    """modelopt's CUDA extensions (INT4 and FP8 fake quantization) loaded before calibration, the wait
-    announced: on a machine without them modelopt compiles them at first use (the INT4 one took 60 s on
-    an H200), which would otherwise stall the first pass without a word. Returns the seconds taken."""
+def load_cuda_extensions(device: torch.device, recipes: set[str]) -> float:
+    """modelopt's CUDA extensions for `recipes` (INT4: its fake-quantization kernels; any other: the FP8
+    ones too) loaded before calibration, the wait announced: on a machine without them modelopt compiles
+    each at first use (about a minute each on an H200), which would otherwise stall the first pass
+    without a word. Returns the seconds taken."""
     if device.type != "cuda":
         return 0.0
     from modelopt.torch.quantization.extensions import get_cuda_ext, get_cuda_ext_fp8
 
-    logger.info("modelopt's CUDA extensions: loading (built on first use on a machine: about a minute)")
+    logger.info("modelopt's CUDA extensions: loading (built on first use on a machine: about a minute each)")
     t0 = time.perf_counter()
     get_cuda_ext()
-    get_cuda_ext_fp8()
+    if recipes != {"w4a16_int4"}:
+        get_cuda_ext_fp8()
     seconds = time.perf_counter() - t0
     logger.info("modelopt's CUDA extensions: ready in %.1f s", seconds)
     return seconds

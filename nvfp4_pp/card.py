@@ -175,8 +175,9 @@ def _algorithm_text(record: dict) -> str:
                  f"{layerwise.get('boundary', 'parallel')})")
     solves = sorted(t for rank in record["ranks"] for t in (rank.get("gptq_solve") or {}).values())
     if solves:
-        text += (f"; GPTQ's solve {sum(solves):.1f} s for {len(solves)} layers (median {solves[len(solves) // 2]:.2f} s "
-                 "a layer; per layer in nvfp4_pp.json)")
+        layers = f"{len(solves)} layer{'s' if len(solves) > 1 else ''}"
+        text += (f"; GPTQ's solve {sum(solves):.1f} s for {layers} (median {solves[len(solves) // 2]:.2f} s a layer; "
+                 "per layer in nvfp4_pp.json)")
     return text + "."
 
 

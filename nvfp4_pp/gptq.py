@@ -217,7 +217,7 @@ def _record(steps: Callable[[], None], device: torch.device) -> torch.cuda.CUDAG
     """`steps` recorded as a CUDA graph (nothing runs while recording); None where recording fails."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls unaffected
             steps()
     except RuntimeError as e:
         logger.debug("GPTQ: the block's steps could not be recorded as a CUDA graph (%s); running them eagerly", e)

@@ -268,7 +268,8 @@ class Run:
 
         sizes = self.sizes = ModelSizes.from_source(self.source, self.arch)
         self.plans = dist.everywhere(info, plan)
-        for line in describe(self.plans, sizes):
+        gptq = None if not uses_hessians(self.cfg) else self.boundary if self.cfg.layerwise.enable else "flat"
+        for line in describe(self.plans, sizes, gptq):
             logger.info("%s", line)
 
     def open_work_state(self) -> None:
@@ -330,7 +331,7 @@ class Run:
     def calibrate(self) -> None:
         """Quantizers calibrated through the pipeline (every rank at once), or restored from the work dir."""
         with self.phase("calibrate"):
-            load_cuda_extensions(self.info.device)
+            load_cuda_extensions(self.info.device, {self.cfg.recipe, *(self.cfg.recipe_overrides or {}).values()})
             self.traffic = self.state.once(
                 "calibrate", self._calibrate_through_pipeline, self._restore_quantizers,
                 reused=f"calibration: reusing the state every rank saved in {self.work_dir}",

@@ -228,3 +228,18 @@ def test_gptq_counts_its_hessians_and_one_linears_solve(behemoth):
     layer_major = dataclasses.replace(gptq, layer_major=True)
     assert within_allocator_slack(device(layer_major) - device(dataclasses.replace(plain, layer_major=True)),
                                   behemoth.layer_hessian_bytes + solve)
+
+
+def test_plan_predicts_gptqs_solve_time_and_what_parallel_stages_divide(behemoth):
+    """Behemoth-X-123B's GPTQ solve predicted from its shapes at the H200's measured rate (4.4 s a layer,
+    Mistral-Large shapes); 3 stages: sequential stages take turns, parallel and flat ones solve at once."""
+    from nvfp4_pp.planning.plan import describe, gptq_layer_solve_seconds
+
+    plans = plan_stages(behemoth, budgets([spark(0), spark(1), spark(2)]), "auto", CALIBRATION)
+    per_layer = gptq_layer_solve_seconds(behemoth)
+    assert 4.0 < per_layer < 5.0
+    sequential, parallel = describe(plans, behemoth, "sequential")[-1], describe(plans, behemoth, "parallel")[-1]
+    assert f"{per_layer:.1f} s a layer" in sequential and f"{per_layer * 88:.0f} s for this split" in sequential
+    longest = max(p.layers for p in plans)
+    assert f"{per_layer * longest:.0f} s for this split" in parallel and "the 3 stages solve at once" in parallel
+    assert not any("GPTQ" in line for line in describe(plans, behemoth))

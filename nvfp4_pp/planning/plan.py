@@ -245,10 +245,43 @@ def _does_not_fit(problem: _Problem) -> str:
     )
 
 
-def describe(plans: list[StagePlan], sizes: ModelSizes | None = None) -> list[str]:
+H200_SOLVE = (20e-6, 0.6e-9, 6.4e-14, 0.1)
+"""GPTQ's solve on one H200, fitted to benchmarks/gptq_solve.py (2026-12-04, INT4 and W4A16 NVFP4 alike
+within 20%): seconds per column, per weight of a column, per in_features^3 of a damped inverse
+(modelopt's `compute_hessian_inverse`), and per Linear group (checks, first block, graph recording)."""
+
+
+def gptq_layer_solve_seconds(sizes: ModelSizes) -> float:
+    """One decoder layer's GPTQ solve on an H200: q/k/v and gate/up each one stacked group with one
+    inverse, o_proj and down_proj alone (3.6 s for Llama-70B against 3.65 s measured in a run)."""
+    column, weight, inverse, group = H200_SOLVE
+    q, kv = sizes.heads * sizes.head_dim, sizes.kv_heads * sizes.head_dim
+    groups = [(q + 2 * kv, sizes.hidden), (sizes.hidden, q), (2 * sizes.intermediate, sizes.hidden),
+              (sizes.hidden, sizes.intermediate)]  # (rows, in_features)
+    return sum(cols * (column + rows * weight) + inverse * cols ** 3 + group for rows, cols in groups)
+
+
+def gptq_time_line(plans: list[StagePlan], sizes: ModelSizes, mode: str) -> str:
+    """The plan's predicted GPTQ solve time: `mode` flat or parallel, every stage solves its layers at
+    once (the largest stage sets the time); sequential, the stages take turns (their sum)."""
+    per_layer = gptq_layer_solve_seconds(sizes)
+    layers = [p.layers for p in plans]
+    total = per_layer * (sum(layers) if mode == "sequential" else max(layers))
+    if len(plans) == 1:
+        how = "one stage"
+    elif mode == "sequential":
+        how = "the stages solve in turn: boundary sequential"
+    else:
+        how = f"the {len(plans)} stages solve at once, {mode}: {sum(layers) / max(layers):.1f}x sooner than in turn"
+    return (f"GPTQ: solve predicted at {per_layer:.1f} s a layer on an H200 (measured rate; other devices differ), "
+            f"{total:.{0 if total >= 10 else 1}f} s for this split ({how}); the Hessian passes come on top")
+
+
+def describe(plans: list[StagePlan], sizes: ModelSizes | None = None, gptq: str | None = None) -> list[str]:
     """The plan as table lines: per rank host, device, budget, layers, shape, predicted peak; with
     `sizes`, when any stage streams, a line with what taking turns costs in time (the one part of
-    streaming's time the plan can predict from sizes alone)."""
+    streaming's time the plan can predict from sizes alone), and with `gptq` (flat, sequential or
+    parallel) the predicted GPTQ solve time."""
     lines = [f"{'rank':<5} {'host':<14} {'device':<8} {'memory':<9} {'budget GB':>9} {'layers':>12} "
              f"{'shape':<9} {'peak GB':>8} {'fill':>5}  host RAM peak/budget GB"]
     for p in plans:
@@ -266,6 +299,8 @@ def describe(plans: list[StagePlan], sizes: ModelSizes | None = None) -> list[st
                      "split's with every stage resident and all busy at once; a streaming layer's own costs (its "
                      "read, its export in the loop) come on top and are not predicted: each layer's log line "
                      "splits its time")
+    if sizes is not None and gptq is not None:
+        lines.append(gptq_time_line(plans, sizes, gptq))
     return lines
 
 
