@@ -47,6 +47,18 @@ def child(cmd: list[str], env: dict | None = None, timeout: float | None = None)
         return subprocess.CompletedProcess(cmd, 124, out, err + f"\n(killed after {timeout:.0f} s)")
 
 
+def peer_result(name: str, cmd: list[str], env: dict | None, timeout: float | None) -> dict | None:
+    """A peer tool's child run: its RESULT line with the wall time, or None (the failure logged)."""
+    t0 = time.perf_counter()
+    proc = child(cmd, env, timeout)
+    if proc.returncode != 0:
+        log(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return None
+    result = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
+    log(f"{name}: {result}")
+    return result
+
+
 def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: int, mode: str,
                  timeout: float | None = None) -> dict:
     config = out.parent / f"nvfp4_pp-{mode}.yaml"
@@ -201,14 +213,9 @@ def main() -> None:
         except RuntimeError as e:
             log(str(e))
         if "modelopt" in peers:
-            t0 = time.perf_counter()
-            proc = child([sys.executable, __file__, "--modelopt-child", str(model_dir), str(tokens), str(theirs), mode],
-                         ONE_THREAD, timeout)
-            if proc.returncode != 0:
-                log(f"modelopt {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            else:
-                m = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
-                log(f"modelopt {mode}: {m}")
+            m = peer_result(f"modelopt {mode}", [sys.executable, __file__, "--modelopt-child", str(model_dir),
+                                                 str(tokens), str(theirs), mode], ONE_THREAD, timeout)
+            if m is not None:
                 if (ours / "config.json").is_file():
                     a, b = load_tensors(ours), load_tensors(theirs)
                     diffs = tensor_differences(a, b)
@@ -218,14 +225,9 @@ def main() -> None:
                     f"{m['wall']:.1f} | {m['peak']:.1f} | - |")
         if index == 0 and "llmcompressor" in peers:  # after the first mode: every tool measured early
             out = args.work / "out-llmcompressor"
-            t0 = time.perf_counter()
-            proc = child([sys.executable, __file__, "--llmcompressor-child", str(model_dir), str(tokens), str(out)],
-                         None, timeout)
-            if proc.returncode != 0:
-                log(f"llm-compressor failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            else:
-                m = {**json.loads(proc.stdout.rsplit("RESULT ", 1)[1]), "wall": time.perf_counter() - t0}
-                log(f"llm-compressor: {m}")
+            m = peer_result("llm-compressor", [sys.executable, __file__, "--llmcompressor-child", str(model_dir),
+                                               str(tokens), str(out)], None, timeout)
+            if m is not None:
                 row(f"| llm-compressor GPTQ W4A16 (its sequential pipeline) | {m['load']:.1f} | "
                     f"{m['calibrate']:.1f} | {m['export']:.1f} | {m['wall']:.1f} | {m['peak']:.1f} | - |")
     text = "\n".join(lines + [""] + notes)
