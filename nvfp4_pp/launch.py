@@ -7,7 +7,7 @@ Three things plain torchrun does not do:
 - a failed run ends with the ranks' error lines (the root cause first, the ranks torchrun stopped
   because of it left out), whatever fields torch's failure record has in the supported versions;
 - Ctrl-C, SIGTERM and a second Ctrl-C end with one line of the launcher's own, never a traceback.
-  torchrun's own log lines (workers being stopped, failure summaries) go to a file beside the work
+  torchrun's own log lines (workers being stopped, failure summaries) go to a file in the temp
   directory, named on the screen only when the run failed.
 """
 
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED
+from .errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED, NvFp4PpError
 
 RUN_MODULE = "nvfp4_pp.run"
 
@@ -47,9 +47,8 @@ def check_run_command(script: str, script_args: list[str], module: bool):
     is not `nvfp4_pp.run` (then the launcher is plain torchrun). Exits with one line on bad input."""
     if not (module and script == RUN_MODULE):
         return None
-    from .config import load_config
-    from .errors import NvFp4PpError
     from .command_line import parse_args
+    from .config import load_config
 
     args = parse_args(script_args)  # one line and exit 2 on an unknown or malformed option
     try:

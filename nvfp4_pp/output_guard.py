@@ -60,35 +60,39 @@ def _by_nvfp4_pp(record: dict | None) -> bool:
     return record is not None and isinstance(record.get("producer"), dict) and record["producer"].get("name") == "nvfp4_pp"
 
 
-def own_files(directory: Path) -> list[str] | None:
-    """The files of `directory` that its run record says nvfp4_pp wrote (the record included), or None
-    when the record is missing, unreadable, not nvfp4_pp's, or has no file list (before 0.2)."""
-    record = _record(directory)
+def _listed(record: dict | None) -> list[str] | None:
+    """The files a record of nvfp4_pp lists (itself included), or None for any other record."""
     if not _by_nvfp4_pp(record) or not isinstance(record.get("files"), dict):
         return None
     return [RECORD, *record["files"]]
 
 
+def own_files(directory: Path) -> list[str] | None:
+    """The files of `directory` that its run record says nvfp4_pp wrote (the record included), or None
+    when the record is missing, unreadable, not nvfp4_pp's, or has no file list (before 0.2)."""
+    return _listed(_record(directory))
+
+
+def _first(names: list[str]) -> str:
+    return names[0] + (f" and {len(names) - 1} more entries" if len(names) > 1 else "")
+
+
 def _foreign(directory: Path) -> str:
     """Why a non-empty `directory` is not nvfp4_pp's to replace, naming its first foreign file (empty: it is)."""
     entries = sorted(os.listdir(directory))
-    own = own_files(directory)
+    record = _record(directory)
+    own = _listed(record)
     if own is None:
-        others = [e for e in entries if e != RECORD] or entries
         if RECORD not in entries:
-            record = f"no {RECORD}"
-        elif _by_nvfp4_pp(_record(directory)):
-            record = (f"an {RECORD} of nvfp4_pp before 0.2, which kept no list of the files it wrote (delete the "
-                      "directory yourself if it holds nothing else)")
+            what = f"no {RECORD}"
+        elif _by_nvfp4_pp(record):
+            what = (f"an {RECORD} of nvfp4_pp before 0.2, which kept no list of the files it wrote (delete the "
+                    "directory yourself if it holds nothing else)")
         else:
-            record = f"an {RECORD} that nvfp4_pp did not write (no producer or file list)"
-        more = f" and {len(others) - 1} more entries" if len(others) > 1 else ""
-        return f"it holds {others[0]}{more}, and {record}"
+            what = f"an {RECORD} that nvfp4_pp did not write (no producer or file list)"
+        return f"it holds {_first([e for e in entries if e != RECORD] or entries)}, and {what}"
     foreign = sorted(set(entries) - set(own))
-    if foreign:
-        more = f" and {len(foreign) - 1} more entries" if len(foreign) > 1 else ""
-        return f"it holds {foreign[0]}{more}, which nvfp4_pp did not write"
-    return ""
+    return f"it holds {_first(foreign)}, which nvfp4_pp did not write" if foreign else ""
 
 
 def check_output(output: str | Path, overwrite: bool) -> None:
