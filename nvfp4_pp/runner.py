@@ -397,12 +397,13 @@ class Run:
             return choice.chosen
 
         def write_and_free(index: int, layer: torch.nn.Module) -> None:
-            self.exporter.layer(index, layer)
-            stream.unload(layer)
+            # exported by its own thread while the next layer calibrates; freed once packed
+            self.exporter.layer(index, layer, release=stream.unload)
 
         stream = LayerStream(self.stage, self.source, self.info.device) if self.streaming else None
         if stream:
-            self.exporter = StageExporter(self.stage, self.owned(), self.source, self.fmt, self.writer())
+            self.exporter = StageExporter(self.stage, self.owned(), self.source, self.fmt, self.writer(),
+                                          self.info.device)
         relay = layerwise.Relay(self.info, self._successor_waits) if self.boundary == "sequential" else None
         chooser = None
         if self.cfg.algorithm == "auto":
@@ -418,6 +419,8 @@ class Run:
                 choose=choose if chooser else None,
                 chosen={i: c.chosen for i, c in self.choices.items() if i in solved},
                 times=self.solve_times).run(inputs)
+            if stream:  # the last layer packed (its writes go on into the export phase)
+                self.exporter.wait_packed()
         finally:
             if stream:
                 stream.close()
@@ -502,7 +505,8 @@ class Run:
                     raise StaleWorkState(f"{self.rank_dir}: recorded shards of this streaming stage are damaged; "
                                          "rerun with --fresh")
                 return self.exporter.finish(lm_head)
-            return export_stage(self.stage, self.owned(), self.source, self.fmt, self.writer(), lm_head)
+            return export_stage(self.stage, self.owned(), self.source, self.fmt, self.writer(), lm_head,
+                                self.info.device)
 
         with self.phase("export"):  # a rank that cannot write (a full disk) fails every rank with it
             self.export_result = dist.everywhere(self.info, lambda: self.state.once(

@@ -7,3 +7,5 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 """Small enough that hashing and writing overlap packing; vLLM loads any number of shards."""
 WRITE_WORKERS = 2
 """Shard-writer threads: full shards written and checksummed while the next Linears are packed."""
+EXPORT_QUEUE_LAYERS = 1
+"""Calibrated layers waiting for the export thread besides the one it exports: the caller blocks beyond."""

@@ -3,13 +3,16 @@
 A streaming stage is built with its layers on the meta device. Layer-major calibration (layerwise.py)
 asks for layer k right before calibrating it; the next layer is already being read from the
 source shards in a background thread while layer k computes, so the transfer hides behind the
-compute (a layer's compute on the whole calibration set dwarfs its read). Once layer k is written
-(export.StageExporter.layer) its weights are freed. The device holds at most two layers' weights,
-the calibration set's hidden states and the export buffers.
+compute (a layer's compute on the whole calibration set dwarfs its read). Once layer k is
+calibrated, the export thread (export.StageExporter) packs it while layer k+1 calibrates and frees
+it; layer k+2 is read only after that, so the device holds at most two layers' weights (one being
+calibrated, one being packed or read), the calibration set's hidden states and the export buffers.
 """
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from .planning.budget import device_kind
+from .planning.memory import STREAM_WINDOW
 from .source import SourceCheckpoint
 from .stage import Stage
 
@@ -40,6 +44,10 @@ class LayerStream:
         self._copies = torch.cuda.Stream(device) if device_kind(device) == "discrete" else None
         self.wait_seconds = 0.0
         """Time calibration waited for a layer that was not read yet (the transfer not hidden)."""
+        self._slots = threading.Semaphore(STREAM_WINDOW)
+        """Layers on the device at once: a read takes a slot, `unload` gives it back."""
+        self._freed: collections.deque[torch.cuda.Event | None] = collections.deque()
+        self._closed = False
 
     def _names(self, index: int) -> list[str]:
         prefix = f"{self.stage.layer_prefix(index)}."
@@ -51,7 +59,15 @@ class LayerStream:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _read(self, index: int) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-        """Layer `index`'s tensors on the device, and on a GPU the event recorded after their copies."""
+        """Layer `index`'s tensors on the device, and on a GPU the event recorded after their copies;
+        first waits for a slot in the window (an earlier layer unloaded, its last kernels done)."""
+        self._slots.acquire()
+        if self._closed:
+            return {}, None
+        if self._freed:
+            packed = self._freed.popleft()
+            if packed is not None:
+                packed.synchronize()
         if self._copies is None:
             return self.source.load(self._names(index), self.device), None
         with torch.cuda.stream(self._copies):
@@ -86,11 +102,19 @@ class LayerStream:
         if result.unexpected_keys:
             raise RuntimeError(f"layer {index}: unexpected tensors {result.unexpected_keys[:3]}")
 
-    def unload(self, layer: nn.Module) -> None:
-        """Free a written layer: its parameters go back to the meta device (quantizer state stays)."""
+    def unload(self, layer: nn.Module, packed: torch.cuda.Event | None = None) -> None:
+        """Free an exported layer: its parameters go back to the meta device (quantizer state stays), and
+        its slot in the window to the next read, which first waits for `packed` (the event after the
+        last kernels reading it). Called from the export thread."""
         for module in layer.modules():
             for name, param in list(module.named_parameters(recurse=False)):
                 setattr(module, name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+        self._freed.append(packed)
+        self._slots.release()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Stop reading (a read waiting for a slot returns nothing) and wait for the read thread."""
+        self._closed = True
+        for _ in range(STREAM_WINDOW + 1):
+            self._slots.release()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -24,8 +24,14 @@ measured peaks by tests/test_budget_run.py on CPU):
   write them, so at most min((workers + 1) x shard cap, everything the rank writes).
   On a CUDA stage each Linear's BF16 weight is freed as it is packed, and the buffer grows by
   at most 0.3 of what is freed: on a unified-memory device it therefore never raises the peak,
-  on a discrete GPU it lives in host RAM. On a CPU stage the weights are memory-mapped from the
-  shards, freeing one does not unmap the file, so the buffer adds on top.
+  on a discrete GPU it lives in pinned host RAM (rounded up by torch's caching host allocator, as
+  the staging below), with one layer's packed tensors more on their way to it. On a CPU stage the
+  weights are memory-mapped from the shards, freeing one does not unmap the file, so the buffer
+  adds on top.
+- export overlap (streaming stages): layer k is packed on its own stream while layer k+1
+  calibrates, so the export transient and one layer's packed tensors (before their copy to the
+  host) come on top of the calibration; layer k+2 is read only once layer k is packed, so the
+  window of weights stays two layers.
 - quantizer state: a few scalars per quantized Linear (QUANTIZER_BYTES each).
 - algorithm state (`algorithm_bytes`): GPTQ's FP32 Hessians, in_features^2 x 4 bytes per Linear
   (every Linear of the stage when flat; one layer's when layer by layer), and, layer by layer, the
@@ -233,12 +239,16 @@ def stage_need(
     buffer = min((WRITE_WORKERS + 1) * max(DEFAULT_SHARD_BYTES, s.embed_bytes, s.head_bytes), written)
     wire = s.dtype_bytes * workload.tokens * s.hidden * (SENDS_IN_FLIGHT + 1) if wire_on_host else 0
 
-    # Calibration (activations + the weight quantizers' amax pass) and export never overlap.
+    # A resident stage calibrates, then exports; a streaming one exports layer k while layer k+1 calibrates.
     algorithm = algorithm_bytes(s, workload, len(layers))
-    calibrate = weights + quantizers + activations + CALIBRATION_TRANSIENT_PER_BF16_BYTE * s.largest_linear + algorithm
+    packed_layer = math.ceil(max(s.layer_linear_bytes[start:stop], default=0) * PACKED_PER_BF16_BYTE)
+    overlap = transient + packed_layer if streaming else 0
+    calibrate = (weights + quantizers + activations + CALIBRATION_TRANSIENT_PER_BF16_BYTE * s.largest_linear
+                 + algorithm + overlap)
     export = weights + quantizers + transient
     items = {"baseline": baseline, "weights": weights, "activations": activations,
              "export transient": transient, "export buffer": buffer, "quantizers": quantizers,
+             "export overlap": overlap,
              "runtime": RUNTIME_BYTES, "wire copies": wire, "layer inputs, Hessians, auto trials": algorithm}
     if kind == "cpu":
         host = baseline + RUNTIME_BYTES + wire + max(calibrate, export + buffer)
@@ -248,8 +258,10 @@ def stage_need(
         host = baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + wire + device
         return Need(device=device, host=host, items={**items, "CUDA libraries": CUDA_HOST_BYTES})
     staging = PINNED_STAGING_PER_BYTE * max(layers) if streaming else 0
-    return Need(device=device, host=baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + buffer + wire + staging,
-                items={**items, "CUDA libraries": CUDA_HOST_BYTES, "pinned staging": staging})
+    pinned_buffer = PINNED_STAGING_PER_BYTE * (buffer + packed_layer)
+    return Need(device=device, host=baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + pinned_buffer + wire + staging,
+                items={**items, "CUDA libraries": CUDA_HOST_BYTES, "pinned staging": staging,
+                       "export buffer": pinned_buffer})
 
 
 def written_bytes(sizes: ModelSizes, recipe: str, start: int, stop: int, first: bool, last: bool) -> int:
