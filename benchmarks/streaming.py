@@ -82,6 +82,10 @@ def streaming_details(stdout: str, launched: float) -> dict:
     layers = [float(m) for m in re.findall(r"layer \d+ solved in ([\d.]+) s", stdout)]
     split = {part: [float(v) for v in re.findall(rf"layer \d+ solved in [\d.]+ s \(.*?\b{part} ([\d.]+)", stdout)]
              for part in ("read", "advance", "calibrate", "write")}
+    exported = re.findall(r"layer \d+ exported in ([\d.]+) s by the export thread \(pack and copy to host "
+                          r"([\d.]+), hand to the writer ([\d.]+)\)", stdout)
+    split |= {f"export thread {part}": [float(e[i]) for e in exported]
+              for i, part in enumerate(("total", "pack+copy", "to writer"))}
     wait = re.search(r"calibration waited ([\d.]+) s for layer reads", stdout)
     packed = re.search(r"Linears packed and ([\d.]+) GB written in ([\d.]+) s", stdout)
     first = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", stdout, re.M)
@@ -302,9 +306,12 @@ def main() -> None:
             lines.append(f"nvfp4_pp per layer (read wait + solve + write): median {median(per):.2f} s, "
                          f"min {min(per):.2f}, max {max(per):.2f} ({len(per)} layers); plain forward "
                          f"{plain['seconds'] / args.layers:.3f} s a layer")
-        if all(st["split"].values()):
-            lines.append("nvfp4_pp per layer, median of each part (s): " + ", ".join(
-                f"{part} {median(v):.3f}" for part, v in st["split"].items()))
+        if any(st["split"].values()):
+            lines.append("nvfp4_pp per layer, median of each part (s; read, advance, calibrate, write: the "
+                         "calibrating thread, write = handing the layer to the export thread; export thread: "
+                         "packing and copying to pinned host memory, then handing the tensors to the shard "
+                         "writer, overlapping the next layers): " + ", ".join(
+                             f"{part} {median(v):.3f}" for part, v in st["split"].items() if v))
         lines.append(f"nvfp4_pp streaming: waited {num(st['wait'])} s for layer reads; export span (exporter made "
                      f"before the loop to its last shard written, overlapping the loop) {num(st['export_packed_s'])} s")
         lines.append(f"nvfp4_pp first log line {num(st['first_line_after_s'], '.0f')} s after launch (1 s resolution)")

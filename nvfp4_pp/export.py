@@ -324,6 +324,7 @@ class StageExporter:
 
     def _export_layer(self, index: int, layer: nn.Module, groups: tuple[SharedInputGroup, ...],
                       ready: torch.cuda.Event | None, release) -> None:
+        started = time.perf_counter()
         if ready is not None:
             self.stream.wait_event(ready)
         prefix = self.stage.layer_prefix(index)
@@ -362,6 +363,7 @@ class StageExporter:
             self._counts.notify_all()
         if done is not None:
             done.synchronize()  # the host copies are complete
+        copied = time.perf_counter()
         for name, scheme, tensors, nbytes in packed:
             self.writer.add(self.fmt.linear_tensors(name, scheme, tensors))
             self.progress.advance(nbytes)
@@ -370,6 +372,8 @@ class StageExporter:
             self.writer.add(self.fmt.kv_cache_tensors(kv))
         self.writer.add(held)
         self.written.update(held)
+        logger.info("layer %d exported in %.2f s by the export thread (pack and copy to host %.2f, hand to the "
+                    "writer %.2f)", index, time.perf_counter() - started, copied - started, time.perf_counter() - copied)
 
     def _held(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         """Norms and other unquantized tensors, copied: on a CPU stage they are views into the memory
