@@ -242,12 +242,14 @@ class StageExporter:
     the layer is calibrated, then every other tensor the rank owns.
 
     A layer handed to `layer()` is exported by a thread of its own, off the caller's critical path:
-    on a GPU it is packed on a CUDA stream of its own (after the compute stream's work on it), its
-    tensors copied asynchronously into pinned host memory, and the thread hands them to the
-    ShardWriter once the copy is done. At most `EXPORT_QUEUE_LAYERS` layers wait for the thread:
-    when the disk is slower than the compute, `layer()` blocks (back-pressure) instead of letting
-    device memory grow. Each layer is packed from its own tensors with modelopt's functions, so the
-    bytes do not depend on the overlap. Its shared-input groups are found once per layer signature.
+    on a GPU it is packed on a CUDA stream of its own (after the compute stream's work on it), the
+    layer is released (a streaming stage frees it) as soon as every kernel reading it is queued, and
+    the thread then copies the packed tensors to host memory (blocking only itself) and hands them to
+    the ShardWriter. At most `EXPORT_QUEUE_LAYERS` layers wait for the thread: when the disk is
+    slower than the compute, the writer blocks the thread and `layer()` blocks the caller
+    (back-pressure) instead of letting memory grow. Each layer is packed from its own tensors with
+    modelopt's functions, so the bytes do not depend on the overlap. Shared-input groups are found
+    once per layer signature (a dummy forward of the first such layer), not per layer.
 
     Tensors the stage holds are written from it (AWQ folds scales into layernorms; everything else
     there equals the source), the rest (lm_head, final norm) are copied from the source.
@@ -286,16 +288,13 @@ class StageExporter:
         freed as they are packed. `release(layer, packed)` is called from the export thread once every
         kernel reading the layer is queued (`packed`: their event on a GPU): a streaming stage frees it."""
         self._raise()
-        signature = _layer_signature(layer)
-        if signature not in self.groups:  # a dummy forward on the caller's stream, once per signature
-            self.groups[signature] = discover_shared_inputs(self.stage, index, layer)
         ready = None
         if self.stream is not None:  # the calibration's kernels on this layer come first
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.stream.device))
         with self._counts:
             self._queued += 1
-        self._queue.put((index, layer, self.groups[signature], ready, release))
+        self._queue.put((index, layer, ready, release))
 
     def wait_packed(self) -> None:
         """Until every queued layer is packed (its quantizers final, its kernels queued and the layer
@@ -322,13 +321,15 @@ class StageExporter:
                         self._counts.notify_all()
                 self.busy_seconds += time.perf_counter() - t0
 
-    def _export_layer(self, index: int, layer: nn.Module, groups: tuple[SharedInputGroup, ...],
-                      ready: torch.cuda.Event | None, release) -> None:
+    def _export_layer(self, index: int, layer: nn.Module, ready: torch.cuda.Event | None, release) -> None:
         started = time.perf_counter()
         if ready is not None:
             self.stream.wait_event(ready)
+        signature = _layer_signature(layer)
+        if signature not in self.groups:  # a dummy forward on the export stream, once per signature
+            self.groups[signature] = discover_shared_inputs(self.stage, index, layer)
         prefix = self.stage.layer_prefix(index)
-        fuse_shared_inputs(layer, groups)
+        fuse_shared_inputs(layer, self.groups[signature])
         dtype = next(layer.parameters()).dtype
         packed: list[tuple[str, str, dict[str, torch.Tensor], int]] = []
         for local, module in _quant_linears(layer):
@@ -336,24 +337,22 @@ class StageExporter:
             module.name = name
             weight = module.weight  # packing replaces the parameter; the BF16 tensor is measured against
             scheme, tensors = quantize_linear(name, module, dtype)
-            packed.append((name, scheme, _to_host(tensors, self.stream), weight.numel() * weight.element_size()))
+            packed.append((name, scheme, tensors, weight.numel() * weight.element_size()))
             self.written.update(tensors)
             self.stats[name] = linear_stats(name, module, weight, scheme, tensors)
             self.schemes[name] = scheme
-            if self.stream is not None:  # allocated for another stream: kept until this one is done
+            if self.stream is not None:  # allocated for another stream: kept until this one is done with it
                 weight.record_stream(self.stream)
             del weight, tensors
-            # Free the packed weight once copied out: peak memory stays near the stage's weights.
+            # Free the packed weight once written: peak memory stays near the stage's weights.
             module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=module.weight.device), requires_grad=False)
         kv_format, kv = kv_cache_scales(layer, prefix)
-        kv = _to_host(kv, self.stream)
-        held = _to_host(self._held(layer, f"{prefix}."), self.stream)
-        done = None
-        if self.stream is not None:
-            done = torch.cuda.Event()
-            done.record(self.stream)
+        held = self._held(layer, f"{prefix}.")
         if release is not None:
-            if self.stream is not None:
+            done = None
+            if self.stream is not None:  # every kernel reading the layer's weights is queued
+                done = torch.cuda.Event()
+                done.record(self.stream)
                 for tensor in [*layer.parameters(), *layer.buffers()]:
                     if tensor.device.type == "cuda":
                         tensor.record_stream(self.stream)
@@ -361,19 +360,21 @@ class StageExporter:
         with self._counts:
             self._packed += 1
             self._counts.notify_all()
-        if done is not None:
-            done.synchronize()  # the host copies are complete
-        copied = time.perf_counter()
+        # Copied to host memory here (blocking this thread only, on the export stream, GIL released):
+        # a layer at a time, so only the writer's shards are held on the host.
+        packed_at = time.perf_counter()
         for name, scheme, tensors, nbytes in packed:
-            self.writer.add(self.fmt.linear_tensors(name, scheme, tensors))
+            self.writer.add(self.fmt.linear_tensors(name, scheme, _to_host(tensors)))
             self.progress.advance(nbytes)
         if kv:
             self.kv_formats.add(kv_format)
-            self.writer.add(self.fmt.kv_cache_tensors(kv))
+            self.writer.add(self.fmt.kv_cache_tensors(_to_host(kv)))
+        held = _to_host(held)
         self.writer.add(held)
         self.written.update(held)
-        logger.info("layer %d exported in %.2f s by the export thread (pack and copy to host %.2f, hand to the "
-                    "writer %.2f)", index, time.perf_counter() - started, copied - started, time.perf_counter() - copied)
+        logger.info("layer %d exported in %.2f s by the export thread (pack %.2f, copy to host and hand to the "
+                    "writer %.2f)", index, time.perf_counter() - started, packed_at - started,
+                    time.perf_counter() - packed_at)
 
     def _held(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         """Norms and other unquantized tensors, copied: on a CPU stage they are views into the memory
@@ -411,18 +412,9 @@ class StageExporter:
                             embedding_modules(self.stage, excluded), read_back(self.stats))
 
 
-def _to_host(tensors: dict[str, torch.Tensor], stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
-    """Device tensors copied into pinned host memory on `stream`, asynchronously (the caller waits for the
-    stream's event before reading them); host tensors as they are."""
-    out = {}
-    for name, tensor in tensors.items():
-        if stream is None or tensor.device.type != "cuda":
-            out[name] = tensor.detach().to("cpu")
-            continue
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor.detach(), non_blocking=True)
-        out[name] = host
-    return out
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors in host memory (a device tensor copied after the current stream's work on it)."""
+    return {name: tensor.detach().to("cpu") for name, tensor in tensors.items()}
 
 
 def export_stage(stage: Stage, owned: list[str], source: SourceCheckpoint, fmt: CheckpointFormat,

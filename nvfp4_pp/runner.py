@@ -113,6 +113,8 @@ class Run:
         self.stage: Stage | None = None
         self.exporter: StageExporter | None = None
         """A streaming stage's exporter, which writes each layer as soon as it is calibrated."""
+        self.layer_stream: LayerStream | None = None
+        """A streaming stage's reader of its layers, made once the stage is built."""
         self.locks: list[FileLock] = []
         self.traffic: Traffic
         self.health: Health
@@ -327,6 +329,9 @@ class Run:
         with self.phase("load"):
             self.stage = dist.everywhere(self.info, lambda: build_stage(self.source, self.arch, *self.layers,
                                                                         self.info.device, self.streaming))
+        if self.streaming:  # its first layer read while calibration gets ready (CUDA extensions, inputs)
+            self.layer_stream = LayerStream(self.stage, self.source, self.info.device)
+            self.layer_stream.prefetch(self.stage.layers()[0][0])
 
     def calibrate(self) -> None:
         """Quantizers calibrated through the pipeline (every rank at once), or restored from the work dir."""
@@ -338,6 +343,8 @@ class Run:
                 # a streaming stage writes its layers while calibrating: reusable only once written
                 usable=lambda saved: not self.streaming or "export" in self.state.phases,
                 agree=lambda done: all(dist.all_gather_objects(done, self.info.world_size)))
+        if self.layer_stream:  # its reads are over (or were not needed: calibration reused)
+            self.layer_stream.close()
         self.health = calibration_health(self.stage)
         h = self.health
         logger.info("calibration health: %d good, %d zero, %d NaN amax", h.good, h.zero, h.nan)
@@ -400,7 +407,7 @@ class Run:
             # exported by its own thread while the next layer calibrates; freed once packed
             self.exporter.layer(index, layer, release=stream.unload)
 
-        stream = LayerStream(self.stage, self.source, self.info.device) if self.streaming else None
+        stream = self.layer_stream if self.streaming else None
         if stream:
             self.exporter = StageExporter(self.stage, self.owned(), self.source, self.fmt, self.writer(),
                                           self.info.device)
@@ -447,18 +454,19 @@ class Run:
         info, samples = self.info, self.samples
         path = self.rank_dir / layerwise.INPUTS_FILE
         saved = path.is_file() and self.state.partial.get("calibrate", {}).get("inputs", False)
-        waits = dist.all_gather_objects(not saved, info.world_size)
-        self._successor_waits = not info.is_last and waits[info.rank + 1]
         parallel = self.boundary == "parallel"
+        embeds = info.is_first and not parallel  # its inputs are its embeddings: computed again, never saved
+        waits = dist.all_gather_objects(not saved and not embeds, info.world_size)
+        self._successor_waits = not info.is_last and waits[info.rank + 1]
         if parallel and any(waits):  # the pass needs every stage, whatever each has saved
             hidden, traffic = self._capture_pass()
             saved = False
         elif saved:
             hidden, traffic = layerwise.load_inputs(path, info.device), Traffic()
-        elif info.is_first:
+        elif info.is_first:  # the embeddings: computed again on a resume rather than saved
             with torch.no_grad():
                 hidden = [self.stage.embed(b.ids.to(info.device)) for b in samples.batches]
-            traffic = Traffic()
+            return layerwise.LayerInputs(self.stage, hidden), Traffic()
         else:
             dtype = next(self.stage.parameters()).dtype
             shapes = [(len(real), max(real), self.stage.hf_config.hidden_size) for real in samples.lengths]

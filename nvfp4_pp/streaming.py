@@ -77,13 +77,14 @@ class LayerStream:
         copied.synchronize()  # the read counts as done (the consumer's wait) once its bytes are there
         return tensors, copied
 
-    def _prefetch(self, index: int) -> None:
+    def prefetch(self, index: int) -> None:
+        """Start reading layer `index` in the background (the first one while the stage gets ready)."""
         if index not in self._pending:
             self._pending[index] = self._pool.submit(self._read, index)
 
     def load(self, index: int, layer: nn.Module) -> None:
         """Layer `index`'s tensors into `layer` (waiting for the read if needed); the next read starts."""
-        self._prefetch(index)
+        self.prefetch(index)
         t0 = time.perf_counter()
         tensors, copied = self._pending.pop(index).result()
         self.wait_seconds += time.perf_counter() - t0
@@ -95,7 +96,7 @@ class LayerStream:
                 tensor.record_stream(compute)
         position = self.order.index(index)
         if position + 1 < len(self.order):
-            self._prefetch(self.order[position + 1])
+            self.prefetch(self.order[position + 1])
         prefix = f"{self.stage.layer_prefix(index)}."
         local = {name.removeprefix(prefix): tensor for name, tensor in tensors.items()}
         result = layer.load_state_dict(local, strict=False, assign=True)
