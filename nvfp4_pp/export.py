@@ -243,9 +243,9 @@ class StageExporter:
 
     A layer handed to `layer()` is exported by a thread of its own, off the caller's critical path:
     on a GPU it is packed on a CUDA stream of its own (after the compute stream's work on it), the
-    layer is released (a streaming stage frees it) as soon as every kernel reading it is queued, and
-    the thread then copies the packed tensors to host memory (blocking only itself) and hands them to
-    the ShardWriter. At most `EXPORT_QUEUE_LAYERS` layers wait for the thread: when the disk is
+    layer is released (a streaming stage frees it) as soon as every kernel reading it is queued, the
+    packed tensors are copied asynchronously into pinned host memory, and once there the thread
+    moves them to pageable memory and hands them to the ShardWriter. At most `EXPORT_QUEUE_LAYERS` layers wait for the thread: when the disk is
     slower than the compute, the writer blocks the thread and `layer()` blocks the caller
     (back-pressure) instead of letting memory grow. Each layer is packed from its own tensors with
     modelopt's functions, so the bytes do not depend on the overlap. Shared-input groups are found
@@ -348,11 +348,12 @@ class StageExporter:
             module.weight = nn.Parameter(torch.empty(0, dtype=dtype, device=module.weight.device), requires_grad=False)
         kv_format, kv = kv_cache_scales(layer, prefix)
         held = self._held(layer, f"{prefix}.")
+        done = None
+        if self.stream is not None:  # every kernel reading the layer's weights is queued
+            done = torch.cuda.Event()
+            done.record(self.stream)
         if release is not None:
-            done = None
-            if self.stream is not None:  # every kernel reading the layer's weights is queued
-                done = torch.cuda.Event()
-                done.record(self.stream)
+            if self.stream is not None:
                 for tensor in [*layer.parameters(), *layer.buffers()]:
                     if tensor.device.type == "cuda":
                         tensor.record_stream(self.stream)
@@ -360,16 +361,22 @@ class StageExporter:
         with self._counts:
             self._packed += 1
             self._counts.notify_all()
-        # Copied to host memory here (blocking this thread only, on the export stream, GIL released):
-        # a layer at a time, so only the writer's shards are held on the host.
         packed_at = time.perf_counter()
-        for name, scheme, tensors, nbytes in packed:
-            self.writer.add(self.fmt.linear_tensors(name, scheme, _to_host(tensors)))
+        # Asynchronous copies into pinned memory on the export stream; once they are done, the tensors are
+        # moved to pageable memory for the writer, so the pinned blocks are reused layer after layer
+        # (pinning the writer's gigabytes as it holds them cost 0.3-0.8 s a layer on an H200).
+        staged = [(name, scheme, _to_pinned(tensors, self.stream), nbytes) for name, scheme, tensors, nbytes in packed]
+        kv, held = _to_pinned(kv, self.stream), _to_pinned(held, self.stream)
+        del packed
+        if self.stream is not None:
+            self.stream.synchronize()
+        for name, scheme, tensors, nbytes in staged:
+            self.writer.add(self.fmt.linear_tensors(name, scheme, _pageable(tensors)))
             self.progress.advance(nbytes)
         if kv:
             self.kv_formats.add(kv_format)
-            self.writer.add(self.fmt.kv_cache_tensors(_to_host(kv)))
-        held = _to_host(held)
+            self.writer.add(self.fmt.kv_cache_tensors(_pageable(kv)))
+        held = _pageable(held)
         self.writer.add(held)
         self.written.update(held)
         logger.info("layer %d exported in %.2f s by the export thread (pack %.2f, copy to host and hand to the "
@@ -412,9 +419,22 @@ class StageExporter:
                             embedding_modules(self.stage, excluded), read_back(self.stats))
 
 
-def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors in host memory (a device tensor copied after the current stream's work on it)."""
-    return {name: tensor.detach().to("cpu") for name, tensor in tensors.items()}
+def _to_pinned(tensors: dict[str, torch.Tensor], stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
+    """Device tensors copied into pinned host memory on `stream`, asynchronously (read them after the
+    stream is synchronized); host tensors as they are."""
+    out = {}
+    for name, tensor in tensors.items():
+        if stream is None or tensor.device.type != "cuda":
+            out[name] = tensor.detach().to("cpu")
+            continue
+        out[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        out[name].copy_(tensor.detach(), non_blocking=True)
+    return out
+
+
+def _pageable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pinned tensors copied to pageable memory (their pinned blocks go back to torch's cache); others as they are."""
+    return {name: torch.empty(t.shape, dtype=t.dtype).copy_(t) if t.is_pinned() else t for name, t in tensors.items()}
 
 
 def export_stage(stage: Stage, owned: list[str], source: SourceCheckpoint, fmt: CheckpointFormat,
