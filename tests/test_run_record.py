@@ -1,6 +1,6 @@
 """The run record (nvfp4_pp.json) and the card rendered from it, unit level (no run).
 
-tests/golden/<case>/ holds real records of SmolLM2-135M runs (written by nvfp4_pp 0.2.0, one by
+tests/golden/<case>/ holds real records of runs (SOURCES.md says which) (written by nvfp4_pp 0.2.0, one by
 0.1.0), each with the README.md card and the final line the code rendered from it when they were
 saved: every card must stay byte-identical (the final line names the interpreter as PYTHON).
 """
