@@ -173,15 +173,22 @@ def _ranks_of_schema_1(data: dict) -> list[dict]:
     """Schema 1's ranks as whole reports: each rank's export rebuilt from what the record kept (its
     excluded modules and KV-cache format, and its Linears from the run's list by layer index; the
     shards were not kept)."""
+    spans = [r["layers"] for r in data["ranks"]]
     ranks = []
-    for r in data["ranks"]:
-        start, stop = r["layers"]
-        mine = {name: stats for name, stats in data["linears"].items()
-                if (m := LAYER_INDEX.search(name)) is None and r is data["ranks"][0]
-                or m is not None and start <= int(m.group(1)) < stop}
+    for i, r in enumerate(data["ranks"]):
+        mine = {name: stats for name, stats in data["linears"].items() if _owner(name, spans) == i}
         export = ExportResult(shards=(), schemes={n: s["scheme"] for n, s in mine.items()}, kv_cache=r["kv_cache"],
                               excluded=tuple(r["excluded"]),
                               linears={n: from_plain(LinearStats, s) for n, s in mine.items()})
         rest = {k: v for k, v in r.items() if k not in ("excluded", "kv_cache")}
         ranks.append({**rest, "export": export.to_dict()})
     return ranks
+
+
+def _owner(name: str, spans: list[list[int]]) -> int:
+    """The rank whose decoder layers [start, stop) hold a Linear (one outside every layer: rank 0)."""
+    match = LAYER_INDEX.search(name)
+    if match is None:
+        return 0
+    index = int(match.group(1))
+    return next(i for i, (start, stop) in enumerate(spans) if start <= index < stop)
