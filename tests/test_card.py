@@ -155,10 +155,10 @@ def test_without_matplotlib_the_card_has_no_pictures_and_says_how(monkeypatch, t
     import logging
 
     from nvfp4_pp.charts import render_charts
+    from nvfp4_pp.records import Charts
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if the charts extra were not installed
-    record = {"ranks": [{"rank": 0, "layers": [0, 1], "spans": [{"name": "load", "start": 0.0, "end": 1.0}]}],
-              "linears": {"model.layers.0.mlp.up_proj": {"scheme": "nvfp4", "weight_error": 0.1, "input_amax": 2.0}}}
+    record = read_run_record(REPO / "tests" / "golden" / "demo-nvfp4-ct-evaluated")  # spans and Linears to draw
     with caplog.at_level(logging.INFO, logger="nvfp4_pp"):
-        assert render_charts(tmp_path, record) == {}
+        assert render_charts(tmp_path, record) == Charts()
     assert "pip install 'nvfp4_pp[charts]'" in caplog.text and not list(tmp_path.iterdir())
