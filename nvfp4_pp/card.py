@@ -1,5 +1,5 @@
-"""The output's own record: `nvfp4_pp.json` (what ran, where, how long, calibration health, what the
-checkpoint holds) and a README.md model card rendered from it alone, with the Hub's front matter,
+"""The run's record (a `RunRecord`, run_record.py: what ran, where, how long, calibration health, what
+the checkpoint holds) and a README.md model card rendered from it alone, with the Hub's front matter,
 the pictures (charts.py) and the Serving section (serving.py); `evaluate --update-card` fills in the
 quality section later."""
 
