@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import DEV, REPO, SHAPES, log, write_checkpoint, write_tokens  # noqa: E402
+from throughput import DEV, REPO, SHAPES, log, peak_bytes, read_record, write_checkpoint, write_tokens  # noqa: E402
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"} if DEV == "cpu" else None
 """modelopt's reference with one CPU thread, as nvfp4_pp's rank (CPU bytes depend on the thread count)."""
@@ -75,12 +75,12 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: in
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"nvfp4_pp {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    rank = json.loads((out / "nvfp4_pp.json").read_text())["ranks"][0]
+    rank = read_record(out).ranks[0]
     solves = [float(s) for s in re.findall(r"layer \d+ solved in ([0-9.]+) s", proc.stdout)]
-    return {"wall": wall, "load": rank["phases"]["load"], "calibrate": rank["phases"]["calibrate"],
-            "export": rank["phases"]["export"], "peak": rank["measured"].get("device", rank["measured"]["host"]) / 1e9,
-            "predicted": rank["predicted"]["device"] / 1e9, "solves": solves,
-            "gptq_solve": [rank.get("gptq_solve", {})[k] for k in sorted(rank.get("gptq_solve", {}), key=int)]}
+    return {"wall": wall, "load": rank.phases["load"], "calibrate": rank.phases["calibrate"],
+            "export": rank.phases["export"], "peak": peak_bytes(rank.measured) / 1e9,
+            "predicted": rank.predicted.device / 1e9, "solves": solves,
+            "gptq_solve": [rank.gptq_solve[k] for k in sorted(rank.gptq_solve, key=int)]}
 
 
 def modelopt_child(model_dir: Path, rows: list[list[int]], out: Path, mode: str) -> dict:

@@ -169,7 +169,9 @@ def run_once(hosts: MeshHosts, work: Path, model: Path, samples: int, seq: int, 
     after = hosts.counters()
     if any(p.returncode for p in procs):
         raise SystemExit("a host failed:\n\n" + "\n\n".join(log[-3000:] for log in logs))
-    record = json.loads((run_dir / "out" / "nvfp4_pp.json").read_text())
+    from nvfp4_pp.run_record import read_run_record
+
+    record = read_run_record(run_dir / "out")
     shutil.rmtree(run_dir)
     delta = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
     return {"samples": samples, "wall_s": wall, "delta": delta, "record": record, "log": logs[0]}
@@ -177,9 +179,9 @@ def run_once(hosts: MeshHosts, work: Path, model: Path, samples: int, seq: int, 
 
 def hop_stats(run: dict) -> list[dict]:
     """Per hop (rank r -> r+1): wire bytes and frames, payload bytes nvfp4_pp counted, tokens."""
-    ranks = sorted(run["record"]["ranks"], key=lambda m: m["rank"])
-    hosts = [m["host"] for m in ranks]
-    tokens = run["record"]["calibration"]["tokens"]
+    ranks = sorted(run["record"].ranks, key=lambda m: m.rank)
+    hosts = [m.host for m in ranks]
+    tokens = run["record"].calibration.manifest.tokens
     out = []
     for r in range(len(ranks) - 1):
         i, j = int(hosts[r].removeprefix("host")), int(hosts[r + 1].removeprefix("host"))
@@ -187,13 +189,13 @@ def hop_stats(run: dict) -> list[dict]:
         back, back_frames = run["delta"][(j, i)]
         out.append({"hop": f"{r}->{r + 1}", "store": 0 in (i, j), "tokens": tokens, "wire": sent, "frames": frames,
                     "reverse": back, "reverse_frames": back_frames,
-                    "payload": ranks[r]["traffic"]["bytes_sent"], "received": ranks[r + 1]["traffic"]["bytes_received"]})
+                    "payload": ranks[r].traffic.bytes_sent, "received": ranks[r + 1].traffic.bytes_received})
     return out
 
 
 def calibration_seconds(run: dict) -> tuple[float, float]:
     """(calibrate phase, calibration loop) seconds, slowest rank: the pipeline ends with its last stage."""
-    phases = [m["phases"] for m in run["record"]["ranks"]]
+    phases = [m.phases for m in run["record"].ranks]
     return max(p["calibrate"] for p in phases), max(p.get("calibration loop", 0.0) for p in phases)
 
 
@@ -313,7 +315,7 @@ def main() -> None:
         if run["samples"] != args.samples:
             continue
         calib, loop = calibration_seconds(run)
-        tokens = run["record"]["calibration"]["tokens"]
+        tokens = run["record"].calibration.manifest.tokens
         bound = "-" if label == "unlimited" else f"{bits_per_second(label) / 8 / wire:,.0f}"
         lines.append(f"| {label} | {calib:.1f} | {loop:.1f} | {tokens / loop:,.0f} | {bound} |")
     lines += ["",

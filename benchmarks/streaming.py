@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (this directory's shared checkpoint writer and peers)
-from throughput import DEV, REPO, SHAPES, log, plain_forward, write_checkpoint, write_tokens  # noqa: E402
+from throughput import (  # noqa: E402
+    DEV, REPO, SHAPES, log, peak_bytes, plain_forward, read_record, write_checkpoint, write_tokens)
 
 
 def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: int, budget_gb: float,
@@ -58,15 +59,15 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, samples: int, seq: in
     print(proc.stdout, flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvfp4_pp failed:\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "nvfp4_pp.json").read_text())
-    rank = report["ranks"][0]
-    tokens_total = report["calibration"]["tokens"]
-    phases = rank["phases"]
+    record = read_record(out)
+    rank = record.ranks[0]
+    tokens_total = record.calibration.manifest.tokens
+    phases = rank.phases
     return {"wall": wall, "load": phases["load"], "calibrate": phases["calibrate"],
             "export": phases["export"], "tokens_per_s": tokens_total / phases["calibrate"],
             "loop": phases.get("calibration loop"), "streaming": streaming_details(proc.stdout, launched),
-            "peaks": [rank["measured"].get("device", rank["measured"]["host"]) / 1e9],
-            "predicted": (rank["predicted"]["device"] if "device" in rank["measured"] else rank["predicted"]["host"]) / 1e9,
+            "peaks": [peak_bytes(rank.measured) / 1e9],
+            "predicted": (rank.predicted.device if rank.measured.device is not None else rank.predicted.host) / 1e9,
             "plan": [line.split("] ", 1)[-1] for line in proc.stdout.splitlines() if "streaming" in line
                      or "resident" in line or "layer-major" in line]}
 

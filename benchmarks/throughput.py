@@ -49,6 +49,20 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def read_record(out: Path):
+    """The run's nvfp4_pp.json through nvfp4_pp's own reader (a typed RunRecord)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from nvfp4_pp.run_record import read_run_record
+
+    return read_run_record(out)
+
+
+def peak_bytes(memory) -> int:
+    """A rank's bounding pool: its device where it has one, else the host."""
+    return memory.device if memory.device is not None else memory.host
+
+
 def write_checkpoint(path: Path, shape: str, layers: int) -> int:
     """Random BF16 weights (std 0.02) with the real shapes; one shard per layer. Returns bytes written."""
     from safetensors.torch import save_file
@@ -147,18 +161,18 @@ def run_nvfp4_pp(model_dir: Path, tokens: Path, out: Path, ranks: int, samples: 
     if proc.returncode != 0:
         raise RuntimeError(f"nvfp4_pp with {ranks} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     print(proc.stdout[-4000:], flush=True)
-    report = json.loads((out / "nvfp4_pp.json").read_text())
-    ranks_info = report["ranks"]
-    tokens_total = report["calibration"]["tokens"]
-    calib = max(r["phases"]["calibrate"] for r in ranks_info)
-    loops = [r["phases"]["calibration loop"] for r in ranks_info if "calibration loop" in r["phases"]]
+    record = read_record(out)
+    ranks_info = record.ranks
+    tokens_total = record.calibration.manifest.tokens
+    calib = max(r.phases["calibrate"] for r in ranks_info)
+    loops = [r.phases["calibration loop"] for r in ranks_info if "calibration loop" in r.phases]
     return {
-        "wall": wall, "load": max(r["phases"]["load"] for r in ranks_info), "calibrate": calib,
-        "export": max(r["phases"]["export"] for r in ranks_info), "tokens_per_s": tokens_total / calib,
+        "wall": wall, "load": max(r.phases["load"] for r in ranks_info), "calibrate": calib,
+        "export": max(r.phases["export"] for r in ranks_info), "tokens_per_s": tokens_total / calib,
         "loop_tokens_per_s": tokens_total / max(loops) if loops else None,
-        "peaks": [r["measured"].get("device", r["measured"]["host"]) / 1e9 for r in ranks_info],
-        "bytes_per_token": max(r["traffic"].get("bytes_sent", 0) for r in ranks_info) / tokens_total,
-        "layers": [r["layers"] for r in ranks_info],
+        "peaks": [peak_bytes(r.measured) / 1e9 for r in ranks_info],
+        "bytes_per_token": max(r.traffic.bytes_sent for r in ranks_info) / tokens_total,
+        "layers": [list(r.layers) for r in ranks_info],
     }
 
 

@@ -9,7 +9,7 @@ import sys
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT
-from .work_state import PHASES
+from .phases import RECORDED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output that nvfp4_pp wrote (never any other directory)")
     p.add_argument("--fresh", action="store_true", help="discard saved progress in the work directory")
-    p.add_argument("--stop-after", choices=PHASES, help="stop once this phase is recorded (resume later)")
+    p.add_argument("--stop-after", choices=[p.value for p in RECORDED], help="stop once this phase is recorded (resume later)")
     p.add_argument("--plan", action="store_true",
                    help="measure every rank's memory, print the stage plan and exit without loading weights")
     p.add_argument("--version", action="version", version=f"nvfp4_pp {__version__}")

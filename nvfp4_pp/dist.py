@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import Fault, Interrupted, NvFp4PpError
+from .phases import Phase
 
 T = TypeVar("T")
 _DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.int32, torch.uint8]
@@ -37,18 +38,18 @@ _HEADER_LEN = 8
 _KIND_END, _KIND_TENSOR = 0, 1
 
 
-_phase = "startup"
+_phase = Phase.START_UP
 _hosts: list[str] = []
 _timeout_s = 0
 
 
-def set_phase(name: str) -> None:
+def set_phase(phase: Phase) -> None:
     """Record what this rank is doing, for error messages about lost peers."""
     global _phase
-    _phase = name
+    _phase = phase
 
 
-def current_phase() -> str:
+def current_phase() -> Phase:
     return _phase
 
 

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .card import RECORD
+from .run_record import RECORD
 from .errors import NvFp4PpError
 from .files import nearest_existing
 from .log import logger

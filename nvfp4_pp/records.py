@@ -3,13 +3,18 @@
 Each record has one writer (the phase that makes it) and typed readers. `to_dict` / `from_dict`
 exist for the three files that hold them: `state.json` (a rank's finished phases),
 `calibration.json` (the calibration set's manifest) and the output's `nvfp4_pp.json` (the run
-record the model card is rendered from).
+record the model card is rendered from, run_record.py). `from_plain` reads any of them back from
+its plain form, field by field as the class declares them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import types
+import typing
+from typing import Any, TypeVar, Union
+
+T = TypeVar("T")
 
 
 def _plain(value: Any) -> Any:
@@ -20,6 +25,32 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def from_plain(cls: type[T], data: dict) -> T:
+    """A record from its plain (JSON) form: nested records, tuples and dicts of them rebuilt from the
+    field types; a field the data lacks takes its default (records written before it existed), one
+    the class does not know is left out."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: _typed(hints[f.name], data[f.name]) for f in dataclasses.fields(typing.cast(Any, cls)) if f.name in data})
+
+
+def _typed(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        records = [a for a in args if dataclasses.is_dataclass(a)]
+        return _typed(records[0], value) if records else value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return from_plain(tp, value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(args[0], v) for v in value)
+        return tuple(_typed(a, v) for a, v in zip(args, value))
+    if origin is dict:
+        return {k: _typed(args[1], v) for k, v in value.items()}
     return value
 
 
@@ -58,7 +89,7 @@ class CalibrationManifest:
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationManifest:
-        return cls(**{**d, "sources": tuple(SourceSummary(**s) for s in d["sources"])})
+        return from_plain(cls, d)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,7 +103,7 @@ class ShardRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardRecord:
-        return cls(d["file"], tuple(d["tensors"]), d["bytes"], d["sha256"])
+        return from_plain(cls, d)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,9 +141,7 @@ class ExportResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> ExportResult:
-        return cls(tuple(ShardRecord.from_dict(s) for s in d["shards"]), dict(d["schemes"]), d["kv_cache"],
-                   tuple(d["excluded"]), tuple(d.get("embeddings", ())),
-                   {k: LinearStats(**v) for k, v in d.get("linears", {}).items()})
+        return from_plain(cls, d)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -128,7 +157,7 @@ class Traffic:
 
     @classmethod
     def from_dict(cls, d: dict) -> Traffic:
-        return cls(**d)
+        return from_plain(cls, d)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -150,7 +179,7 @@ class LayerChoice:
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerChoice:
-        return cls(**d)
+        return from_plain(cls, d)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -214,10 +243,59 @@ class RankReport:
     inverses and updates; Hessians and passes not counted)."""
 
     def to_dict(self) -> dict:
-        """The rank's entry in nvfp4_pp.json (shards and schemes are summarised for the whole run)."""
-        out = _plain(self)
-        export = out.pop("export")
-        out["excluded"] = export["excluded"]
-        out["kv_cache"] = export["kv_cache"]
-        out["measured"] = self.measured.pools()
-        return out
+        """The rank's entry in nvfp4_pp.json, every field (`from_plain` reads it back)."""
+        return _plain(self)
+
+    def peaks_text(self) -> str:
+        """The measured peak beside the planner's prediction, per memory pool: 'host 1.20/1.50'."""
+        measured, predicted = self.measured.pools(), self.predicted.pools()
+        return " ".join(f"{pool} {measured[pool] / 1e9:.2f}/{predicted[pool] / 1e9:.2f}" for pool in sorted(measured))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CalibrateProgress:
+    """Progress inside the calibrate phase (layer by layer), kept in the work state for a rerun."""
+
+    choices: dict[int, LayerChoice] = dataclasses.field(default_factory=dict)
+    """`algorithm: auto`: what each of this stage's solved layers got."""
+    inputs_saved: bool = False
+    """This stage's first layer's inputs are in the work directory (layerwise.INPUTS_FILE)."""
+
+    def to_dict(self) -> dict:
+        return {"choices": {str(i): c.to_dict() for i, c in sorted(self.choices.items())}, "inputs": self.inputs_saved}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CalibrateProgress:
+        return cls({int(i): LayerChoice.from_dict(c) for i, c in d.get("choices", {}).items()}, d.get("inputs", False))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointFacts:
+    """What the card's Serving section needs, read from the written checkpoint's own files
+    (serving.checkpoint_facts)."""
+
+    method: str | None
+    """The quantization config's method as vLLM reads it (`modelopt`, `compressed-tensors`)."""
+    schemes: tuple[str, ...]
+    kv_cache_scales: bool
+    max_model_len: int | None
+    bytes: int
+    """Tensor bytes (the index's total_size)."""
+    sampling: dict[str, float]
+    """generation_config.json's sampling defaults."""
+    chat_template: str | None
+    """The file holding the chat template vLLM applies, if any."""
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Charts:
+    """The card's pictures that were drawn (file names beside the card); None: not drawn."""
+
+    timeline: str | None = None
+    layers: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in _plain(self).items() if v is not None}

@@ -16,6 +16,7 @@ from .command_line import parse_args
 from .config import load_config
 from .errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED, Interrupted, NvFp4PpError, exit_status
 from .log import keep_traceback, report_error, setup, teardown
+from .phases import Phase
 from .runner import Options, Run
 
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     stopping.install()
     stopping.follow_launcher(cfg.pipeline.timeout_s, rank)
-    options = Options(overwrite=args.overwrite, fresh=args.fresh, stop_after=args.stop_after, plan_only=args.plan)
+    options = Options(overwrite=args.overwrite, fresh=args.fresh, plan_only=args.plan,
+                      stop_after=Phase(args.stop_after) if args.stop_after else None)
     run = None
     interrupted = False
     error, shown, code = None, True, EXIT_FAULT  # printed after the process group is gone: this rank's last line

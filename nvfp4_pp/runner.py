@@ -16,7 +16,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,7 +36,7 @@ from .calibrate import (
     register_kv_attention,
     uses_hessians,
 )
-from .card import CALIBRATION_MANIFEST, final_line, peaks_text, run_record, write_record_and_card
+from .card import CALIBRATION_MANIFEST, final_line, run_record, write_record_and_card
 from .config import RunConfig
 from .data.samples import CalibrationDataError, MicroBatch, Tokenizer, load_samples, micro_batches
 from .data.vocabulary import check_vocabulary
@@ -50,17 +50,19 @@ from .layer_choice import LayerChooser, held_out_count
 from .lock import WORK_DIR_LOCK, FileLock, Holder, output_lock_path
 from .log import RELAY, attach_file, end_of_run, logger
 from .output_guard import check_output, check_paths
+from .phases import RECORDED, Phase
 from .pipeline import run_pipeline
 from .planning import budget
 from .planning.memory import ModelSizes, Workload, written_bytes
 from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
 from .recipe_shapes import check_recipe_shapes
 from .records import CalibrationManifest, ExportResult, Health, LayerChoice, Memory, PhaseSpan, RankReport, Traffic
+from .run_record import RunRecord
 from .source import SourceCheckpoint
 from .stage import Stage, build_stage
 from .streaming import LayerStream
 from .verify import summarize, verify
-from .work_state import PHASES, StaleWorkState, WorkState, fingerprint, work_dir_of
+from .work_state import StaleWorkState, WorkState, fingerprint, work_dir_of
 from .writer import ShardWriter
 
 if TYPE_CHECKING:
@@ -77,7 +79,8 @@ class Options:
 
     overwrite: bool = False
     fresh: bool = False
-    stop_after: Literal["calibrate", "export"] | None = None
+    stop_after: Phase | None = None
+    """One of phases.RECORDED."""
     plan_only: bool = False
 
 
@@ -100,7 +103,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.solve_times = SolveTimes()
         """GPTQ's solve seconds per Linear (the run record keeps them per layer)."""
-        self.spans: list[PhaseSpan] = [PhaseSpan("start-up", self.started_wall, self.started_wall)]
+        self.spans: list[PhaseSpan] = [PhaseSpan(Phase.START_UP, self.started_wall, self.started_wall)]
         self.work_dir = work_dir_of(cfg)
         self.rank_dir = self.work_dir / f"rank{info.rank}"
         self.fmt: CheckpointFormat
@@ -119,7 +122,7 @@ class Run:
         self.traffic: Traffic
         self.health: Health
         self.export_result: ExportResult
-        self.record: dict
+        self.record: RunRecord
 
     def execute(self) -> None:
         try:
@@ -132,11 +135,11 @@ class Run:
             self.check_disk_space()
             self.load()
             self.calibrate()
-            if self.options.stop_after == "calibrate":
-                return self.stopped_after("calibrate")
+            if self.options.stop_after == Phase.CALIBRATE:
+                return self.stopped_after(Phase.CALIBRATE)
             self.export()
-            if self.options.stop_after == "export":
-                return self.stopped_after("export")
+            if self.options.stop_after == Phase.EXPORT:
+                return self.stopped_after(Phase.EXPORT)
             self.assemble()
             self.clean_up()
         finally:
@@ -145,12 +148,12 @@ class Run:
             end_of_run(final_line(self.record, time.perf_counter() - self.started))
 
     @contextlib.contextmanager
-    def phase(self, name: str):
+    def phase(self, name: Phase):
         """Name the phase for lost-peer messages and time it."""
         dist.set_phase(name)
         t0, wall = time.perf_counter(), time.time()
-        if self.spans[-1].name == "start-up":  # start-up lasts until the first timed phase
-            self.spans[-1] = PhaseSpan("start-up", self.started_wall, wall)
+        if self.spans[-1].name == Phase.START_UP:  # start-up lasts until the first timed phase
+            self.spans[-1] = PhaseSpan(Phase.START_UP, self.started_wall, wall)
         yield
         self.timings[name] = time.perf_counter() - t0
         self.spans.append(PhaseSpan(name, wall, time.time()))
@@ -165,7 +168,7 @@ class Run:
     def start_up(self) -> None:
         """Every rank checks the source, the split and where it will write; rank 0 checks the output;
         then every host's work directory and the output are locked for this run."""
-        dist.set_phase("startup checks")
+        dist.set_phase(Phase.START_UP)
         writes = not self.options.plan_only
 
         def check() -> tuple[CheckpointFormat, SourceCheckpoint, Architecture]:
@@ -252,7 +255,7 @@ class Run:
         Measured after the samples are built: their memory is part of the baseline. The plan is a
         pure function of the shared facts, so a bad plan fails on every rank alike.
         """
-        dist.set_phase("planning")
+        dist.set_phase(Phase.PLANNING)
         info, pipeline = self.info, self.cfg.pipeline
         t0 = time.perf_counter()
         facts = budget.measure(info.rank, info.host, info.device)
@@ -326,7 +329,7 @@ class Run:
     def load(self) -> None:
         """This rank's layers onto its device; a rank that cannot read its part fails every rank with it."""
 
-        with self.phase("load"):
+        with self.phase(Phase.LOAD):
             self.stage = dist.everywhere(self.info, lambda: build_stage(self.source, self.arch, *self.layers,
                                                                         self.info.device, self.streaming))
         if self.streaming:  # its first layer read while calibration gets ready (CUDA extensions, inputs)
@@ -335,10 +338,10 @@ class Run:
 
     def calibrate(self) -> None:
         """Quantizers calibrated through the pipeline (every rank at once), or restored from the work dir."""
-        with self.phase("calibrate"):
+        with self.phase(Phase.CALIBRATE):
             load_cuda_extensions(self.info.device, {self.cfg.recipe, *(self.cfg.recipe_overrides or {}).values()})
             self.traffic = self.state.once(
-                "calibrate", self._calibrate_through_pipeline, self._restore_quantizers,
+                Phase.CALIBRATE, self._calibrate_through_pipeline, self._restore_quantizers,
                 reused=f"calibration: reusing the state every rank saved in {self.work_dir}",
                 # a streaming stage writes its layers while calibrating: reusable only once written
                 usable=lambda saved: not self.streaming or "export" in self.state.phases,
@@ -382,7 +385,7 @@ class Run:
         # A streaming stage's layers are written as they are solved: an interrupted one starts over.
         solved = set() if self.streaming else self.state.solved_layers()
         if not solved:
-            self._record_choices({})
+            self.state.record_calibrate_progress(choices={})
         if solved:  # an interrupted run: its quantizers and solved layers, as they were
             self._restore_quantizers({})
             for index, layer in self.stage.layers():
@@ -400,7 +403,7 @@ class Run:
 
         def choose(index: int, layer: torch.nn.Module, inputs: layerwise.LayerInputs) -> str:
             choice = chooser(index, layer, inputs)
-            self._record_choices({**self.choices, index: choice})
+            self.state.record_calibrate_progress(choices={**self.choices, index: choice})
             return choice.chosen
 
         def write_and_free(index: int, layer: torch.nn.Module) -> None:
@@ -441,19 +444,14 @@ class Run:
     @property
     def choices(self) -> dict[int, LayerChoice]:
         """`algorithm: auto`: what each of this stage's solved layers got (kept in the work state)."""
-        saved = self.state.partial.get("calibrate", {}).get("choices", {})
-        return {int(index): LayerChoice.from_dict(c) for index, c in saved.items()}
-
-    def _record_choices(self, choices: dict[int, LayerChoice]) -> None:
-        self.state.record_partial("calibrate", {**self.state.partial.get("calibrate", {}),
-                                                "choices": {str(i): c.to_dict() for i, c in sorted(choices.items())}})
+        return self.state.calibrate_progress.choices
 
     def _layer_inputs(self) -> tuple[layerwise.LayerInputs, Traffic]:
         """This stage's first layer's inputs: from the work dir, the pipelined BF16 pass (parallel
         boundary) or the previous stage (sequential boundary)."""
         info, samples = self.info, self.samples
         path = self.rank_dir / layerwise.INPUTS_FILE
-        saved = path.is_file() and self.state.partial.get("calibrate", {}).get("inputs", False)
+        saved = path.is_file() and self.state.calibrate_progress.inputs_saved
         parallel = self.boundary == "parallel"
         embeds = info.is_first and not parallel  # its inputs are its embeddings: computed again, never saved
         waits = dist.all_gather_objects(not saved and not embeds, info.world_size)
@@ -474,7 +472,7 @@ class Run:
             traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in hidden))
         if not saved:
             layerwise.save_inputs(path, hidden)
-            self.state.record_partial("calibrate", {**self.state.partial.get("calibrate", {}), "inputs": True})
+            self.state.record_calibrate_progress(inputs_saved=True)
         return layerwise.LayerInputs(self.stage, hidden), traffic
 
     def _capture_pass(self) -> tuple[list[torch.Tensor], Traffic]:
@@ -516,20 +514,20 @@ class Run:
             return export_stage(self.stage, self.owned(), self.source, self.fmt, self.writer(), lm_head,
                                 self.info.device)
 
-        with self.phase("export"):  # a rank that cannot write (a full disk) fails every rank with it
+        with self.phase(Phase.EXPORT):  # a rank that cannot write (a full disk) fails every rank with it
             self.export_result = dist.everywhere(self.info, lambda: self.state.once(
-                "export", write, ExportResult.from_dict, reused="export: reusing the shards this rank wrote before",
+                Phase.EXPORT, write, ExportResult.from_dict, reused="export: reusing the shards this rank wrote before",
                 usable=lambda saved: self.state.shards_intact(ExportResult.from_dict(saved))))
         self.stage = None  # the weights are no longer needed
 
-    def stopped_after(self, name: str) -> None:
+    def stopped_after(self, name: Phase) -> None:
         dist.barrier()
         logger.info("stopped after %s as asked; run the same command without --stop-after to continue", name)
 
     def resume_point(self) -> str:
         """What a rerun of the same command starts from, as this rank knows it (for an interrupt's message)."""
         state = getattr(self, "state", None)
-        done = [p for p in PHASES if state is not None and p in state.phases]
+        done = [p for p in RECORDED if state is not None and p in state.phases]
         if not done:
             return "the beginning (no phase was finished)"
         return f"the saved {done[-1]} in {self.rank_dir}"
@@ -547,9 +545,9 @@ class Run:
 
     def assemble(self) -> None:
         """Rank 0 gathers every rank's shards and report, assembles, verifies and renames into place."""
-        with self.phase("gather"):
+        with self.phase(Phase.GATHER):
             gathered = gather(self.cfg.gather, self.info, self.rank_dir, self.export_result.shards)
-        dist.set_phase("assembly")
+        dist.set_phase(Phase.ASSEMBLE)
         reports = dist.gather_to_first(self.report(), self.info)
 
         def finish() -> None:
@@ -560,7 +558,7 @@ class Run:
                 problems = verify(tmp, self.source.path, self.cfg.serving.target)
                 record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
                                     time.perf_counter() - self.started, time.perf_counter() - t0, problems,
-                                    wire_name(self.info))
+                                    wire_name(self.info), tmp)
                 self.record = write_record_and_card(tmp, record, output.name, checksums)
                 if problems:
                     kinds = summarize(problems)
@@ -598,5 +596,5 @@ def log_report(reports: list[RankReport]) -> None:
     for r in reports:
         p, h = r.phases, r.health
         logger.info("%-5d %-12s %-8s %-9s %8.1f %10.1f %8.1f  %-26s %d/%d/%d", r.rank, r.host[:12], r.device,
-                    f"{r.layers[0]}-{r.layers[1] - 1}", p["load"], p["calibrate"], p.get("export", 0.0),
-                    peaks_text(r.to_dict()), h.good, h.zero, h.nan)
+                    f"{r.layers[0]}-{r.layers[1] - 1}", p[Phase.LOAD], p[Phase.CALIBRATE], p[Phase.EXPORT],
+                    r.peaks_text(), h.good, h.zero, h.nan)

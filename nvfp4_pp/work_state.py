@@ -8,13 +8,14 @@ which field changed (`--fresh` discards them).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -22,7 +23,8 @@ from .config import RunConfig, config_to_dict
 from .errors import NvFp4PpError
 from .files import file_intact, write_errors_named, write_json
 from .log import logger
-from .records import ExportResult
+from .phases import RECORDED, Phase
+from .records import CalibrateProgress, ExportResult
 from .source import SourceCheckpoint
 
 STATE_FILE = "state.json"
@@ -31,10 +33,6 @@ QUANTIZER_FILE = "quantizers.pt"
 
 class StaleWorkState(NvFp4PpError):
     pass
-
-
-PHASES = ("calibrate", "export")
-"""Recorded phases in run order: redoing one redoes every later one."""
 
 
 class Record(Protocol):
@@ -91,8 +89,9 @@ class WorkState:
             shutil.rmtree(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.phases: dict[str, dict] = {}
-        self.partial: dict[str, dict] = {}
-        """Progress inside a phase not yet finished (layers solved so far), by phase."""
+        self.calibrate_progress = CalibrateProgress()
+        """Progress inside the calibrate phase (kept after it is recorded: a rank whose peers must redo
+        the collective phase replays what it has instead of solving again)."""
         self.resumed = path.is_file()
         """A run of this fingerprint was here before: `once` says what it reuses and what it redoes."""
         self._redo_reasons: dict[str, str] = {}
@@ -106,14 +105,15 @@ class WorkState:
                     "changed); rerun with --fresh to discard it and start over"
                 )
             self.phases = saved["phases"]
-            self.partial = saved.get("partial", {})
+            self.calibrate_progress = CalibrateProgress.from_dict(saved.get("partial", {}).get(Phase.CALIBRATE, {}))
         self._save()
 
     def _save(self) -> None:
         write_json(self.directory / STATE_FILE,
-                   {"fingerprint": self.fingerprint, "phases": self.phases, "partial": self.partial})
+                   {"fingerprint": self.fingerprint, "phases": self.phases,
+                    "partial": {Phase.CALIBRATE.value: self.calibrate_progress.to_dict()}})
 
-    def once(self, phase: str, compute: Callable[[], R], reuse: Callable[[dict], R], reused: str,
+    def once(self, phase: Phase, compute: Callable[[], R], reuse: Callable[[dict], R], reused: str,
              usable: Callable[[dict], bool] = lambda _: True, agree: Callable[[bool], bool] = lambda done: done) -> R:
         """The phase's result: `reuse(saved)` when it was recorded and is still usable (and `agree`, told
         whether this rank could reuse, says every rank that must can), else `compute()`, recorded.
@@ -127,10 +127,10 @@ class WorkState:
             why = (self._redo_reasons.get(phase, "it was not finished before") if saved is None
                    else "its saved result is missing or damaged" if not can else "another rank has to redo it")
             logger.info("%s: running it (%s)", phase, why)
-        for later in PHASES[PHASES.index(phase) + 1:]:
+        for later in RECORDED[RECORDED.index(phase) + 1:]:
             if later in self.phases:
                 self._redo_reasons[later] = f"{phase} was redone"
-        for later in PHASES[PHASES.index(phase):]:
+        for later in RECORDED[RECORDED.index(phase):]:
             self.phases.pop(later, None)
         self._save()
         result = compute()
@@ -138,10 +138,9 @@ class WorkState:
         self._save()
         return result
 
-    def record_partial(self, phase: str, progress: dict) -> None:
-        """Progress inside `phase`, for a rerun to continue from (kept after the phase is recorded:
-        a rank whose peers must redo a collective phase replays what it has instead of solving again)."""
-        self.partial[phase] = progress
+    def record_calibrate_progress(self, **changes: Any) -> None:
+        """Progress inside the calibrate phase (fields of CalibrateProgress), for a rerun to continue from."""
+        self.calibrate_progress = dataclasses.replace(self.calibrate_progress, **changes)
         self._save()
 
     def shards_intact(self, export: ExportResult) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, read_json, run_nvfp4_pp, write_config
+from nvfp4_pp.run_record import read_run_record
 from nvfp4_pp.source_card import read_source_card
 
 DATED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[stage (\d)\] ")
@@ -114,8 +115,7 @@ def test_serve_commands_follow_the_checkpoint(watched, ct_output):
         serve = [l for l in (directory / "README.md").read_text().splitlines() if l.startswith("vllm serve ")]
         assert len(serve) == 3  # Blackwell, Hopper/Ampere, GB10
         assert all(("--kv-cache-dtype fp8" in l) == kv and "--max-model-len 8192" in l for l in serve), serve
-    record = read_json(out / "nvfp4_pp.json")
-    assert record["checkpoint"]["sampling"] == SAMPLING
+    assert read_run_record(out).checkpoint.sampling == SAMPLING
     card = (out / "README.md").read_text()
     assert "`temperature=0.6`, `top_p=0.9`, `top_k=40`, `repetition_penalty=1.05`" in card
     assert "models:\n  \"SmolLM2-135M-Instruct-NVFP4\":" in card and "(`chat_template.jinja`)" in card
@@ -131,9 +131,9 @@ def test_charts_are_valid_pngs_embedded_in_the_card(watched):
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 600 and image.height > 100
             image.verify()
-    record = read_json(out / "nvfp4_pp.json")
-    assert [s["name"] for s in record["ranks"][1]["spans"]] == ["start-up", "load", "calibrate", "export", "gather"]
-    errors = [s["weight_error"] for s in record["linears"].values()]
+    record = read_run_record(out)
+    assert [s.name for s in record.ranks[1].spans] == ["start-up", "load", "calibrate", "export", "gather"]
+    errors = [s.weight_error for s in record.linears.values()]
     assert len(errors) == 210 and all(0.05 < e < 0.15 for e in errors)  # NVFP4: about 10 % relative RMS
 
 
@@ -155,10 +155,10 @@ def test_without_matplotlib_the_card_has_no_pictures_and_says_how(monkeypatch, t
     import logging
 
     from nvfp4_pp.charts import render_charts
+    from nvfp4_pp.records import Charts
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if the charts extra were not installed
-    record = {"ranks": [{"rank": 0, "layers": [0, 1], "spans": [{"name": "load", "start": 0.0, "end": 1.0}]}],
-              "linears": {"model.layers.0.mlp.up_proj": {"scheme": "nvfp4", "weight_error": 0.1, "input_amax": 2.0}}}
+    record = read_run_record(REPO / "tests" / "golden" / "demo-nvfp4-ct-evaluated")  # spans and Linears to draw
     with caplog.at_level(logging.INFO, logger="nvfp4_pp"):
-        assert render_charts(tmp_path, record) == {}
+        assert render_charts(tmp_path, record) == Charts()
     assert "pip install 'nvfp4_pp[charts]'" in caplog.text and not list(tmp_path.iterdir())

@@ -22,6 +22,7 @@ from nvfp4_pp.serving import checkpoint_facts
 from nvfp4_pp.evaluate.int4 import codes_from_row_pairs
 from nvfp4_pp.evaluate.quality import evaluate, perplexity
 from nvfp4_pp.run import main
+from nvfp4_pp.run_record import read_run_record
 from nvfp4_pp.verify import verify
 
 IGNORE = ["*self_attn*", "*gate_proj", "*up_proj"]
@@ -60,13 +61,13 @@ def test_modelopt_layout_identical_to_single_process_modelopt(int4, smol_dir):
         assert our_q[key] == ref_q[key], key
     qc = read_json(out / "config.json")["quantization_config"]
     assert (qc["quant_algo"], qc["group_size"]) == ("W4A16_AWQ", 128)
-    assert checkpoint_facts(out)["schemes"] == list(RECIPE_SCHEMES["w4a16_int4"])
+    assert checkpoint_facts(out).schemes == RECIPE_SCHEMES["w4a16_int4"]
     assert verify(out, smol_dir) == []  # written for tensorrt-llm (its nvfp4_pp.json says so)
     assert verify(out, smol_dir, target="vllm") == [
         "quantization_config: not vLLM-loadable, vLLM 0.34.0 refuses it (its ModelOpt loader takes quant_algo FP8, "
         "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8, MIXED_PRECISION, not W4A16_AWQ); write the "
         "layout it loads, or name the reader in the run's serving.target"]
-    errors = {n: s["weight_error"] for n, s in read_json(out / "nvfp4_pp.json")["linears"].items()}
+    errors = {n: s.weight_error for n, s in read_run_record(out).linears.items()}
     assert sorted(errors) == sorted(DOWN) and all(0.05 < e < 0.2 for e in errors.values()), errors  # decoded at export
     card = (out / "README.md").read_text()
     assert "vLLM 0.34.0 does not load this checkpoint (its ModelOpt loader takes quant_algo" in card

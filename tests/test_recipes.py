@@ -82,7 +82,7 @@ def test_recipe_identical_to_single_process_modelopt(recipe, recipe_outputs, smo
         assert our_q.get(key) == ref_q.get(key), key
     qc = read_json(out / "config.json")["quantization_config"]
     assert qc["kv_cache_quant_algo"] == ("FP8" if kv else None) and qc["quant_method"] == "modelopt"
-    assert checkpoint_facts(out)["schemes"] == sorted(RECIPE_SCHEMES[recipe])
+    assert list(checkpoint_facts(out).schemes) == sorted(RECIPE_SCHEMES[recipe])
     assert verify(out, smol_dir) == []  # for the reader its serving.target names
     assert_serving_follows_vllm_tables(out, refused=recipe in VLLM_REFUSES_MODELOPT)
     assert verify(reference, target="none") == ["tokenizer: tokenizer_config.json and tokenizer.json (or tokenizer.model) are "
@@ -162,7 +162,7 @@ def test_compressed_tensors_mxfp4_holds_modelopt_numbers(recipe_outputs, smol_di
     _, modelopt_out = recipe_outputs("mxfp4")
     out = run_recipe(smol_dir, token_file, tmp_path_factory.mktemp("mxfp4-ct"), "mxfp4", "compressed-tensors")
     ours, theirs = load_tensors(out), load_tensors(modelopt_out)
-    assert checkpoint_facts(out)["schemes"] == ["mxfp4"] and verify(out, smol_dir) == []
+    assert checkpoint_facts(out).schemes == ("mxfp4",) and verify(out, smol_dir) == []
     assert_serving_follows_vllm_tables(out, refused=False)
     linears = [k.removesuffix(".weight") for k, v in theirs.items() if k.endswith(".weight") and v.dtype == torch.uint8]
     assert len(linears) == 30 * 7
@@ -191,7 +191,7 @@ def test_compressed_tensors_mixed_holds_modelopt_numbers(mixed_ct, recipe_output
     formats = {g.format: g for g in parsed.config_groups.values()}
     assert set(formats) == {"mxfp4-pack-quantized", "float-quantized"}
     assert f"{L0}.mlp.down_proj" in formats["mxfp4-pack-quantized"].targets
-    assert verify(mixed_ct, smol_dir) == [] and checkpoint_facts(mixed_ct)["schemes"] == ["fp8", "mxfp4"]
+    assert verify(mixed_ct, smol_dir) == [] and checkpoint_facts(mixed_ct).schemes == ("fp8", "mxfp4")
     assert_serving_follows_vllm_tables(mixed_ct, refused=False)
     for layer in range(30):
         p = f"model.layers.{layer}"
