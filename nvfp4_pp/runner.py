@@ -23,6 +23,7 @@ import torch
 from . import dist, layerwise
 from .arch import Architecture, architecture_of
 from .assemble import assemble
+from .algorithms.table import memory_terms
 from .calibrate import (
     ValidTokens,
     algorithm_options,
@@ -257,9 +258,10 @@ class Run:
         # measured after modelopt's import (its memory is baseline): most of this phase's seconds
         logger.info("planning: libraries imported and memory measured in %.1f s", time.perf_counter() - t0)
         facts = dist.all_gather_objects(facts, info.world_size)
+        terms = memory_terms({self.cfg.algorithm, *self.cfg.algorithms})
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
-                            calibration_tokens=self.samples.manifest.tokens, hessians=uses_hessians(self.cfg),
-                            layer_major=self.cfg.layerwise.enable, trials=self.cfg.algorithm == "auto")
+                            calibration_tokens=self.samples.manifest.tokens, hessians=terms.hessians,
+                            layer_major=self.cfg.layerwise.enable, trials=terms.trials)
 
         def plan() -> list[StagePlan]:
             budgets = budget.budgets(facts, pipeline.memory_limit_gb, pipeline.reserve_gb)
