@@ -53,12 +53,8 @@ def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = No
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid options are {list(RECIPES)}")
-    overrides = dict(overrides or {})
-    preset = RECIPES[recipe].preset
-    if not isinstance(preset, str):  # a mix: a base for the exclusions, every Linear pattern overridden
-        overrides = {**preset, **overrides}
-        preset = RECIPES[next(iter(preset.values()))].preset
-    cfg = _preset(preset)
+    overrides = {**RECIPES[recipe].mix, **(overrides or {})}  # a mix: every Linear pattern overridden
+    cfg = _preset(RECIPES[recipe].preset)
     entries = cfg["quant_cfg"]
     # Exclusions follow the leading "*" disable and the recipe's own Linear settings.
     first_exclusion = next((i for i, e in enumerate(entries) if i > 0 and e.get("enable") is False), len(entries))

@@ -176,12 +176,14 @@ class LayerByLayer:
         elif saved:
             hidden, traffic = layerwise.load_inputs(self._inputs_path, info.device), Traffic()
         elif info.is_first:
+            assert job.batches is not None, "the first rank holds the token ids"
             with torch.no_grad():
                 hidden = [job.stage.embed(b.ids.to(info.device)) for b in job.batches]
             traffic = Traffic()
         else:
             dtype = next(job.stage.parameters()).dtype
-            shapes = [(len(real), max(real), job.stage.hf_config.hidden_size) for real in job.lengths]
+            shapes: list[tuple[int, ...]] = [(len(real), max(real), job.stage.hf_config.hidden_size)
+                                             for real in job.lengths]
             hidden = relay.wait_for_inputs(shapes, dtype)
             traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in hidden))
         if not saved:
@@ -225,11 +227,13 @@ class LayerByLayer:
 
     def _write_and_free(self, index: int, layer: torch.nn.Module) -> None:
         """A streaming stage's solved layer written to its shards, then its weights freed."""
+        assert self.exporter is not None and self.stream is not None, "a streaming stage has both"
         self.exporter.layer(index, layer)
         self.stream.unload(layer)
 
     def _choose(self, index: int, layer: torch.nn.Module, inputs: layerwise.LayerInputs) -> str:
         """`auto`: layer `index`'s algorithm, kept in the work state."""
+        assert self.chooser is not None, "choosing runs under `auto` only"
         choice = self.chooser(index, layer, inputs)
         self.progress = dataclasses.replace(self.progress, choices={**self.progress.choices, index: choice})
         self.progress.save(self.job.state)

@@ -17,7 +17,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar, overload
 
 import torch
 
@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from .stage import Stage  # imports transformers (seconds): only once weights are loaded
 
 
+T = TypeVar("T")
+
+
 class VerificationError(NvFp4PpError):
     """The assembled checkpoint breaks vLLM's loader contract; the output was not written."""
 
@@ -89,8 +92,56 @@ class Samples:
     batches: list[MicroBatch] | None
 
 
+class Later(Generic[T]):
+    """A `Run` attribute that one phase sets and later phases read, typed as what it holds: read before
+    its phase ran (or after it was released), it raises an error naming it, never an AttributeError or
+    a None far away."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, run: None, owner: type) -> Later[T]: ...
+    @overload
+    def __get__(self, run: object, owner: type) -> T: ...
+
+    def __get__(self, run: object | None, owner: type) -> Later[T] | T:
+        if run is None:
+            return self
+        try:
+            return run.__dict__[self.name]
+        except KeyError:
+            raise RuntimeError(f"Run.{self.name} read before the phase that sets it ran") from None
+
+    def __set__(self, run: object, value: T) -> None:
+        run.__dict__[self.name] = value
+
+    def __delete__(self, run: object) -> None:
+        run.__dict__.pop(self.name, None)
+
+    def ready(self, run: object) -> bool:
+        """Whether its phase has set it on `run`."""
+        return self.name in run.__dict__
+
+
 class Run:
     """This rank's part of one run; `execute()` runs the phases in order."""
+
+    # Each phase's result (`Later`): start-up, samples, plan, work state, load, calibrate, export, assemble.
+    fmt: Later[CheckpointFormat] = Later()
+    source: Later[SourceCheckpoint] = Later()
+    arch: Later[Architecture] = Later()
+    samples: Later[Samples] = Later()
+    sizes: Later[ModelSizes] = Later()
+    plans: Later[list[StagePlan]] = Later()
+    state: Later[WorkState] = Later()
+    stage: Later[Stage] = Later()
+    """Released once exported (the weights are no longer needed)."""
+    traffic: Later[Traffic] = Later()
+    health: Later[Health] = Later()
+    export_result: Later[ExportResult] = Later()
+    record: Later[dict] = Later()
+    """The run record (rank 0, once the checkpoint is written): the final line reads it."""
 
     def __init__(self, cfg: RunConfig, info: dist.RankInfo, options: Options):
         self.cfg, self.info, self.options = cfg, info, options
@@ -102,22 +153,9 @@ class Run:
         self.work_dir = work_dir_of(cfg)
         self.rank_dir = self.work_dir / f"rank{info.rank}"
         self.locks: list[FileLock] = []
-        # Each phase's result, None until that phase has run (start-up, samples, plan, work state, load, ...).
-        self.fmt: CheckpointFormat | None = None
-        self.source: SourceCheckpoint | None = None
-        self.arch: Architecture | None = None
-        self.samples: Samples | None = None
-        self.sizes: ModelSizes | None = None
-        self.plans: list[StagePlan] = []
-        self.state: WorkState | None = None
-        self.stage: Stage | None = None
-        self.traffic: Traffic | None = None
-        self.health: Health | None = None
         self.exporter: StageExporter | None = None
         """A streaming stage's exporter, which writes each layer as soon as it is calibrated."""
-        self.export_result: ExportResult | None = None
-        self.record: dict | None = None
-        """The run record (rank 0, once the checkpoint is written): the final line reads it."""
+        # Every other attribute is a phase's result, declared on the class (`Later`).
 
     def execute(self) -> None:
         try:
@@ -320,7 +358,7 @@ class Run:
         return self.cfg.layerwise.enable or any(p.streaming for p in self.plans)
 
     @property
-    def boundary(self) -> str:
+    def boundary(self) -> Literal["parallel", "sequential"]:
         return self.cfg.layerwise.boundary if self.cfg.layerwise.enable else "sequential"
 
     def load(self) -> None:
@@ -407,7 +445,7 @@ class Run:
             self.export_result = dist.everywhere(self.info, lambda: self.state.once(
                 "export", write, ExportResult.from_dict, reused="export: reusing the shards this rank wrote before",
                 usable=lambda saved: self.state.shards_intact(ExportResult.from_dict(saved))))
-        self.stage = None  # the weights are no longer needed
+        del self.stage  # the weights are no longer needed
 
     def stopped_after(self, name: str) -> None:
         dist.barrier()
@@ -415,7 +453,7 @@ class Run:
 
     def resume_point(self) -> str:
         """What a rerun of the same command starts from, as this rank knows it (for an interrupt's message)."""
-        done = [p for p in PHASES if self.state is not None and p in self.state.phases]
+        done = [p for p in PHASES if Run.state.ready(self) and p in self.state.phases]
         if not done:
             return "the beginning (no phase was finished)"
         return f"the saved {done[-1]} in {self.rank_dir}"
@@ -440,8 +478,9 @@ class Run:
         # every rank waits for rank 0's outcome, and fails with it
         dist.agreed(self.info, functools.partial(self._assemble_checkpoint, gathered.dirs, reports))
 
-    def _assemble_checkpoint(self, dirs: list[Path], reports: list[RankReport]) -> None:
+    def _assemble_checkpoint(self, dirs: dict[int, Path], reports: list[RankReport] | None) -> None:
         """Rank 0: the gathered shards into the output, sealed by `_verify_and_describe` before the rename."""
+        assert reports is not None, "rank 0 gathered every rank's report"
         t0 = time.perf_counter()
         output = Path(self.cfg.output)
         assemble(output, dirs, [r.export for r in reports], self.source, self.fmt, self.options.overwrite,

@@ -56,10 +56,8 @@ def test_every_recipe_has_its_card_text_preset_and_schemes():
 
     for name, recipe in RECIPES.items():
         assert card.RECIPE_TEXT[name] == recipe.card and recipe.card
-        if recipe.is_mix:
-            assert all(part in RECIPES and not RECIPES[part].is_mix for part in recipe.preset.values())
-        else:
-            assert isinstance(getattr(mtq, recipe.preset), dict), name
+        assert all(part in RECIPES and not RECIPES[part].is_mix for part in recipe.mix.values())
+        assert isinstance(getattr(mtq, recipe.preset), dict), name
         assert recipe.schemes and set(recipe.schemes) <= set(SCHEMES), name
         assert (name in card.GROUP_SCALES_ONLY) == (not recipe.per_tensor_scales)
         assert recipe_shapes.GROUP_SIZE.get(name) == recipe.input_group

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Literal
 class Recipe:
     """A quantization recipe: one of modelopt's configs, or a mix of other recipes per module pattern."""
 
-    preset: str | Mapping[str, str]
-    """modelopt's config name (`mtq.<preset>`), or for a mix: module pattern -> recipe (the first one's
-    preset gives the exclusions; every Linear pattern is overridden)."""
+    preset: str
+    """modelopt's config name (`mtq.<preset>`); for a mix, the one whose exclusions (lm_head, routers,
+    vision towers) it keeps."""
     schemes: tuple[str, ...]
     """The schemes (modelopt's per-Linear names) it writes; the serving check reads the layout's config
     for them from vllm_contract."""
@@ -35,11 +35,13 @@ class Recipe:
     """Inputs per weight scale: must divide every quantized Linear's input width (recipe_shapes)."""
     fp8_linears: bool = False
     """Some Linears are written as FP8 (about twice the bytes of FP4: the planner's disk estimate)."""
+    mix: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """A mix of other recipes: module pattern -> recipe, every Linear pattern overridden."""
 
     @property
     def is_mix(self) -> bool:
         """A mix of other recipes (not itself allowed as a `recipe_overrides` value)."""
-        return not isinstance(self.preset, str)
+        return bool(self.mix)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,9 +100,10 @@ RECIPES: dict[str, Recipe] = {
     "mxfp4": Recipe(
         "MXFP4_DEFAULT_CFG", ("mxfp4",), "MXFP4 weights and activations: E2M1 in blocks of 32 with E8M0 scales"),
     "mxfp4_mlp_fp8_attn": Recipe(  # the seed Mistral-Medium mix
-        {"*mlp*": "mxfp4", "*self_attn*": "fp8"}, ("mxfp4", "fp8"),
+        "MXFP4_DEFAULT_CFG", ("mxfp4", "fp8"),
         "MLP Linears MXFP4 (E2M1, blocks of 32, E8M0 scales); attention Linears FP8 W8A8 "
-        "with per-tensor static scales calibrated on the data below", fp8_linears=True),
+        "with per-tensor static scales calibrated on the data below", fp8_linears=True,
+        mix={"*mlp*": "mxfp4", "*self_attn*": "fp8"}),
     "w4a16_int4": Recipe(
         "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", ("int4_awq",),
         "INT4 weights (symmetric, one BF16/FP32 scale per 128 input channels), BF16 activations",
