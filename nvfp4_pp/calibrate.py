@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from .algorithms.table import ALGORITHMS, CUDA_ONLY, KV_CACHES, RECIPES, memory_terms
+from .algorithms.table import ALGORITHMS, CUDA_ONLY, KV_CACHES, RECIPES
 from .config import ConfigError
 from .errors import CalibrationError
 from .gptq import SolveTimes
@@ -311,8 +311,3 @@ def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> Health:
             if kind != "good" and len(bad) < max_named:
                 bad.append(name)
     return Health(**counts, bad=tuple(bad))
-
-
-def uses_hessians(cfg) -> bool:
-    """Whether the run's algorithm (or one of auto's candidates) collects GPTQ Hessians (the planner counts them)."""
-    return memory_terms(cfg.algorithms).hessians

@@ -33,7 +33,6 @@ from .calibrate import (
     check_algorithm_device,
     load_cuda_extensions,
     modelopt_config,
-    uses_hessians,
 )
 from .card import CALIBRATION_MANIFEST, final_line, peaks_text, run_record, write_record_and_card
 from .config import RunConfig
@@ -308,7 +307,7 @@ class Run:
                                pipeline.stream)
 
         self.plans = dist.everywhere(info, plan)
-        gptq = None if not uses_hessians(self.cfg) else self.boundary if self.cfg.layerwise.enable else "flat"
+        gptq = None if not terms.hessians else self.boundary if self.cfg.layerwise.enable else "flat"
         for line in describe(self.plans, sizes, gptq):
             logger.info("%s", line)
 
