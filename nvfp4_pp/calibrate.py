@@ -181,7 +181,7 @@ def load_cuda_extensions(device: torch.device, recipes: set[str]) -> float:
     logger.info("modelopt's CUDA extensions: loading (built on first use on a machine: about a minute each)")
     t0 = time.perf_counter()
     get_cuda_ext()
-    if recipes != {"w4a16_int4"}:
+    if any(RECIPES[r].fp8_kernels for r in recipes):
         get_cuda_ext_fp8()
     seconds = time.perf_counter() - t0
     logger.info("modelopt's CUDA extensions: ready in %.1f s", seconds)

@@ -35,6 +35,8 @@ class Recipe:
     """Inputs per weight scale: must divide every quantized Linear's input width (recipe_shapes)."""
     fp8_linears: bool = False
     """Some Linears are written as FP8 (about twice the bytes of FP4: the planner's disk estimate)."""
+    fp8_kernels: bool = True
+    """It needs modelopt's FP8 CUDA extension (FP8 values or scales), loaded before calibration."""
     mix: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """A mix of other recipes: module pattern -> recipe, every Linear pattern overridden."""
 
@@ -107,7 +109,7 @@ RECIPES: dict[str, Recipe] = {
     "w4a16_int4": Recipe(
         "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", ("int4_awq",),
         "INT4 weights (symmetric, one BF16/FP32 scale per 128 input channels), BF16 activations",
-        per_tensor_scales=False, input_group=128),
+        per_tensor_scales=False, input_group=128, fp8_kernels=False),
 }
 """Every recipe, in the order the config reference lists them (docs/recipes.md)."""
 
