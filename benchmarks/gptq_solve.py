@@ -27,7 +27,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nvfp4_pp.calibrate import RECIPES  # noqa: E402
+from nvfp4_pp.algorithms.table import RECIPES  # noqa: E402
 from nvfp4_pp.gptq import column_quantizer, solve  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV = 8192, 28672, 1024
@@ -66,7 +66,7 @@ def quantized_linear(recipe: str, out: int, inp: int, gen: torch.Generator) -> n
 
     model = nn.Sequential(nn.Linear(inp, out, bias=False, dtype=torch.bfloat16, device=DEV))
     model[0].weight.data = (torch.randn(out, inp, generator=gen) * 0.02).to(DEV, torch.bfloat16)
-    cfg = copy.deepcopy(getattr(mtq, RECIPES[recipe]))
+    cfg = copy.deepcopy(getattr(mtq, RECIPES[recipe].preset))
     mtq.quantize(model, {**cfg, "algorithm": None}, None)
     max_calibrate(model, None)
     return model[0]

@@ -9,29 +9,13 @@ from collections.abc import Callable
 
 import torch
 
+from .algorithms.table import ALGORITHMS, CUDA_ONLY, KV_CACHES, RECIPES
 from .config import ConfigError
 from .errors import CalibrationError
 from .gptq import SolveTimes
 from .log import logger
 from .records import Health
 
-RECIPES: dict[str, str | dict[str, str]] = {
-    "nvfp4": "NVFP4_DEFAULT_CFG",
-    "nvfp4_awq": "NVFP4_AWQ_LITE_CFG",
-    "fp8": "FP8_DEFAULT_CFG",
-    "w4a16_nvfp4": "W4A16_NVFP4_CFG",
-    "mxfp4": "MXFP4_DEFAULT_CFG",
-    "w4a16_int4": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
-    "mxfp4_mlp_fp8_attn": {"*mlp*": "mxfp4", "*self_attn*": "fp8"},
-}
-"""Named recipes: one of modelopt's own configs, or per-module-pattern overrides of other recipes
-(the seed Mistral-Medium mix: MLP Linears MXFP4, attention Linears per-tensor static FP8)."""
-SCALE_SEARCHES = {"local_hessian": "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", "mse": "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG",
-                  "four_over_six": "NVFP4_FOUR_OVER_SIX_CFG"}
-"""NVFP4 weight-scale searches: modelopt's config for each; its weight quantizer (static per-block
-scales, which the search sets) and its algorithm replace the recipe's, for W4A4 and W4A16 alike."""
-KV_CACHE = {"fp8": "FP8_KV_CFG"}
-"""KV-cache formats: modelopt's KV config, merged into the recipe as hf_ptq.py does."""
 _LINEAR_QUANTIZERS = ("*weight_quantizer", "*input_quantizer")
 
 
@@ -43,7 +27,7 @@ def _preset(name: str) -> dict:
 
 def _pattern_entries(recipe: str, pattern: str) -> list[dict]:
     """`recipe`'s weight and input quantizer settings, restricted to modules matching `pattern`."""
-    base = _preset(RECIPES[recipe])
+    base = _preset(RECIPES[recipe].preset)
     entries = {e["quantizer_name"]: e for e in base["quant_cfg"] if e.get("quantizer_name") in _LINEAR_QUANTIZERS}
     out = []
     for name in _LINEAR_QUANTIZERS:
@@ -69,12 +53,8 @@ def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = No
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; valid options are {list(RECIPES)}")
-    overrides = dict(overrides or {})
-    preset = RECIPES[recipe]
-    if isinstance(preset, dict):  # a mix: a base for the exclusions, every Linear pattern overridden
-        overrides = {**preset, **overrides}
-        preset = RECIPES[next(iter(preset.values()))]
-    cfg = _preset(preset)
+    overrides = {**RECIPES[recipe].mix, **(overrides or {})}  # a mix: every Linear pattern overridden
+    cfg = _preset(RECIPES[recipe].preset)
     entries = cfg["quant_cfg"]
     # Exclusions follow the leading "*" disable and the recipe's own Linear settings.
     first_exclusion = next((i for i, e in enumerate(entries) if i > 0 and e.get("enable") is False), len(entries))
@@ -82,12 +62,12 @@ def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = No
     entries[first_exclusion:first_exclusion] = scoped
     entries += [{"quantizer_name": f"{pattern}.*", "enable": False} for pattern in ignore]
     if kv_cache is not None:
-        entries += _preset(KV_CACHE[kv_cache])["quant_cfg"]
-    methods = {_preset(RECIPES[r])["algorithm"] for r in [recipe, *overrides.values()]
-               if not isinstance(RECIPES[r], dict)}
+        entries += _preset(KV_CACHES[kv_cache])["quant_cfg"]
+    methods = {_preset(RECIPES[r].preset)["algorithm"] for r in [recipe, *overrides.values()] if not RECIPES[r].is_mix}
     method = "awq_lite" if "awq_lite" in methods else "max" if "max" in methods or kv_cache else None
-    if algorithm in SCALE_SEARCHES:
-        search = _preset(SCALE_SEARCHES[algorithm])
+    scale_search = ALGORITHMS[algorithm].scale_search
+    if scale_search is not None:
+        search = _preset(scale_search)
         weight = next(e for e in search["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
         for entry in entries:
             if entry.get("quantizer_name") == "*weight_quantizer":
@@ -101,12 +81,6 @@ def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = No
     settings = {"distributed_sync": False} if method == "max" else dict(options or {})
     cfg["algorithm"] = None if method is None else {"method": method, **settings}
     return cfg
-
-
-CUDA_ONLY = {("max", "nvfp4_awq"): "NVFP4 AWQ-lite",
-             **{(a, r): f"NVFP4 {a}" for a in ("gptq", *SCALE_SEARCHES) for r in ("nvfp4", "w4a16_nvfp4")}}
-"""(algorithm, recipe) pairs modelopt 0.47 runs on CUDA only: they need NVFP4's fake-quantized forward,
-whose CPU path stops with "amax must be a CUDA tensor" or "requires triton"."""
 
 
 def check_algorithm_device(algorithm: str, recipe: str, rank: int, host: str, device: torch.device,
@@ -207,7 +181,7 @@ def load_cuda_extensions(device: torch.device, recipes: set[str]) -> float:
     logger.info("modelopt's CUDA extensions: loading (built on first use on a machine: about a minute each)")
     t0 = time.perf_counter()
     get_cuda_ext()
-    if recipes != {"w4a16_int4"}:
+    if any(RECIPES[r].fp8_kernels for r in recipes):
         get_cuda_ext_fp8()
     seconds = time.perf_counter() - t0
     logger.info("modelopt's CUDA extensions: ready in %.1f s", seconds)
@@ -337,8 +311,3 @@ def calibration_health(stage: torch.nn.Module, max_named: int = 20) -> Health:
             if kind != "good" and len(bad) < max_named:
                 bad.append(name)
     return Health(**counts, bad=tuple(bad))
-
-
-def uses_hessians(cfg) -> bool:
-    """Whether the run's algorithm (or one of auto's candidates) collects GPTQ Hessians (the planner counts them)."""
-    return "gptq" in cfg.algorithms

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .algorithms.table import ALGORITHMS, RECIPES
 from .charts import render_charts
 from .config import RunConfig
 from .files import sha256_of
@@ -83,19 +84,9 @@ def _pipeline_rows(ranks: tuple[RankReport, ...]) -> list[str]:
     return rows
 
 
-RECIPE_TEXT = {
-    "nvfp4": "FP4 E2M1 weights and activations (W4A4), FP8 E4M3 scales per block of 16, FP32 per-tensor "
-             "scales; static per-tensor input scales from modelopt's max calibration on the data below",
-    "nvfp4_awq": "NVFP4 W4A4 as `nvfp4`, with AWQ-lite pre-quant scales searched on the data below (folded "
-                 "into the preceding layer where shapes allow)",
-    "w4a16_nvfp4": "NVFP4 weights (E2M1, FP8 per-16 block scales, FP32 per-tensor scale), BF16 activations",
-    "fp8": "FP8 E4M3 weights and activations (W8A8), per-tensor static scales calibrated on the data below",
-    "mxfp4": "MXFP4 weights and activations: E2M1 in blocks of 32 with E8M0 scales",
-    "w4a16_int4": "INT4 weights (symmetric, one BF16/FP32 scale per 128 input channels), BF16 activations",
-    "mxfp4_mlp_fp8_attn": "MLP Linears MXFP4 (E2M1, blocks of 32, E8M0 scales); attention Linears FP8 W8A8 "
-                          "with per-tensor static scales calibrated on the data below",
-}
-GROUP_SCALES_ONLY = ("w4a16_int4",)
+RECIPE_TEXT = {name: recipe.card for name, recipe in RECIPES.items()}
+"""The card's words for each recipe's Linears (algorithms/table.py)."""
+GROUP_SCALES_ONLY = tuple(name for name, recipe in RECIPES.items() if not recipe.per_tensor_scales)
 """Recipes without per-tensor scales: fused q/k/v and gate/up parts keep their own group scales."""
 LIBRARY = {"compressed-tensors": "transformers", "modelopt": "Model Optimizer"}
 """The card's `library_name`: transformers loads compressed-tensors checkpoints; modelopt-layout ones have
@@ -182,18 +173,8 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
-_ALGORITHM_TEXT = {
-    "max": "rounded to the nearest grid point of the scale each block's maximum sets (max calibration)",
-    "gptq": "GPTQ (modelopt): each rounding error compensated in the columns not yet rounded, from the Hessian of "
-            "the layer's calibration inputs",
-    "awq_lite": "AWQ-lite (modelopt): per-channel pre-scales searched on the calibration data",
-    "local_hessian": "NVFP4 block scales searched to minimize each block's output error weighted by its local "
-                     "Hessian (modelopt's local_hessian, FP8 scale sweep)",
-    "mse": "NVFP4 block scales searched to minimize the weight's squared error over the FP8 scale values "
-           "(modelopt's mse, FP8 scale sweep)",
-    "four_over_six": "Four-Over-Six: per block, the FP4 grid's maximum mapped to 4 or 6, whichever errs less "
-                     "(modelopt's NVFP4_FOUR_OVER_SIX_CFG)"}
-"""The card's words for each algorithm."""
+_ALGORITHM_TEXT = {name: algorithm.card for name, algorithm in ALGORITHMS.items() if algorithm.card is not None}
+"""The card's words for each algorithm (algorithms/table.py; `auto`'s are composed from its choices)."""
 
 
 def render_card(record: RunRecord, output_name: str) -> str:

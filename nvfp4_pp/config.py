@@ -15,6 +15,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .algorithms.table import (
+    ALGORITHMS,
+    AUTO,
+    AUTO_CANDIDATES,
+    RECIPES,
+    AlgorithmName,
+    CandidateName,
+    KvCacheName,
+    OverrideName,
+    RecipeName,
+)
 from .errors import NvFp4PpError
 from .vllm_contract import VLLM_RELEASE, declared_config, vllm_problems
 
@@ -236,7 +247,7 @@ class GptqConfig:
 class AutoConfig:
     """`algorithm: auto`: the algorithms tried on every decoder layer, and how they are judged."""
 
-    candidates: list[Literal["max", "gptq", "awq_lite"]] = dataclasses.field(default_factory=list)
+    candidates: list[CandidateName] = dataclasses.field(default_factory=list)
     """Algorithms tried on each layer; empty: every one of them that fits the recipe and format. Each
     fits a copy of the layer on the calibration micro-batches not held out; the one whose output errs
     least on the held-out ones is then fitted on all of them. (The NVFP4 scale searches set another
@@ -265,19 +276,6 @@ class ServingConfig:
     `transformers`: the compressed-tensors layout (transformers has no loader for modelopt's)."""
 
 
-RECIPE_SCHEMES = {"nvfp4": ("nvfp4",), "nvfp4_awq": ("nvfp4_awq",), "fp8": ("fp8",), "w4a16_nvfp4": ("w4a16_nvfp4",),
-                  "mxfp4": ("mxfp4",), "mxfp4_mlp_fp8_attn": ("mxfp4", "fp8"), "w4a16_int4": ("int4_awq",)}
-"""The schemes (modelopt's per-Linear names) a recipe writes; the serving check reads the layout's config
-for them from vllm_contract (tests/test_recipes.py holds it to what the runs of fp8, w4a16_nvfp4, mxfp4
-and the mix write, test_int4.py to w4a16_int4's)."""
-ALGORITHM_RECIPES = {"gptq": ("w4a16_int4", "nvfp4", "w4a16_nvfp4"), "awq_lite": ("w4a16_int4",),
-                     "local_hessian": ("nvfp4", "w4a16_nvfp4"), "mse": ("nvfp4", "w4a16_nvfp4"),
-                     "four_over_six": ("nvfp4", "w4a16_nvfp4")}
-"""The recipes each algorithm besides `max` calibrates (NVFP4 with AWQ-lite is recipe `nvfp4_awq`)."""
-AUTO_CANDIDATES = ("max", "gptq", "awq_lite")
-"""What `algorithm: auto` may mix per layer: algorithms that calibrate the recipe's own quantizers."""
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     """One quantization run: source model, output, on-disk format, calibration and pipeline."""
@@ -291,14 +289,13 @@ class RunConfig:
     the source when it says it (a Hub cache path, or config.json `_name_or_path` of that form), else left out."""
     format: Literal["compressed-tensors", "modelopt"] = "compressed-tensors"
     """On-disk layout: `compressed-tensors` (vLLM and transformers read it) or `modelopt`."""
-    recipe: Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4", "mxfp4_mlp_fp8_attn", "w4a16_int4"] = "nvfp4"
-    """Quantization recipe, one modelopt config each (docs/recipes.md; code: nvfp4_pp/calibrate.py RECIPES)."""
-    recipe_overrides: dict[str, Literal["nvfp4", "nvfp4_awq", "fp8", "w4a16_nvfp4", "mxfp4", "w4a16_int4"]] = dataclasses.field(
-        default_factory=dict)
+    recipe: RecipeName = "nvfp4"
+    """Quantization recipe, one modelopt config each (docs/recipes.md; code: nvfp4_pp/algorithms/table.py RECIPES)."""
+    recipe_overrides: dict[str, OverrideName] = dataclasses.field(default_factory=dict)
     """Module name pattern -> recipe for the Linears it matches, e.g. {"*mlp*": mxfp4, "*self_attn*": fp8}."""
     ignore: list[str] = dataclasses.field(default_factory=list)
     """Module names or `*` patterns kept in BF16 (lm_head always is)."""
-    algorithm: Literal["max", "gptq", "awq_lite", "local_hessian", "mse", "four_over_six", "auto"] = "max"
+    algorithm: AlgorithmName = "max"
     """How weights are fitted to the grid (docs/algorithms.md): `max` rounds each to the nearest point of
     the scale its block's maximum sets; `gptq` compensates each rounding error in the columns not yet
     rounded, from the Hessian of the layer's inputs (modelopt's GPTQ; best layer by layer, see
@@ -309,7 +306,7 @@ class RunConfig:
     layer, whichever of `auto.candidates` errs least on held-out calibration tokens (needs `layerwise`)."""
     gptq: GptqConfig = dataclasses.field(default_factory=GptqConfig)
     auto: AutoConfig = dataclasses.field(default_factory=AutoConfig)
-    kv_cache: Union[None, Literal["fp8"]] = None
+    kv_cache: Union[None, KvCacheName] = None
     """`fp8`: calibrate static K and V scales in the same pass (vLLM's FP8 KV cache)."""
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     layerwise: LayerwiseConfig = dataclasses.field(default_factory=LayerwiseConfig)
@@ -340,22 +337,22 @@ class RunConfig:
     def algorithms(self) -> list[str]:
         """The algorithms this run calibrates with: `algorithm`, or under `auto` its candidates (by default
         every one that fits the recipe and format)."""
-        if self.algorithm != "auto":
+        if self.algorithm != AUTO:
             return [self.algorithm]
         named = self.auto.candidates or [a for a in AUTO_CANDIDATES if self._misfit(a) is None]
         return list(named)
 
     def _check_algorithm(self) -> None:
-        """An algorithm other than max fits one recipe's weights, listed in ALGORITHM_RECIPES; `auto`
+        """An algorithm other than max fits one recipe's weights, listed in the algorithm table; `auto`
         chooses per layer among candidates that each fit."""
         if self.gptq != GptqConfig() and "gptq" not in self.algorithms:
-            fix = "add gptq to auto.candidates" if self.algorithm == "auto" else "set the algorithm"
+            fix = "add gptq to auto.candidates" if self.algorithm == AUTO else "set the algorithm"
             raise ConfigError(f"config section 'gptq' applies to 'algorithm: gptq', not {self.algorithm}; {fix} "
                               "or remove the section")
-        if self.auto != AutoConfig() and self.algorithm != "auto":
+        if self.auto != AutoConfig() and self.algorithm != AUTO:
             raise ConfigError(f"config section 'auto' applies to 'algorithm: auto', not {self.algorithm}; set the "
                               "algorithm or remove the section")
-        if self.algorithm != "auto":
+        if self.algorithm != AUTO:
             if (problem := self._misfit(self.algorithm)) is not None:
                 raise ConfigError(problem)
             return
@@ -375,7 +372,7 @@ class RunConfig:
     @property
     def schemes(self) -> list[str]:
         """The schemes this run writes: its recipe's and its overrides' (ignored modules aside)."""
-        named = [*RECIPE_SCHEMES[self.recipe], *(s for r in self.recipe_overrides.values() for s in RECIPE_SCHEMES[r])]
+        named = [*RECIPES[self.recipe].schemes, *(s for r in self.recipe_overrides.values() for s in RECIPES[r].schemes)]
         return sorted(set(named))
 
     def _check_serving(self) -> None:
@@ -400,9 +397,9 @@ class RunConfig:
 
     def _misfit(self, algorithm: str) -> str | None:
         """Why `algorithm` cannot calibrate this run's recipe and format, or None when it can."""
-        if algorithm == "max":
+        recipes = ALGORITHMS[algorithm].recipes
+        if recipes is None:  # fits every recipe
             return None
-        recipes = ALGORITHM_RECIPES[algorithm]
         if algorithm == "awq_lite" and self.recipe == "nvfp4":
             return "NVFP4 with AWQ-lite is recipe nvfp4_awq; set 'recipe: nvfp4_awq' and drop 'algorithm'"
         if self.recipe not in recipes:

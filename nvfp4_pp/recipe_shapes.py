@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 
+from .algorithms.table import RECIPES
 from .arch import Architecture
 from .errors import NvFp4PpError
 from .source import SourceCheckpoint
 
-GROUP_SIZE = {"w4a16_int4": 128}
+GROUP_SIZE = {name: recipe.input_group for name, recipe in RECIPES.items() if recipe.input_group}
 """Recipe -> inputs per weight scale that must divide every quantized Linear's input width."""
 
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Generic, Literal, TypeVar, overload
 
 import torch
 
-from . import dist, layerwise
+from . import dist
+from .algorithms.table import memory_terms
 from .arch import Architecture, architecture_of
 from .assemble import assemble
 from .calibrate import (
@@ -29,12 +31,8 @@ from .calibrate import (
     calibrate,
     calibration_health,
     check_algorithm_device,
-    insert_quantizers,
     load_cuda_extensions,
     modelopt_config,
-    no_data_parallel_group,
-    register_kv_attention,
-    uses_hessians,
 )
 from .card import CALIBRATION_MANIFEST, final_line, run_record, write_record_and_card
 from .config import RunConfig
@@ -45,8 +43,8 @@ from .export import StageExporter, export_stage
 from .files import nearest_existing, require_free, write_json
 from .formats import CheckpointFormat, get_format
 from .gather import gather
-from .gptq import SolveTimes, solve_progress
-from .layer_choice import LayerChooser, held_out_count
+from .gptq import SolveTimes
+from .layer_by_layer import LayerByLayer, LayerByLayerJob, restore_quantizers
 from .lock import WORK_DIR_LOCK, FileLock, Holder, output_lock_path
 from .log import RELAY, attach_file, end_of_run, logger
 from .output_guard import check_output, check_paths
@@ -56,7 +54,7 @@ from .planning import budget
 from .planning.memory import ModelSizes, Workload, written_bytes
 from .planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
 from .recipe_shapes import check_recipe_shapes
-from .records import CalibrationManifest, ExportResult, Health, LayerChoice, Memory, PhaseSpan, RankReport, Traffic
+from .records import CalibrationManifest, ExportResult, Health, Memory, PhaseSpan, RankReport, Traffic
 from .run_record import RunRecord
 from .source import SourceCheckpoint
 from .stage import Stage, build_stage
@@ -65,8 +63,8 @@ from .verify import summarize, verify
 from .work_state import StaleWorkState, WorkState, fingerprint, work_dir_of
 from .writer import ShardWriter
 
-if TYPE_CHECKING:
-    from .stage import Stage  # imports transformers (seconds): only once weights are loaded
+
+T = TypeVar("T")
 
 
 class VerificationError(NvFp4PpError):
@@ -94,8 +92,56 @@ class Samples:
     batches: list[MicroBatch] | None
 
 
+class Later(Generic[T]):
+    """A `Run` attribute that one phase sets and later phases read, typed as what it holds: read before
+    its phase ran (or after it was released), it raises an error naming it, never an AttributeError or
+    a None far away."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, run: None, owner: type) -> Later[T]: ...
+    @overload
+    def __get__(self, run: object, owner: type) -> T: ...
+
+    def __get__(self, run: object | None, owner: type) -> Later[T] | T:
+        if run is None:
+            return self
+        try:
+            return run.__dict__[self.name]
+        except KeyError:
+            raise RuntimeError(f"Run.{self.name} read before the phase that sets it ran") from None
+
+    def __set__(self, run: object, value: T) -> None:
+        run.__dict__[self.name] = value
+
+    def __delete__(self, run: object) -> None:
+        run.__dict__.pop(self.name, None)
+
+    def ready(self, run: object) -> bool:
+        """Whether its phase has set it on `run`."""
+        return self.name in run.__dict__
+
+
 class Run:
     """This rank's part of one run; `execute()` runs the phases in order."""
+
+    # Each phase's result (`Later`): start-up, samples, plan, work state, load, calibrate, export, assemble.
+    fmt: Later[CheckpointFormat] = Later()
+    source: Later[SourceCheckpoint] = Later()
+    arch: Later[Architecture] = Later()
+    samples: Later[Samples] = Later()
+    sizes: Later[ModelSizes] = Later()
+    plans: Later[list[StagePlan]] = Later()
+    state: Later[WorkState] = Later()
+    stage: Later[Stage] = Later()
+    """Released once exported (the weights are no longer needed)."""
+    traffic: Later[Traffic] = Later()
+    health: Later[Health] = Later()
+    export_result: Later[ExportResult] = Later()
+    record: Later[RunRecord] = Later()
+    """The run record (rank 0, once the checkpoint is written): the final line reads it."""
 
     def __init__(self, cfg: RunConfig, info: dist.RankInfo, options: Options):
         self.cfg, self.info, self.options = cfg, info, options
@@ -106,23 +152,12 @@ class Run:
         self.spans: list[PhaseSpan] = [PhaseSpan(Phase.START_UP, self.started_wall, self.started_wall)]
         self.work_dir = work_dir_of(cfg)
         self.rank_dir = self.work_dir / f"rank{info.rank}"
-        self.fmt: CheckpointFormat
-        self.source: SourceCheckpoint
-        self.arch: Architecture
-        self.samples: Samples
-        self.plans: list[StagePlan]
-        self.sizes: ModelSizes
-        self.state: WorkState
-        self.stage: Stage | None = None
+        self.locks: list[FileLock] = []
         self.exporter: StageExporter | None = None
         """A streaming stage's exporter, which writes each layer as soon as it is calibrated."""
         self.layer_stream: LayerStream | None = None
         """A streaming stage's reader of its layers, made once the stage is built."""
-        self.locks: list[FileLock] = []
-        self.traffic: Traffic
-        self.health: Health
-        self.export_result: ExportResult
-        self.record: RunRecord
+        # Every other attribute is a phase's result, declared on the class (`Later`).
 
     def execute(self) -> None:
         try:
@@ -262,18 +297,20 @@ class Run:
         # measured after modelopt's import (its memory is baseline): most of this phase's seconds
         logger.info("planning: libraries imported and memory measured in %.1f s", time.perf_counter() - t0)
         facts = dist.all_gather_objects(facts, info.world_size)
+        terms = memory_terms({self.cfg.algorithm, *self.cfg.algorithms})
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
-                            calibration_tokens=self.samples.manifest.tokens, hessians=uses_hessians(self.cfg),
-                            layer_major=self.cfg.layerwise.enable, trials=self.cfg.algorithm == "auto")
+                            calibration_tokens=self.samples.manifest.tokens, hessians=terms.hessians,
+                            layer_major=self.cfg.layerwise.enable, trials=terms.trials)
+
+        sizes = self.sizes = ModelSizes.from_source(self.source, self.arch)
 
         def plan() -> list[StagePlan]:
             budgets = budget.budgets(facts, pipeline.memory_limit_gb, pipeline.reserve_gb)
             return plan_stages(sizes, budgets, pipeline.layers, workload, info.wire_device.type == "cpu",
                                pipeline.stream)
 
-        sizes = self.sizes = ModelSizes.from_source(self.source, self.arch)
         self.plans = dist.everywhere(info, plan)
-        gptq = None if not uses_hessians(self.cfg) else self.boundary if self.cfg.layerwise.enable else "flat"
+        gptq = None if not terms.hessians else self.boundary if self.cfg.layerwise.enable else "flat"
         for line in describe(self.plans, sizes, gptq):
             logger.info("%s", line)
 
@@ -323,7 +360,7 @@ class Run:
         return self.cfg.layerwise.enable or any(p.streaming for p in self.plans)
 
     @property
-    def boundary(self) -> str:
+    def boundary(self) -> Literal["parallel", "sequential"]:
         return self.cfg.layerwise.boundary if self.cfg.layerwise.enable else "sequential"
 
     def load(self) -> None:
@@ -375,122 +412,20 @@ class Run:
         return traffic[-1]
 
     def _calibrate_layer_by_layer(self, configs: dict[str, dict]) -> Traffic:
-        """Capture this stage's inputs (or receive them), then solve its layers one at a time.
-        `configs`: modelopt's config per algorithm (several: `algorithm: auto`'s candidates)."""
-        algorithms = {name: quant_cfg["algorithm"] for name, quant_cfg in configs.items()}
-        if not self.cfg.layerwise.enable:  # streaming alone: each layer's inputs as in one pass (BF16)
-            algorithms = {name: a and {**a, "layerwise": {"get_qdq_activations_from_prev_layer": False}}
-                          for name, a in algorithms.items()}
-        quant_cfg = next(iter(configs.values()))  # every candidate calibrates the same quantizers
-        # A streaming stage's layers are written as they are solved: an interrupted one starts over.
-        solved = set() if self.streaming else self.state.solved_layers()
-        if not solved:
-            self.state.record_calibrate_progress(choices={})
-        if solved:  # an interrupted run: its quantizers and solved layers, as they were
-            self._restore_quantizers({})
-            for index, layer in self.stage.layers():
-                if index in solved:
-                    self.state.restore_layer(index, layer)
-        else:
-            insert_quantizers(self.stage, {**quant_cfg, "algorithm": None})
-        no_data_parallel_group(self.stage)
-        inputs, traffic = self._layer_inputs()
-
-        def record(index: int, layer: torch.nn.Module) -> None:
-            solved.add(index)
-            self.state.save_layer(index, layer)
-            self.state.save_quantizers(self.stage, sorted(solved))
-
-        def choose(index: int, layer: torch.nn.Module, inputs: layerwise.LayerInputs) -> str:
-            choice = chooser(index, layer, inputs)
-            self.state.record_calibrate_progress(choices={**self.choices, index: choice})
-            return choice.chosen
-
-        def write_and_free(index: int, layer: torch.nn.Module) -> None:
-            # exported by its own thread while the next layer calibrates; freed once packed
-            self.exporter.layer(index, layer, release=stream.unload)
-
-        stream = self.layer_stream if self.streaming else None
-        if stream:
-            self.exporter = StageExporter(self.stage, self.owned(), self.source, self.fmt, self.writer(),
-                                          self.info.device)
-        relay = layerwise.Relay(self.info, self._successor_waits) if self.boundary == "sequential" else None
-        chooser = None
-        if self.cfg.algorithm == "auto":
-            chooser = LayerChooser(self.stage, algorithms, held_out_count(len(inputs.hidden), self.cfg.auto.held_out))
-        if chooser is None and "gptq" in algorithms:  # one progress line over the stage's solves
-            self.solve_times.progress = solve_progress(self.stage, solved)
-        t0 = time.perf_counter()
-        try:
-            outputs = layerwise.Solver(
-                self.stage, algorithms, solved, write_and_free if stream else record,
-                heartbeat=relay.heartbeat if relay else lambda index: None,
-                before=stream.load if stream else lambda index, layer: None,
-                choose=choose if chooser else None,
-                chosen={i: c.chosen for i, c in self.choices.items() if i in solved},
-                times=self.solve_times).run(inputs)
-            if stream:  # the last layer packed (its writes go on into the export phase)
-                self.exporter.wait_packed()
-        finally:
-            if stream:
-                stream.close()
-        self.timings["calibration loop"] = time.perf_counter() - t0
-        if stream:
-            logger.info("streaming: calibration waited %.1f s for layer reads", stream.wait_seconds)
-        if relay:
-            traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden))
-        return traffic
-
-    @property
-    def choices(self) -> dict[int, LayerChoice]:
-        """`algorithm: auto`: what each of this stage's solved layers got (kept in the work state)."""
-        return self.state.calibrate_progress.choices
-
-    def _layer_inputs(self) -> tuple[layerwise.LayerInputs, Traffic]:
-        """This stage's first layer's inputs: from the work dir, the pipelined BF16 pass (parallel
-        boundary) or the previous stage (sequential boundary)."""
-        info, samples = self.info, self.samples
-        path = self.rank_dir / layerwise.INPUTS_FILE
-        saved = path.is_file() and self.state.calibrate_progress.inputs_saved
-        parallel = self.boundary == "parallel"
-        embeds = info.is_first and not parallel  # its inputs are its embeddings: computed again, never saved
-        waits = dist.all_gather_objects(not saved and not embeds, info.world_size)
-        self._successor_waits = not info.is_last and waits[info.rank + 1]
-        if parallel and any(waits):  # the pass needs every stage, whatever each has saved
-            hidden, traffic = self._capture_pass()
-            saved = False
-        elif saved:
-            hidden, traffic = layerwise.load_inputs(path, info.device), Traffic()
-        elif info.is_first:  # the embeddings: computed again on a resume rather than saved
-            with torch.no_grad():
-                hidden = [self.stage.embed(b.ids.to(info.device)) for b in samples.batches]
-            return layerwise.LayerInputs(self.stage, hidden), Traffic()
-        else:
-            dtype = next(self.stage.parameters()).dtype
-            shapes = [(len(real), max(real), self.stage.hf_config.hidden_size) for real in samples.lengths]
-            hidden = layerwise.Relay(info, self._successor_waits).wait_for_inputs(shapes, dtype)
-            traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in hidden))
-        if not saved:
-            layerwise.save_inputs(path, hidden)
-            self.state.record_calibrate_progress(inputs_saved=True)
-        return layerwise.LayerInputs(self.stage, hidden), traffic
-
-    def _capture_pass(self) -> tuple[list[torch.Tensor], Traffic]:
-        """One pipelined BF16 pass (quantizers off, every stage busy) keeping each stage's inputs."""
-        captured: list[torch.Tensor] = []
-        hook = layerwise.capture_hook(self.stage, captured)
-        try:
-            with layerwise.quantizers_off(self.stage):
-                traffic = run_pipeline(self.stage, self.info, self.samples.batches, self.samples.lengths,
-                                       ValidTokens())
-        finally:
-            hook.remove()
-        return captured, traffic
+        """This stage's layers solved one at a time (layer_by_layer.py); a streaming stage's written as solved."""
+        streaming = self.streaming
+        result = LayerByLayer(LayerByLayerJob(
+            cfg=self.cfg, info=self.info, stage=self.stage, state=self.state, source=self.source, configs=configs,
+            batches=self.samples.batches, lengths=self.samples.lengths, rank_dir=self.rank_dir,
+            boundary=self.boundary, streaming=streaming, fmt=self.fmt, owned=self.owned() if streaming else [],
+            new_writer=self.writer, layer_stream=self.layer_stream, solve_times=self.solve_times)).run()
+        self.exporter = result.exporter
+        self.timings["calibration loop"] = result.loop_seconds
+        return result.traffic
 
     def _restore_quantizers(self, saved: dict) -> Traffic:
-        if self.cfg.kv_cache:
-            register_kv_attention(self.stage)  # restoring re-creates the KV quantizers of those classes
-        self.state.restore_quantizers(self.stage)
+        """Every rank saved its calibration: the quantizers as they were, and the traffic recorded."""
+        restore_quantizers(self.stage, self.state, self.cfg.kv_cache)
         return Traffic.from_dict(saved)
 
     def owned(self) -> list[str]:
@@ -518,7 +453,7 @@ class Run:
             self.export_result = dist.everywhere(self.info, lambda: self.state.once(
                 Phase.EXPORT, write, ExportResult.from_dict, reused="export: reusing the shards this rank wrote before",
                 usable=lambda saved: self.state.shards_intact(ExportResult.from_dict(saved))))
-        self.stage = None  # the weights are no longer needed
+        del self.stage  # the weights are no longer needed
 
     def stopped_after(self, name: Phase) -> None:
         dist.barrier()
@@ -526,8 +461,7 @@ class Run:
 
     def resume_point(self) -> str:
         """What a rerun of the same command starts from, as this rank knows it (for an interrupt's message)."""
-        state = getattr(self, "state", None)
-        done = [p for p in RECORDED if state is not None and p in state.phases]
+        done = [p for p in RECORDED if Run.state.ready(self) and p in self.state.phases]
         if not done:
             return "the beginning (no phase was finished)"
         return f"the saved {done[-1]} in {self.rank_dir}"
@@ -540,7 +474,7 @@ class Run:
             kind=plan.budget.kind, phases=dict(self.timings), health=self.health, traffic=self.traffic,
             predicted=Memory(plan.need.host, plan.need.device), measured=budget.measured_peak(plan.budget.kind),
             export=self.export_result, spans=tuple(self.spans),
-            choices=tuple(choice for _, choice in sorted(self.choices.items())),
+            choices=tuple(choice for _, choice in sorted(self.state.calibrate_progress.choices.items())),
             gptq_solve={str(i): round(t, 3) for i, t in sorted(self.solve_times.per_layer().items())})
 
     def assemble(self) -> None:
@@ -549,29 +483,29 @@ class Run:
             gathered = gather(self.cfg.gather, self.info, self.rank_dir, self.export_result.shards)
         dist.set_phase(Phase.ASSEMBLE)
         reports = dist.gather_to_first(self.report(), self.info)
+        # every rank waits for rank 0's outcome, and fails with it
+        dist.agreed(self.info, functools.partial(self._assemble_checkpoint, gathered.dirs, reports))
 
-        def finish() -> None:
-            t0 = time.perf_counter()
-            output = Path(self.cfg.output)
+    def _assemble_checkpoint(self, dirs: dict[int, Path], reports: list[RankReport] | None) -> None:
+        """Rank 0: the gathered shards into the output, sealed by `_verify_and_describe` before the rename."""
+        assert reports is not None, "rank 0 gathered every rank's report"
+        t0 = time.perf_counter()
+        output = Path(self.cfg.output)
+        assemble(output, dirs, [r.export for r in reports], self.source, self.fmt, self.options.overwrite,
+                 finalize=functools.partial(self._verify_and_describe, reports, t0))
+        logger.info("assembled and verified %s in %.1f s", output, time.perf_counter() - t0)
+        log_report(reports)
 
-            def seal(tmp: Path, checksums: dict[str, str]) -> None:
-                problems = verify(tmp, self.source.path, self.cfg.serving.target)
-                record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
-                                    time.perf_counter() - self.started, time.perf_counter() - t0, problems,
-                                    wire_name(self.info), tmp)
-                self.record = write_record_and_card(tmp, record, output.name, checksums)
-                if problems:
-                    kinds = summarize(problems)
-                    shown = "\n  ".join(kinds[:20]) + (f"\n  ... {len(kinds) - 20} more" if len(kinds) > 20 else "")
-                    raise VerificationError(f"the assembled checkpoint fails verification ({len(problems)} problems); "
-                                            f"{output} was not written:\n  {shown}")
-
-            assemble(output, gathered.dirs, [r.export for r in reports], self.source, self.fmt,
-                     self.options.overwrite, finalize=seal)
-            logger.info("assembled and verified %s in %.1f s", output, time.perf_counter() - t0)
-            log_report(reports)
-
-        dist.agreed(self.info, finish)  # every rank waits for the outcome, and fails with it
+    def _verify_and_describe(self, reports: list[RankReport], t0: float, tmp: Path, checksums: dict[str, str]) -> None:
+        """The assembled checkpoint in `tmp` verified, its run record and card written beside it; a failed
+        verification stops the output from being renamed into place."""
+        problems = verify(tmp, self.source.path, self.cfg.serving.target)
+        record = run_record(self.cfg, self.source, reports, self.samples.manifest, len(self.samples.lengths),
+                            time.perf_counter() - self.started, time.perf_counter() - t0, problems,
+                            wire_name(self.info), tmp)
+        self.record = write_record_and_card(tmp, record, Path(self.cfg.output).name, checksums)
+        if problems:
+            raise verification_error(problems, Path(self.cfg.output))
 
     def clean_up(self) -> None:
         """Each rank removes its own exports (rank 0 also the copies it received); once every rank has,
@@ -580,6 +514,14 @@ class Run:
             shutil.rmtree(self.work_dir / f"rank{r}", ignore_errors=True)
         dist.barrier()
         self.release_locks()
+
+
+def verification_error(problems: list, output: Path) -> VerificationError:
+    """One error naming the kinds of problem found (the first 20) and that the output was not written."""
+    kinds = summarize(problems)
+    shown = "\n  ".join(kinds[:20]) + (f"\n  ... {len(kinds) - 20} more" if len(kinds) > 20 else "")
+    return VerificationError(f"the assembled checkpoint fails verification ({len(problems)} problems); "
+                             f"{output} was not written:\n  {shown}")
 
 
 def wire_name(info: dist.RankInfo) -> str:

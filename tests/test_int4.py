@@ -16,7 +16,7 @@ import torch
 from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
 from tiny_models import _save_perturbed, write_token_file
 from test_verify import copy_checkpoint, edit_quant_config, edit_tensor
-from nvfp4_pp.config import RECIPE_SCHEMES
+from nvfp4_pp.algorithms.table import RECIPES
 from nvfp4_pp.evaluate.decode import decode_checkpoint
 from nvfp4_pp.serving import checkpoint_facts
 from nvfp4_pp.evaluate.int4 import codes_from_row_pairs
@@ -61,7 +61,7 @@ def test_modelopt_layout_identical_to_single_process_modelopt(int4, smol_dir):
         assert our_q[key] == ref_q[key], key
     qc = read_json(out / "config.json")["quantization_config"]
     assert (qc["quant_algo"], qc["group_size"]) == ("W4A16_AWQ", 128)
-    assert checkpoint_facts(out).schemes == RECIPE_SCHEMES["w4a16_int4"]
+    assert list(checkpoint_facts(out).schemes) == list(RECIPES["w4a16_int4"].schemes)
     assert verify(out, smol_dir) == []  # written for tensorrt-llm (its nvfp4_pp.json says so)
     assert verify(out, smol_dir, target="vllm") == [
         "quantization_config: not vLLM-loadable, vLLM 0.34.0 refuses it (its ModelOpt loader takes quant_algo FP8, "

@@ -15,8 +15,8 @@ import torch
 from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
 from test_verify import copy_checkpoint, edit_tensor
 from reference import preset_config
-from nvfp4_pp.calibrate import RECIPES as ALL_RECIPES, modelopt_config
-from nvfp4_pp.config import RECIPE_SCHEMES
+from nvfp4_pp.algorithms.table import RECIPES as ALL_RECIPES
+from nvfp4_pp.calibrate import modelopt_config
 from nvfp4_pp.evaluate.decode import decode_checkpoint
 from nvfp4_pp.evaluate.quality import evaluate
 from nvfp4_pp.serving import OTHER_READERS, checkpoint_facts
@@ -82,7 +82,7 @@ def test_recipe_identical_to_single_process_modelopt(recipe, recipe_outputs, smo
         assert our_q.get(key) == ref_q.get(key), key
     qc = read_json(out / "config.json")["quantization_config"]
     assert qc["kv_cache_quant_algo"] == ("FP8" if kv else None) and qc["quant_method"] == "modelopt"
-    assert list(checkpoint_facts(out).schemes) == sorted(RECIPE_SCHEMES[recipe])
+    assert list(checkpoint_facts(out).schemes) == sorted(ALL_RECIPES[recipe].schemes)
     assert verify(out, smol_dir) == []  # for the reader its serving.target names
     assert_serving_follows_vllm_tables(out, refused=recipe in VLLM_REFUSES_MODELOPT)
     assert verify(reference, target="none") == ["tokenizer: tokenizer_config.json and tokenizer.json (or tokenizer.model) are "

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from nvfp4_pp.config import RECIPE_SCHEMES, ConfigError, config_from_dict
+from nvfp4_pp.algorithms.table import RECIPES
+from nvfp4_pp.config import ConfigError, config_from_dict
 from nvfp4_pp.run import main
 from nvfp4_pp.vllm_contract import CT_SCHEMES, VLLM_RELEASE, ct_vllm_schemes, declared_config, vllm_method, vllm_problems
 
@@ -23,7 +24,7 @@ def test_pinned_release_is_the_one_the_docs_name():
     assert VLLM_RELEASE == "0.34.0"
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPE_SCHEMES))
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_recipe_and_layout_is_loadable_or_refused(recipe, layout):
     data = {**BASE, "recipe": recipe, "format": layout}

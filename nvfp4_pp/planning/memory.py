@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..algorithms.table import RECIPES
 from ..arch import Architecture
 from ..sizes import DEFAULT_SHARD_BYTES, EXPORT_CHUNK_ELEMENTS, WRITE_WORKERS
 from ..source import SourceCheckpoint
@@ -267,7 +268,7 @@ def stage_need(
 def written_bytes(sizes: ModelSizes, recipe: str, start: int, stop: int, first: bool, last: bool) -> int:
     """About what a stage writes as shards: its Linears packed, the rest (norms, embeddings, head) as in the
     source. A Linear kept in BF16 by `ignore` or an override is counted packed, so this can fall short."""
-    per_byte = FP8_PER_BF16_BYTE if "fp8" in recipe else PACKED_PER_BF16_BYTE
+    per_byte = FP8_PER_BF16_BYTE if RECIPES[recipe].fp8_linears else PACKED_PER_BF16_BYTE
     linear = sum(sizes.layer_linear_bytes[start:stop])
     rest = sum(sizes.layer_bytes[start:stop]) - linear
     return math.ceil(linear * per_byte) + rest + (sizes.embed_bytes if first else 0) + (sizes.head_bytes if last else 0)
