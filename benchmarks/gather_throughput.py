@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from nvfp4_pp import dist
+from nvfp4_pp.runtime import dist
 from nvfp4_pp.config import GatherConfig
-from nvfp4_pp.gather import gather
+from nvfp4_pp.checkpoint.gather import gather
 
 
 def main() -> None:

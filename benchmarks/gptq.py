@@ -8,7 +8,7 @@ Writes throughput.py's random-weight checkpoint and, on the same samples, each i
   - modelopt's single process: from_pretrained on the GPU, mtq.quantize(INT4_BLOCKWISE_WEIGHT_ONLY_CFG
     with {"method": "gptq"}) + export_hf_checkpoint, flat and with `layerwise: {enable: true}` (its
     forward loop passes use_cache=False: with the model's KV cache its layerwise replay feeds every layer
-    after the first stale keys, see nvfp4_pp/layerwise.py);
+    after the first stale keys, see nvfp4_pp/calibration/layerwise.py);
   - llm-compressor's GPTQ W4A16 (INT4 g128) oneshot, its sequential pipeline, on the same samples
     (`--peers` picks the tools beside nvfp4_pp);
 then prints time per phase, the per-layer solve times nvfp4_pp logs (its GPTQ solve alone in brackets),

@@ -1,5 +1,5 @@
 """GPTQ's solve alone, one Linear per Llama-3.3-70B shape: modelopt 0.47's `gptq_blockwise_update` against
-nvfp4_pp.gptq's solve on the same weight, damped inverse and quantizer; time and byte identity.
+nvfp4_pp.algorithms.gptq's solve on the same weight, damped inverse and quantizer; time and byte identity.
 
     python3 benchmarks/gptq_solve.py                        # GPU: full shapes, INT4 and W4A16 NVFP4
     python3 benchmarks/gptq_solve.py --scale 8 --recipes w4a16_int4   # CPU: every dimension / 8
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from nvfp4_pp.algorithms.table import RECIPES  # noqa: E402
-from nvfp4_pp.gptq import column_quantizer, solve  # noqa: E402
+from nvfp4_pp.algorithms.gptq import column_quantizer, solve  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV = 8192, 28672, 1024
 SHAPES = {  # name: (out, in, Linears of a layer it stands for)

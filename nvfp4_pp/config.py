@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from .algorithms.table import (
+from nvfp4_pp.algorithms.table import (
     ALGORITHMS,
     AUTO,
     AUTO_CANDIDATES,
@@ -26,8 +26,8 @@ from .algorithms.table import (
     OverrideName,
     RecipeName,
 )
-from .errors import NvFp4PpError
-from .vllm_contract import VLLM_RELEASE, declared_config, vllm_problems
+from nvfp4_pp.errors import NvFp4PpError
+from nvfp4_pp.vllm_contract import VLLM_RELEASE, declared_config, vllm_problems
 
 
 class ConfigError(NvFp4PpError):

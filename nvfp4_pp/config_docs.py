@@ -18,7 +18,7 @@ import textwrap
 import typing
 from pathlib import Path
 
-from .config import RunConfig, _dataclass_list, _type_name
+from nvfp4_pp.config import RunConfig, _dataclass_list, _type_name
 
 COMMAND = "python -m nvfp4_pp.config_docs docs/configuration.md"
 SEE_ALSO = {

@@ -27,7 +27,7 @@ def write_demo_model(target: str | Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from .files import honour_umask
+    from nvfp4_pp.files import honour_umask
 
     target = Path(target)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import NvFp4PpError
+from nvfp4_pp.errors import NvFp4PpError
 
 
 class WriteError(NvFp4PpError):

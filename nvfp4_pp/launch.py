@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED, NvFp4PpError
+from nvfp4_pp.errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED, NvFp4PpError
 
 RUN_MODULE = "nvfp4_pp.run"
 
@@ -47,8 +47,8 @@ def check_run_command(script: str, script_args: list[str], module: bool):
     is not `nvfp4_pp.run` (then the launcher is plain torchrun). Exits with one line on bad input."""
     if not (module and script == RUN_MODULE):
         return None
-    from .command_line import parse_args
-    from .config import load_config
+    from nvfp4_pp.driver.command_line import parse_args
+    from nvfp4_pp.config import load_config
 
     args = parse_args(script_args)  # one line and exit 2 on an unknown or malformed option
     try:
@@ -137,7 +137,7 @@ def _silent_line(rank: int, exitcode: int, cfg) -> str:
         why = f"exited with status {exitcode}"
     where = "<work dir>/rank{r}/"
     if cfg is not None:
-        from .work_state import work_dir_of
+        from nvfp4_pp.driver.work_state import work_dir_of
 
         where = f"{work_dir_of(cfg)}/rank{rank}/"
     return (f"nvfp4_pp: error: rank {rank} {why} before it could say why; its log is in {where} (log.txt) on its "

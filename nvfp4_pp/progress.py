@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .log import RELAY, logger
+from nvfp4_pp.log import RELAY, logger
 
 
 def duration(seconds: float) -> str:

@@ -11,13 +11,14 @@ import contextlib
 import os
 import sys
 
-from . import dist, stopping
-from .command_line import parse_args
-from .config import load_config
-from .errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED, Interrupted, NvFp4PpError, exit_status
-from .log import keep_traceback, report_error, setup, teardown
-from .phases import Phase
-from .runner import Options, Run
+from nvfp4_pp.runtime import dist
+from nvfp4_pp.runtime import stopping
+from nvfp4_pp.driver.command_line import parse_args
+from nvfp4_pp.config import load_config
+from nvfp4_pp.errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED, Interrupted, NvFp4PpError, exit_status
+from nvfp4_pp.log import keep_traceback, report_error, setup, teardown
+from nvfp4_pp.phases import Phase
+from nvfp4_pp.driver.runner import Options, Run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,10 +16,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, config_from_dict, config_to_dict
-from .errors import NvFp4PpError
-from .files import write_json
-from .records import (
+from nvfp4_pp.config import ConfigError, RunConfig, config_from_dict, config_to_dict
+from nvfp4_pp.errors import NvFp4PpError
+from nvfp4_pp.files import write_json
+from nvfp4_pp.records import (
     CalibrationManifest,
     CheckpointFacts,
     Charts,
@@ -29,7 +29,7 @@ from .records import (
     RankReport,
     from_plain,
 )
-from .source_card import SourceCard
+from nvfp4_pp.publish.source_card import SourceCard
 
 RECORD = "nvfp4_pp.json"
 """The run record. Its `files` maps every file the run wrote beside it to its sha256 (the card's is null:

@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from nvfp4_pp import dist
-from nvfp4_pp import gather as gather_module
+from nvfp4_pp.runtime import dist
+from nvfp4_pp.checkpoint import gather as gather_module
 from nvfp4_pp.config import GatherConfig
 from nvfp4_pp.files import sha256_of
-from nvfp4_pp.gather import GatherError, gather
+from nvfp4_pp.checkpoint.gather import GatherError, gather
 from nvfp4_pp.records import ShardRecord
 
 CHUNK = 1000

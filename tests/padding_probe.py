@@ -19,13 +19,13 @@ import torch
 def main(model_dir: str, tokens: str, out: str) -> None:
     from modelopt.torch.export.quant_utils import get_activation_scaling_factor
 
-    from nvfp4_pp.arch import architecture_of
+    from nvfp4_pp.model.arch import architecture_of
     from nvfp4_pp.data.samples import Tokenizer, micro_batches
-    from nvfp4_pp.dist import RankInfo
-    from nvfp4_pp.pipeline import run_pipeline
-    from nvfp4_pp.calibrate import ValidTokens, calibrate, modelopt_config
-    from nvfp4_pp.source import SourceCheckpoint
-    from nvfp4_pp.stage import build_stage
+    from nvfp4_pp.runtime.dist import RankInfo
+    from nvfp4_pp.calibration.pipeline import run_pipeline
+    from nvfp4_pp.calibration.calibrate import ValidTokens, calibrate, modelopt_config
+    from nvfp4_pp.model.source import SourceCheckpoint
+    from nvfp4_pp.model.stage import build_stage
 
     class Unmasked(ValidTokens):
         def set(self, mask):

@@ -13,7 +13,7 @@ per-stage export). Several models
 model and `mtq.quantize`, only the imports are shared. Run as its own process so modelopt's global
 patches stay out of the test process. `--layerwise on` is modelopt's own layer-by-layer calibration;
 its loop runs the model with `use_cache=False`, since modelopt's replay of a layer's captured call
-would otherwise reuse the KV cache of the earlier replays (see nvfp4_pp/layerwise.py).
+would otherwise reuse the KV cache of the earlier replays (see nvfp4_pp/calibration/layerwise.py).
 """
 
 import json

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nvfp4_pp import card, config, recipe_shapes
+from nvfp4_pp.publish import card
+from nvfp4_pp import config
+from nvfp4_pp.model import recipe_shapes
 from nvfp4_pp.algorithms.table import (
     ALGORITHMS,
     AUTO,
@@ -52,7 +54,7 @@ def test_the_config_accepts_exactly_the_tables_names():
 def test_every_recipe_has_its_card_text_preset_and_schemes():
     import modelopt.torch.quantization as mtq
 
-    from nvfp4_pp.formats.base import SCHEMES
+    from nvfp4_pp.checkpoint.formats.base import SCHEMES
 
     for name, recipe in RECIPES.items():
         assert card.RECIPE_TEXT[name] == recipe.card and recipe.card
@@ -83,7 +85,7 @@ def test_every_algorithm_has_its_card_text_recipes_and_preset():
 def test_a_cuda_only_pair_is_refused_on_cpu(algorithm, recipe):
     import torch
 
-    from nvfp4_pp.calibrate import check_algorithm_device
+    from nvfp4_pp.calibration.calibrate import check_algorithm_device
 
     with pytest.raises(ConfigError, match=f"algorithm {algorithm} with recipe {recipe} .* runs on CUDA only"):
         check_algorithm_device(algorithm, recipe, 0, "h", torch.device("cpu"))

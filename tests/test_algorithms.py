@@ -10,7 +10,7 @@ network on held-out text.
   single-process GPTQ;
 - layer by layer, `boundary: sequential`: each layer on its predecessors' quantized outputs, fed by
   the stage's own forward: exactly modelopt's single-process layerwise GPTQ (its loop run with
-  use_cache=False, see nvfp4_pp/layerwise.py), and a rank killed mid-solve resumes to the same bytes;
+  use_cache=False, see nvfp4_pp/calibration/layerwise.py), and a rank killed mid-solve resumes to the same bytes;
 - `boundary: parallel`: stage 0 as sequential; later stages start from BF16 inputs;
 - AWQ-lite: exactly modelopt's single-process INT4 AWQ (its `INT4_AWQ_CFG` search);
 - quality on held-out text (`evaluate --compare`): layerwise GPTQ's KL to BF16 well below round-to-nearest's.

@@ -17,7 +17,7 @@ from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differen
 from tiny_models import (TINY, TINY_IMAGE_TEXT, tiny_config, write_tiny_image_text_model,
                          write_tiny_model, write_token_file)
 
-from nvfp4_pp.arch import SUPPORTED, UnsupportedArchitecture, architecture_of
+from nvfp4_pp.model.arch import SUPPORTED, UnsupportedArchitecture, architecture_of
 
 ARCHS = sorted(TINY)
 SPLIT = [(0, 2), (2, 4), (4, 6)]
@@ -57,8 +57,8 @@ def test_stages_compute_the_models_forward(arch, tiny_models):
     """Hidden states after each stage equal the full model's after the same layer, bit for bit."""
     from transformers import AutoModelForCausalLM
 
-    from nvfp4_pp.source import SourceCheckpoint
-    from nvfp4_pp.stage import build_stage
+    from nvfp4_pp.model.source import SourceCheckpoint
+    from nvfp4_pp.model.stage import build_stage
 
     spec = SUPPORTED[arch]
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.bfloat16,
@@ -144,8 +144,8 @@ def image_text_references(image_text_models, tiny_tokens, tmp_path_factory) -> d
 def test_image_text_stages_compute_the_language_models_forward(arch, new_layout, image_text_models):
     from transformers import AutoModelForImageTextToText
 
-    from nvfp4_pp.source import SourceCheckpoint
-    from nvfp4_pp.stage import build_stage
+    from nvfp4_pp.model.source import SourceCheckpoint
+    from nvfp4_pp.model.stage import build_stage
 
     model_dir = image_text_models[_case(arch, new_layout)]
     source = SourceCheckpoint(model_dir)
@@ -172,7 +172,7 @@ def test_image_text_language_model_quantized_rest_kept(arch, new_layout, image_t
     """3 ranks quantize the language model exactly as modelopt does for the whole model, in the
     source's own tensor layout (as modelopt keeps it); the vision tower and projector are the
     source's BF16 bits and listed in the ignore list; verify passes."""
-    from nvfp4_pp.verify import verify
+    from nvfp4_pp.checkpoint.verify import verify
 
     case = _case(arch, new_layout)
     out = quantize_with_three_ranks(image_text_models[case], tiny_tokens, tmp_path)

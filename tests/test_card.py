@@ -20,7 +20,7 @@ import pytest
 
 from helpers import REPO, read_json, run_nvfp4_pp, write_config
 from nvfp4_pp.run_record import read_run_record
-from nvfp4_pp.source_card import read_source_card
+from nvfp4_pp.publish.source_card import read_source_card
 
 DATED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[stage (\d)\] ")
 SAMPLING = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.05}
@@ -154,7 +154,7 @@ def test_base_model_is_the_sources_own_hub_id(tmp_path):
 def test_without_matplotlib_the_card_has_no_pictures_and_says_how(monkeypatch, tmp_path, caplog):
     import logging
 
-    from nvfp4_pp.charts import render_charts
+    from nvfp4_pp.publish.charts import render_charts
     from nvfp4_pp.records import Charts
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if the charts extra were not installed

@@ -15,8 +15,8 @@ import torch
 import modelopt.torch.quantization as mtq
 from modelopt.torch.export.quant_utils import postprocess_state_dict
 from modelopt.torch.export.unified_export_hf import _export_quantized_weight
-from nvfp4_pp import export
-from nvfp4_pp.calibrate import modelopt_config
+from nvfp4_pp.checkpoint import export
+from nvfp4_pp.calibration.calibrate import modelopt_config
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(256, 200, bias=False, dtype=torch.bfloat16))  # 200 rows: last chunk short

@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from helpers import REPO, run_nvfp4_pp, write_config
-from nvfp4_pp.card import RECORD
-from nvfp4_pp.charts import TIMELINE
+from nvfp4_pp.publish.card import RECORD
+from nvfp4_pp.publish.charts import TIMELINE
 
 TIMEOUT_S = 60
 

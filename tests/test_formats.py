@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from helpers import load_tensors, read_json
-from nvfp4_pp.evaluate.decode import decode_checkpoint
-from nvfp4_pp.evaluate.nvfp4 import dequantize_weight
+from nvfp4_pp.checkpoint.decoders.decode import decode_checkpoint
+from nvfp4_pp.checkpoint.decoders.nvfp4 import dequantize_weight
 
 CT_PARAMS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
 

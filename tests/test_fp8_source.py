@@ -139,10 +139,10 @@ def twin_references(fp8_pairs, token_file, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("style", STYLES)
 def test_every_rank_loads_the_exact_dequantised_fp8_values(style, fp8_pairs):
     """What build_stage loads for each rank of the 3-rank split equals the twin's BF16 bit for bit."""
-    from nvfp4_pp.arch import architecture_of
+    from nvfp4_pp.model.arch import architecture_of
     from nvfp4_pp.planning.memory import ModelSizes
-    from nvfp4_pp.source import SourceCheckpoint
-    from nvfp4_pp.stage import build_stage
+    from nvfp4_pp.model.source import SourceCheckpoint
+    from nvfp4_pp.model.stage import build_stage
 
     fp8_dir, twin_dir, double_rounded = fp8_pairs[style]
     source, twin = SourceCheckpoint(fp8_dir), SourceCheckpoint(twin_dir)
@@ -219,7 +219,7 @@ def write_tiny_source(directory: Path, quantization_config: dict | None, tensors
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_each_fp8_layout_loads_exact_values_without_its_scales(layout, tmp_path):
-    from nvfp4_pp.source import SourceCheckpoint
+    from nvfp4_pp.model.source import SourceCheckpoint
 
     config, scale_name, scale_shape = LAYOUTS[layout]
     w8 = (torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(0)) * 100).clamp(-FP8_MAX, FP8_MAX)
@@ -267,7 +267,7 @@ UNSUPPORTED = {  # name: (quantization_config, tensors, what the refusal names)
 
 @pytest.mark.parametrize("case", UNSUPPORTED)
 def test_unsupported_quantized_source_is_refused_naming_what_is_supported(case, tmp_path):
-    from nvfp4_pp.source import SourceCheckpoint, SourceError
+    from nvfp4_pp.model.source import SourceCheckpoint, SourceError
 
     config, tensors, named = UNSUPPORTED[case]
     source = write_tiny_source(tmp_path / "src", config, tensors or {"layer.weight": torch.ones(4, 4)})

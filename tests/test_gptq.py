@@ -1,4 +1,4 @@
-"""nvfp4_pp.gptq's solve against modelopt 0.47's own GPTQ, byte for byte, on SmolLM2's trained weights.
+"""nvfp4_pp.algorithms.gptq's solve against modelopt 0.47's own GPTQ, byte for byte, on SmolLM2's trained weights.
 
 One down_proj (INT4 W4A16 g128, the recipe modelopt runs GPTQ for on CPU) with the Hessian of its
 real inputs (layer 0's gate/up applied to the embeddings of real tokens): the solve equals modelopt's
@@ -59,7 +59,7 @@ def test_solve_equals_modelopts_blockwise_update(down_proj):
     from modelopt.torch.quantization.utils.calib_utils import (compute_hessian_inverse, gptq_blockwise_update,
                                                                update_hessian)
 
-    from nvfp4_pp.gptq import column_quantizer, solve
+    from nvfp4_pp.algorithms.gptq import column_quantizer, solve
 
     weight, inputs = down_proj
     model = _int4_linears([weight])
@@ -79,8 +79,8 @@ def test_solve_equals_modelopts_blockwise_update(down_proj):
 def test_linears_sharing_an_input_are_solved_together_as_modelopt_solves_each(down_proj):
     import modelopt.torch.quantization as mtq
 
-    from nvfp4_pp.gptq import SolveTimes
-    from nvfp4_pp.layerwise import LayerAlgorithm
+    from nvfp4_pp.algorithms.gptq import SolveTimes
+    from nvfp4_pp.calibration.layerwise import LayerAlgorithm
 
     weight, inputs = down_proj
     halves = [weight[:320], weight[320:]]  # two Linears of one input, uneven like q and k/v

@@ -23,7 +23,7 @@ import pytest
 
 from helpers import REPO, run_nvfp4_pp, write_config
 from nvfp4_pp.run import main
-from nvfp4_pp.verify import verify
+from nvfp4_pp.checkpoint.verify import verify
 from tiny_models import write_tiny_model
 
 

@@ -17,13 +17,13 @@ from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differen
 from tiny_models import _save_perturbed, write_token_file
 from test_verify import copy_checkpoint, edit_quant_config, edit_tensor
 from nvfp4_pp.algorithms.table import RECIPES
-from nvfp4_pp.evaluate.decode import decode_checkpoint
-from nvfp4_pp.serving import checkpoint_facts
-from nvfp4_pp.evaluate.int4 import codes_from_row_pairs
+from nvfp4_pp.checkpoint.decoders.decode import decode_checkpoint
+from nvfp4_pp.publish.serving import checkpoint_facts
+from nvfp4_pp.checkpoint.decoders.int4 import codes_from_row_pairs
 from nvfp4_pp.evaluate.quality import evaluate, perplexity
 from nvfp4_pp.run import main
 from nvfp4_pp.run_record import read_run_record
-from nvfp4_pp.verify import verify
+from nvfp4_pp.checkpoint.verify import verify
 
 IGNORE = ["*self_attn*", "*gate_proj", "*up_proj"]
 DOWN = [f"model.layers.{i}.mlp.down_proj" for i in range(30)]

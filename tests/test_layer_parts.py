@@ -14,14 +14,14 @@ import copy
 import pytest
 import torch
 
-from nvfp4_pp.arch import architecture_of
-from nvfp4_pp.calibrate import ValidTokens, _make_max_hook, insert_quantizers, modelopt_config
+from nvfp4_pp.model.arch import architecture_of
+from nvfp4_pp.calibration.calibrate import ValidTokens, _make_max_hook, insert_quantizers, modelopt_config
 from nvfp4_pp.errors import CalibrationError
-from nvfp4_pp.layer_choice import LayerChooser, NonFiniteLayer, held_out_count, relative_error
-from nvfp4_pp.layerwise import LayerInputs, Solver, quantizers_off
-from nvfp4_pp.source import SourceCheckpoint
-from nvfp4_pp.stage import build_stage
-from nvfp4_pp.streaming import LayerStream
+from nvfp4_pp.calibration.layer_choice import LayerChooser, NonFiniteLayer, held_out_count, relative_error
+from nvfp4_pp.calibration.layerwise import LayerInputs, Solver, quantizers_off
+from nvfp4_pp.model.source import SourceCheckpoint
+from nvfp4_pp.model.stage import build_stage
+from nvfp4_pp.calibration.streaming import LayerStream
 from tiny_models import write_tiny_model
 
 CPU = torch.device("cpu")

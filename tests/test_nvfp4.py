@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nvfp4_pp.evaluate.nvfp4 import fake_quantize_activation, round_to_e2m1, unpack_e2m1
+from nvfp4_pp.checkpoint.decoders.nvfp4 import fake_quantize_activation, round_to_e2m1, unpack_e2m1
 
 
 def test_rounding_equals_modelopt_including_every_midpoint():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from nvfp4_pp import dist
-from nvfp4_pp.charts import PHASE_COLORS
-from nvfp4_pp.command_line import parse_args
+from nvfp4_pp.runtime import dist
+from nvfp4_pp.publish.charts import PHASE_COLORS
+from nvfp4_pp.driver.command_line import parse_args
 from nvfp4_pp.errors import EXIT_BAD_INPUT, Interrupted
 from nvfp4_pp.phases import RECORDED, Phase
 from nvfp4_pp.records import CalibrateProgress, LayerChoice
@@ -43,7 +43,7 @@ def test_every_timed_phase_has_a_colour():
 
 
 def test_calibrate_progress_survives_a_restart(tmp_path):
-    from nvfp4_pp.work_state import WorkState
+    from nvfp4_pp.driver.work_state import WorkState
 
     choice = LayerChoice(layer=3, chosen="gptq", errors={"max": 0.2, "gptq": 0.1, "awq_lite": None}, fitted_on=3,
                          judged_on=1)

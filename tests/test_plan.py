@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from nvfp4_pp.arch import SUPPORTED, architecture_of
+from nvfp4_pp.model.arch import SUPPORTED, architecture_of
 from nvfp4_pp.planning.budget import GB, RankFacts, budgets
 from nvfp4_pp.config import ConfigError
-from nvfp4_pp.dist import DeviceError, requested_device, wire_backend
+from nvfp4_pp.runtime.dist import DeviceError, requested_device, wire_backend
 from nvfp4_pp.planning.memory import ModelSizes, Workload
 from nvfp4_pp.planning.plan import PlanError, owner_of, plan_stages
-from nvfp4_pp.source import SourceCheckpoint
+from nvfp4_pp.model.source import SourceCheckpoint
 from sparse_checkpoint import BEHEMOTH_X_123B, write_sparse_checkpoint
 
 GiB = 2**30

@@ -16,11 +16,11 @@ from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differen
 from test_verify import copy_checkpoint, edit_tensor
 from reference import preset_config
 from nvfp4_pp.algorithms.table import RECIPES as ALL_RECIPES
-from nvfp4_pp.calibrate import modelopt_config
-from nvfp4_pp.evaluate.decode import decode_checkpoint
+from nvfp4_pp.calibration.calibrate import modelopt_config
+from nvfp4_pp.checkpoint.decoders.decode import decode_checkpoint
 from nvfp4_pp.evaluate.quality import evaluate
-from nvfp4_pp.serving import OTHER_READERS, checkpoint_facts
-from nvfp4_pp.verify import verify
+from nvfp4_pp.publish.serving import OTHER_READERS, checkpoint_facts
+from nvfp4_pp.checkpoint.verify import verify
 from nvfp4_pp.vllm_contract import vllm_method, vllm_problems
 
 RECIPES = ["fp8", "w4a16_nvfp4", "mxfp4", "mxfp4_mlp_fp8_attn"]

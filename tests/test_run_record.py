@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nvfp4_pp.card import final_line, render_card
+from nvfp4_pp.publish.card import final_line, render_card
 from nvfp4_pp.records import ShardRecord
 from nvfp4_pp.run_record import (
     RECORD,

@@ -18,12 +18,12 @@ import pytest
 
 from helpers import REPO
 from sparse_checkpoint import write_sparse_checkpoint
-from nvfp4_pp.arch import architecture_of
+from nvfp4_pp.model.arch import architecture_of
 from nvfp4_pp.planning.budget import GB, RankFacts, budgets
 from nvfp4_pp.config import load_config
 from nvfp4_pp.planning.memory import ModelSizes, Workload
 from nvfp4_pp.planning.plan import owner_of, plan_stages
-from nvfp4_pp.source import SourceCheckpoint
+from nvfp4_pp.model.source import SourceCheckpoint
 
 # Facts from the models' config.json files (Mistral-Large-Instruct-2411 and Llama-3.3-70B-Instruct
 # families; the finetunes keep their base model's shape).

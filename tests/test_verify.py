@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import run_nvfp4_pp, write_config
-from nvfp4_pp.verify import main, verify
+from nvfp4_pp.checkpoint.verify import main, verify
 
 INDEX = "model.safetensors.index.json"
 
@@ -121,7 +121,7 @@ def test_run_fails_instead_of_writing_a_checkpoint_that_fails_verification(tmp_p
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import nvfp4_pp.run as run_module
-    import nvfp4_pp.runner as runner_module
+    import nvfp4_pp.driver.runner as runner_module
     from tiny_models import write_tiny_tokenizer
 
     torch.manual_seed(0)

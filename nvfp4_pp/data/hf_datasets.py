@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from ..errors import NvFp4PpError
+from nvfp4_pp.errors import NvFp4PpError
 
 INSTALL_HINT = "pip install 'nvfp4_pp[data]'"
 KNOWN_FIELDS = ("messages", "conversations", "text", "article", "content", "document")

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from ..config import CalibrationConfig, DataSource
-from ..errors import NvFp4PpError
-from ..records import CalibrationManifest, SourceSummary
-from .hf_datasets import HFDataError, as_messages, find_field, open_dataset
+from nvfp4_pp.config import CalibrationConfig, DataSource
+from nvfp4_pp.errors import NvFp4PpError
+from nvfp4_pp.records import CalibrationManifest, SourceSummary
+from nvfp4_pp.data.hf_datasets import HFDataError, as_messages, find_field, open_dataset
 
 
 class CalibrationDataError(NvFp4PpError):

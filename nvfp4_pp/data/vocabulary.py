@@ -8,10 +8,10 @@ size-mismatch traceback.
 
 from __future__ import annotations
 
-from ..arch import Architecture
-from ..errors import NvFp4PpError
-from ..source import SourceCheckpoint
-from .samples import Tokenizer
+from nvfp4_pp.model.arch import Architecture
+from nvfp4_pp.errors import NvFp4PpError
+from nvfp4_pp.model.source import SourceCheckpoint
+from nvfp4_pp.data.samples import Tokenizer
 
 
 class VocabularyError(NvFp4PpError):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NvFp4PpError
-from .decode import EvaluateError, layout_of
-from .quality import EVAL_DATA, compare_table, eval_samples, evaluate, table
+from nvfp4_pp.errors import NvFp4PpError
+from nvfp4_pp.checkpoint.decoders.decode import EvaluateError, layout_of
+from nvfp4_pp.evaluate.quality import EVAL_DATA, compare_table, eval_samples, evaluate, table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,7 +90,7 @@ def evaluate_one(args: argparse.Namespace) -> None:
     if args.json:
         args.json.write_text(json.dumps({**facts, "results": results}, indent=2) + "\n")
     if args.update_card:
-        from ..card import update_quality
+        from nvfp4_pp.publish.card import update_quality
 
         update_quality(args.quantized, what, list(table(results)))
 
@@ -99,7 +99,7 @@ def show_progress() -> None:
     """The package's progress lines (rate, ETA) on stderr: evaluating a large model takes a while."""
     import logging
 
-    from ..log import logger
+    from nvfp4_pp.log import logger
 
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

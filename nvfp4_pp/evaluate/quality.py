@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..progress import Progress
-from .decode import DecodedLinear, EvaluateError, decode_checkpoint
+from nvfp4_pp.progress import Progress
+from nvfp4_pp.checkpoint.decoders.decode import DecodedLinear, EvaluateError, decode_checkpoint
 
 EVAL_DATA = "builtin:pydoc"
 
@@ -86,8 +86,8 @@ class ActivationQuantization:
 def eval_samples(data: str, samples: int, max_length: int, tokenizer_dir: Path) -> list[list[int]]:
     """Held-out token samples. The built-in corpus is read from its END (calibration reads it from the
     start), so the two are disjoint while calibration uses fewer tokens than the corpus minus these."""
-    from ..config import CalibrationConfig
-    from ..data.samples import builtin_text, load_samples
+    from nvfp4_pp.config import CalibrationConfig
+    from nvfp4_pp.data.samples import builtin_text, load_samples
 
     if data.startswith("builtin:"):
         from transformers import AutoTokenizer

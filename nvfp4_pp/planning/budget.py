@@ -25,8 +25,8 @@ from typing import Literal
 import psutil
 import torch
 
-from ..config import ConfigError
-from ..records import Memory
+from nvfp4_pp.config import ConfigError
+from nvfp4_pp.records import Memory
 
 GB = 10**9
 """Sizes are reported and configured in decimal gigabytes (1e9 bytes)."""

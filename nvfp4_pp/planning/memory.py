@@ -50,10 +50,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ..algorithms.table import RECIPES
-from ..arch import Architecture
-from ..sizes import DEFAULT_SHARD_BYTES, EXPORT_CHUNK_ELEMENTS, WRITE_WORKERS
-from ..source import SourceCheckpoint
+from nvfp4_pp.algorithms.table import RECIPES
+from nvfp4_pp.model.arch import Architecture
+from nvfp4_pp.sizes import DEFAULT_SHARD_BYTES, EXPORT_CHUNK_ELEMENTS, WRITE_WORKERS
+from nvfp4_pp.model.source import SourceCheckpoint
 
 PACKED_PER_BF16_BYTE = 0.25 + 1 / 32
 """NVFP4 bytes written per BF16 weight byte: 4-bit codes plus one FP8 scale per 16 values. It bounds

@@ -23,9 +23,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..errors import NvFp4PpError
-from .budget import GB, Budget
-from .memory import STREAM_WINDOW, ModelSizes, Need, Workload, stage_need
+from nvfp4_pp.errors import NvFp4PpError
+from nvfp4_pp.planning.budget import GB, Budget
+from nvfp4_pp.planning.memory import STREAM_WINDOW, ModelSizes, Need, Workload, stage_need
 
 
 class PlanError(NvFp4PpError):

@@ -1,0 +1,224 @@
+"""One stage's layer-by-layer calibration: its first layer's inputs, then its layers solved one at a time.
+
+Used when layers are calibrated one at a time (`layerwise.enable`, or a stage that streams): the stage's
+inputs come from the work directory, one pipelined BF16 pass (parallel boundary) or the previous stage
+(sequential boundary); layerwise.Solver then fits each layer, recording it for resume, or (a streaming
+stage) writing and freeing it. `algorithm: auto` chooses each layer's algorithm first (layer_choice).
+Everything it needs is in `LayerByLayerJob`; what it leaves is `LayerByLayerResult` and the work state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from nvfp4_pp.runtime import dist
+from nvfp4_pp.calibration import layerwise
+from nvfp4_pp.algorithms.table import AUTO
+from nvfp4_pp.calibration.calibrate import ValidTokens, insert_quantizers, no_data_parallel_group, register_kv_attention
+from nvfp4_pp.config import RunConfig
+from nvfp4_pp.data.samples import MicroBatch
+from nvfp4_pp.checkpoint.export import StageExporter
+from nvfp4_pp.checkpoint.formats import CheckpointFormat
+from nvfp4_pp.algorithms.gptq import SolveTimes, solve_progress
+from nvfp4_pp.calibration.layer_choice import LayerChooser, held_out_count
+from nvfp4_pp.log import logger
+from nvfp4_pp.calibration.pipeline import run_pipeline
+from nvfp4_pp.records import Traffic
+from nvfp4_pp.model.source import SourceCheckpoint
+from nvfp4_pp.model.stage import Stage
+from nvfp4_pp.calibration.streaming import LayerStream
+from nvfp4_pp.driver.work_state import WorkState
+from nvfp4_pp.checkpoint.writer import ShardWriter
+
+
+def restore_quantizers(stage: Stage, state: WorkState, kv_cache: str | None) -> None:
+    """The stage's quantizers as the work state saved them (KV quantizers need their classes registered)."""
+    if kv_cache:
+        register_kv_attention(stage)  # restoring re-creates the KV quantizers of those classes
+    state.restore_quantizers(stage)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerByLayerJob:
+    """What one stage's layer-by-layer calibration needs, all known before it starts."""
+
+    cfg: RunConfig
+    info: dist.RankInfo
+    stage: Stage
+    state: WorkState
+    source: SourceCheckpoint
+    configs: dict[str, dict]
+    """modelopt's config per algorithm (several: `algorithm: auto`'s candidates)."""
+    batches: list[MicroBatch] | None
+    """The token ids (first rank only)."""
+    lengths: list[tuple[int, ...]]
+    """Real lengths per micro-batch (every rank: the shapes a sequential boundary receives)."""
+    rank_dir: Path
+    boundary: Literal["parallel", "sequential"]
+    streaming: bool
+    """The stage's layers are read a window at a time and written as solved (export.StageExporter)."""
+    fmt: CheckpointFormat
+    owned: list[str]
+    """The source tensors this rank writes (a streaming stage's exporter)."""
+    new_writer: Callable[[], ShardWriter]
+    layer_stream: LayerStream | None
+    """A streaming stage's reader of its layers (made when the stage was built, its first layer read)."""
+    solve_times: SolveTimes
+    """Where GPTQ's solve seconds per Linear are collected."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayerByLayerResult:
+    """What the calibration leaves besides the stage's quantizers and the work state."""
+
+    traffic: Traffic
+    loop_seconds: float
+    """Seconds solving the layers (the record's "calibration loop")."""
+    exporter: StageExporter | None
+    """A streaming stage's exporter, its layers written: the export phase finishes it."""
+
+
+class LayerByLayer:
+    """Calibrates one stage layer by layer (`run()`), resuming after the layers an interrupted run solved."""
+
+    def __init__(self, job: LayerByLayerJob):
+        self.job = job
+        algorithms = {name: quant_cfg["algorithm"] for name, quant_cfg in job.configs.items()}
+        if not job.cfg.layerwise.enable:  # streaming alone: each layer's inputs as in one pass (BF16)
+            algorithms = {name: a and {**a, "layerwise": {"get_qdq_activations_from_prev_layer": False}}
+                          for name, a in algorithms.items()}
+        self.algorithms = algorithms
+        # A streaming stage's layers are written as they are solved: an interrupted one starts over.
+        self.solved: set[int] = set() if job.streaming else job.state.solved_layers()
+        self.stream = job.layer_stream if job.streaming else None
+        self.exporter: StageExporter | None = None
+        self.chooser: LayerChooser | None = None
+
+    def run(self) -> LayerByLayerResult:
+        job = self.job
+        if not self.solved:  # no layer solved (or a streaming stage starting over): no choice stands
+            job.state.record_calibrate_progress(choices={})
+        self._prepare_quantizers()
+        info = job.info
+        # the first stage's inputs are its embeddings (sequential boundary): computed again, never saved
+        embeds = info.is_first and job.boundary != "parallel"
+        waits = dist.all_gather_objects(not self._inputs_saved() and not embeds, info.world_size)
+        relay = layerwise.Relay(info, not info.is_last and waits[info.rank + 1])
+        inputs, traffic = self._layer_inputs(waits, relay)
+        if self.stream:
+            self.exporter = StageExporter(job.stage, job.owned, job.source, job.fmt, job.new_writer(), info.device)
+        if job.cfg.algorithm == AUTO:
+            self.chooser = LayerChooser(job.stage, self.algorithms,
+                                        held_out_count(len(inputs.hidden), job.cfg.auto.held_out))
+        elif "gptq" in self.algorithms:  # one progress line over the stage's solves
+            job.solve_times.progress = solve_progress(job.stage, self.solved)
+        t0 = time.perf_counter()
+        outputs = self._solve(inputs, relay if job.boundary == "sequential" else None)
+        seconds = time.perf_counter() - t0
+        if self.stream:
+            logger.info("streaming: calibration waited %.1f s for layer reads", self.stream.wait_seconds)
+        if job.boundary == "sequential":
+            traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden))
+        return LayerByLayerResult(traffic, seconds, self.exporter)
+
+    def _prepare_quantizers(self) -> None:
+        """Quantizers inserted uncalibrated, or (an interrupted run) restored with its solved layers."""
+        job = self.job
+        if self.solved:
+            restore_quantizers(job.stage, job.state, job.cfg.kv_cache)
+            for index, layer in job.stage.layers():
+                if index in self.solved:
+                    job.state.restore_layer(index, layer)
+        else:
+            quant_cfg = next(iter(job.configs.values()))  # every candidate calibrates the same quantizers
+            insert_quantizers(job.stage, {**quant_cfg, "algorithm": None})
+        no_data_parallel_group(job.stage)
+
+    @property
+    def _inputs_path(self) -> Path:
+        return self.job.rank_dir / layerwise.INPUTS_FILE
+
+    def _inputs_saved(self) -> bool:
+        return self._inputs_path.is_file() and self.job.state.calibrate_progress.inputs_saved
+
+    def _layer_inputs(self, waits: list[bool], relay: layerwise.Relay) -> tuple[layerwise.LayerInputs, Traffic]:
+        """This stage's first layer's inputs (`waits`: which ranks have none saved): from the work dir, the
+        pipelined BF16 pass (parallel boundary) or the previous stage (sequential boundary)."""
+        job, info = self.job, self.job.info
+        saved = self._inputs_saved()
+        if job.boundary == "parallel" and any(waits):  # the pass needs every stage, whatever each has saved
+            hidden, traffic = self._capture_pass()
+            saved = False
+        elif saved:
+            hidden, traffic = layerwise.load_inputs(self._inputs_path, info.device), Traffic()
+        elif info.is_first:  # the embeddings: computed again on a resume rather than saved
+            assert job.batches is not None, "the first rank holds the token ids"
+            with torch.no_grad():
+                hidden = [job.stage.embed(b.ids.to(info.device)) for b in job.batches]
+            return layerwise.LayerInputs(job.stage, hidden), Traffic()
+        else:
+            dtype = next(job.stage.parameters()).dtype
+            shapes: list[tuple[int, ...]] = [(len(real), max(real), job.stage.hf_config.hidden_size)
+                                             for real in job.lengths]
+            hidden = relay.wait_for_inputs(shapes, dtype)
+            traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in hidden))
+        if not saved:
+            layerwise.save_inputs(self._inputs_path, hidden)
+            job.state.record_calibrate_progress(inputs_saved=True)
+        return layerwise.LayerInputs(job.stage, hidden), traffic
+
+    def _capture_pass(self) -> tuple[list[torch.Tensor], Traffic]:
+        """One pipelined BF16 pass (quantizers off, every stage busy) keeping each stage's inputs."""
+        job = self.job
+        captured: list[torch.Tensor] = []
+        hook = layerwise.capture_hook(job.stage, captured)
+        try:
+            with layerwise.quantizers_off(job.stage):
+                traffic = run_pipeline(job.stage, job.info, job.batches, job.lengths, ValidTokens())
+        finally:
+            hook.remove()
+        return captured, traffic
+
+    def _solve(self, inputs: layerwise.LayerInputs, relay: layerwise.Relay | None) -> layerwise.LayerInputs:
+        """Every layer through layerwise.Solver; the stage's last outputs."""
+        job, stream = self.job, self.stream
+        try:
+            outputs = layerwise.Solver(
+                job.stage, self.algorithms, self.solved, self._write_and_free if stream else self._record,
+                heartbeat=relay.heartbeat if relay else lambda index: None,
+                before=stream.load if stream else lambda index, layer: None,
+                choose=self._choose if self.chooser else None,
+                chosen={i: c.chosen for i, c in job.state.calibrate_progress.choices.items() if i in self.solved},
+                times=job.solve_times).run(inputs)
+            if self.exporter:  # the last layer packed (its writes go on into the export phase)
+                self.exporter.wait_packed()
+            return outputs
+        finally:
+            if stream:
+                stream.close()
+
+    def _record(self, index: int, layer: torch.nn.Module) -> None:
+        """A solved layer into the work state (its tensors and the quantizers so far): a rerun resumes after it."""
+        self.solved.add(index)
+        self.job.state.save_layer(index, layer)
+        self.job.state.save_quantizers(self.job.stage, sorted(self.solved))
+
+    def _write_and_free(self, index: int, layer: torch.nn.Module) -> None:
+        """A streaming stage's solved layer exported by the exporter's own thread while the next layer
+        calibrates; its weights freed once packed."""
+        assert self.exporter is not None and self.stream is not None, "a streaming stage has both"
+        self.exporter.layer(index, layer, release=self.stream.unload)
+
+    def _choose(self, index: int, layer: torch.nn.Module, inputs: layerwise.LayerInputs) -> str:
+        """`auto`: layer `index`'s algorithm, kept in the work state."""
+        assert self.chooser is not None, "choosing runs under `auto` only"
+        choice = self.chooser(index, layer, inputs)
+        state = self.job.state
+        state.record_calibrate_progress(choices={**state.calibrate_progress.choices, index: choice})
+        return choice.chosen
