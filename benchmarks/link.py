@@ -169,7 +169,7 @@ def run_once(hosts: MeshHosts, work: Path, model: Path, samples: int, seq: int, 
     after = hosts.counters()
     if any(p.returncode for p in procs):
         raise SystemExit("a host failed:\n\n" + "\n\n".join(log[-3000:] for log in logs))
-    from nvfp4_pp.run_record import read_run_record
+    from nvfp4_pp.publish.run_record import read_run_record
 
     record = read_run_record(run_dir / "out")
     shutil.rmtree(run_dir)

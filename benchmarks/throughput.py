@@ -53,7 +53,7 @@ def read_record(out: Path):
     """The run's nvfp4_pp.json through nvfp4_pp's own reader (a typed RunRecord)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from nvfp4_pp.run_record import read_run_record
+    from nvfp4_pp.publish.run_record import read_run_record
 
     return read_run_record(out)
 

@@ -137,7 +137,7 @@ def _silent_line(rank: int, exitcode: int, cfg) -> str:
         why = f"exited with status {exitcode}"
     where = "<work dir>/rank{r}/"
     if cfg is not None:
-        from nvfp4_pp.driver.work_state import work_dir_of
+        from nvfp4_pp.checkpoint.work_state import work_dir_of
 
         where = f"{work_dir_of(cfg)}/rank{rank}/"
     return (f"nvfp4_pp: error: rank {rank} {why} before it could say why; its log is in {where} (log.txt) on its "

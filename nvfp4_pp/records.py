@@ -14,7 +14,15 @@ import types
 import typing
 from typing import Any, TypeVar, Union
 
+from nvfp4_pp import __version__
+
 T = TypeVar("T")
+
+RECORD = "nvfp4_pp.json"
+"""The run record. Its `files` maps every file the run wrote beside it to its sha256 (the card's is null:
+`evaluate --update-card` edits it): what makes a directory nvfp4_pp's own, and what `verify` re-checks."""
+PRODUCER = {"name": "nvfp4_pp", "version": __version__}
+"""Who wrote a run record: a directory is nvfp4_pp's own only if its record names this producer."""
 
 
 def _plain(value: Any) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, read_json, run_nvfp4_pp, write_config
-from nvfp4_pp.run_record import read_run_record
+from nvfp4_pp.publish.run_record import read_run_record
 from nvfp4_pp.publish.source_card import read_source_card
 
 DATED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[stage (\d)\] ")

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from helpers import REPO, run_nvfp4_pp, write_config
-from nvfp4_pp.publish.card import RECORD
+from nvfp4_pp.records import RECORD
 from nvfp4_pp.publish.charts import TIMELINE
 
 TIMEOUT_S = 60

@@ -22,7 +22,7 @@ from nvfp4_pp.publish.serving import checkpoint_facts
 from nvfp4_pp.checkpoint.decoders.int4 import codes_from_row_pairs
 from nvfp4_pp.evaluate.quality import evaluate, perplexity
 from nvfp4_pp.run import main
-from nvfp4_pp.run_record import read_run_record
+from nvfp4_pp.publish.run_record import read_run_record
 from nvfp4_pp.checkpoint.verify import verify
 
 IGNORE = ["*self_attn*", "*gate_proj", "*up_proj"]

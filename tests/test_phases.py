@@ -43,7 +43,7 @@ def test_every_timed_phase_has_a_colour():
 
 
 def test_calibrate_progress_survives_a_restart(tmp_path):
-    from nvfp4_pp.driver.work_state import WorkState
+    from nvfp4_pp.checkpoint.work_state import WorkState
 
     choice = LayerChoice(layer=3, chosen="gptq", errors={"max": 0.2, "gptq": 0.1, "awq_lite": None}, fitted_on=3,
                          judged_on=1)

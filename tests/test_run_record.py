@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from nvfp4_pp.publish.card import final_line, render_card
-from nvfp4_pp.records import ShardRecord
-from nvfp4_pp.run_record import (
-    RECORD,
+from nvfp4_pp.records import RECORD, ShardRecord
+from nvfp4_pp.publish.run_record import (
     SCHEMA,
     RunRecordError,
     read_run_record,

@@ -33,7 +33,7 @@ from nvfp4_pp.records import Traffic
 from nvfp4_pp.model.source import SourceCheckpoint
 from nvfp4_pp.model.stage import Stage
 from nvfp4_pp.calibration.streaming import LayerStream
-from nvfp4_pp.driver.work_state import WorkState
+from nvfp4_pp.checkpoint.work_state import WorkState
 from nvfp4_pp.checkpoint.writer import ShardWriter
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nvfp4_pp.runtime import stopping
-from nvfp4_pp.publish.card import PRODUCER
+from nvfp4_pp.records import PRODUCER
 from nvfp4_pp.errors import NvFp4PpError
 from nvfp4_pp.files import write_errors_named, write_json
 from nvfp4_pp.checkpoint.formats import CheckpointFormat, Layers

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from nvfp4_pp.run_record import RECORD
+from nvfp4_pp.records import RECORD
 from nvfp4_pp.errors import NvFp4PpError
 from nvfp4_pp.files import nearest_existing
 from nvfp4_pp.log import logger

@@ -1,10 +1,9 @@
 """A written checkpoint against what vLLM's loader needs, without a GPU, and against what the run wrote.
 
-`python -m nvfp4_pp.verify DIR [--source MODEL] [--quick]` first re-hashes every file the run record
-(`nvfp4_pp.json`) lists with its sha256 (a corrupted or incomplete copy: exit 3; `--quick` skips it),
-then checks the loader contract (a violation: exit 1). One line per root cause, with how many more
-places it shows in. `verify(DIR, SOURCE)` returns the contract's lines, one per place; the run calls
-it on the assembled checkpoint before renaming it into place.
+`check_copy(DIR)` re-hashes every file the run record (`nvfp4_pp.json`) lists with its sha256;
+`verify(DIR, SOURCE)` returns the loader contract's lines, one per place; the run calls it on the
+assembled checkpoint before renaming it into place, and `python -m nvfp4_pp.verify` (../verify.py)
+prints both, one line per root cause.
 
 The contract it checks against lives in vllm_contract.py. vLLM itself is silent about most of
 these: a missing input scale stays `torch.empty`, unequal fused scales are mis-scaled by `.max()`,
@@ -13,10 +12,8 @@ a NaN scale gives garbage on Blackwell and looks fine on Hopper's weight-only fa
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -40,7 +37,7 @@ from nvfp4_pp.vllm_contract import (
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 RECORD = "nvfp4_pp.json"
-"""The run record beside a written checkpoint (card.RECORD, not imported: the checker stays independent
+"""The run record beside a written checkpoint (records.RECORD, not imported: the checker stays independent
 of the writers): its config's `serving.target` says who is meant to read it, its `files` what the run
 wrote, with their sha256."""
 
@@ -420,32 +417,3 @@ def summarize(problems: list[str]) -> list[str]:
     for line in problems:
         kinds.setdefault(re.sub(r"\d+", "#", line.partition(": ")[2]) or line, []).append(line)
     return [lines[0] + (f" (and {len(lines) - 1} more like it)" if len(lines) > 1 else "") for lines in kinds.values()]
-
-
-EXIT_CONTRACT, EXIT_CORRUPTED = 1, 3
-"""Exit statuses: the checkpoint breaks vLLM's loader contract (as written: a bug to report), or this
-copy differs from what the run wrote (copy it again)."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nvfp4_pp.verify", description=__doc__.splitlines()[0])
-    p.add_argument("directory", type=Path, help="the quantized checkpoint")
-    p.add_argument("--source", type=Path, help="the BF16 source: config fields and tokenizer files must match it")
-    p.add_argument("--quick", action="store_true", help="skip re-hashing the files against the run record's sha256")
-    args = p.parse_args(argv)
-    corrupted, note = ([], "--quick: file checksums not checked") if args.quick else check_copy(args.directory)
-    problems = verify(args.directory, args.source)
-    for line in summarize(corrupted + problems):
-        print(line)
-    if note:
-        print(f"note: {note}")
-    if corrupted:
-        print(f"{args.directory}: {len(corrupted)} file(s) differ from what the run wrote"
-              f"{f', {len(problems)} contract problem(s)' if problems else ''}: a corrupted or incomplete copy")
-        return EXIT_CORRUPTED
-    print(f"{args.directory}: {len(problems)} problem(s)" if problems else f"{args.directory}: OK")
-    return EXIT_CONTRACT if problems else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

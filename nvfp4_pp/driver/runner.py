@@ -55,12 +55,12 @@ from nvfp4_pp.planning.memory import ModelSizes, Workload, written_bytes
 from nvfp4_pp.planning.plan import StagePlan, check_split, describe, owner_of, plan_stages
 from nvfp4_pp.model.recipe_shapes import check_recipe_shapes
 from nvfp4_pp.records import CalibrationManifest, ExportResult, Health, Memory, PhaseSpan, RankReport, Traffic
-from nvfp4_pp.run_record import RunRecord
+from nvfp4_pp.publish.run_record import RunRecord
 from nvfp4_pp.model.source import SourceCheckpoint
 from nvfp4_pp.model.stage import Stage, build_stage
 from nvfp4_pp.calibration.streaming import LayerStream
 from nvfp4_pp.checkpoint.verify import summarize, verify
-from nvfp4_pp.driver.work_state import StaleWorkState, WorkState, fingerprint, work_dir_of
+from nvfp4_pp.checkpoint.work_state import StaleWorkState, WorkState, fingerprint, work_dir_of
 from nvfp4_pp.checkpoint.writer import ShardWriter
 
 

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nvfp4_pp import __version__
 from nvfp4_pp.algorithms.table import ALGORITHMS, RECIPES
 from nvfp4_pp.publish.charts import render_charts
 from nvfp4_pp.config import RunConfig
 from nvfp4_pp.files import sha256_of
 from nvfp4_pp.phases import Phase
-from nvfp4_pp.records import CalibrationManifest, LayerChoice, RankReport, SourceSummary
-from nvfp4_pp.run_record import RECORD, CalibrationRecord, Producer, RunRecord, write_run_record
+from nvfp4_pp.records import PRODUCER, RECORD, CalibrationManifest, LayerChoice, RankReport, SourceSummary
+from nvfp4_pp.publish.run_record import CalibrationRecord, Producer, RunRecord, write_run_record
 from nvfp4_pp.publish.serving import checkpoint_facts, serve_command, serving_lines
 from nvfp4_pp.publish.source_card import read_source_card
 from nvfp4_pp.vllm_contract import VLLM_RELEASE
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 CARD = "README.md"
 CALIBRATION_MANIFEST = "calibration.json"
 """The calibration set's manifest, written into rank 0's work directory when the run starts."""
-PRODUCER = {"name": "nvfp4_pp", "version": __version__}
 """Who wrote a file (the run record, and the quantization configs that name their producer)."""
 QUALITY_START, QUALITY_END = "<!-- nvfp4_pp:quality -->", "<!-- /nvfp4_pp:quality -->"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from nvfp4_pp.log import logger
 from nvfp4_pp.phases import Phase
 from nvfp4_pp.records import Charts, LinearStats, PhaseSpan
-from nvfp4_pp.run_record import LAYER_INDEX, RunRecord
+from nvfp4_pp.publish.run_record import LAYER_INDEX, RunRecord
 
 TIMELINE = "pipeline-timeline.png"
 LAYERS = "quantization-error.png"

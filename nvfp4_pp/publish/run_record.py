@@ -20,6 +20,7 @@ from nvfp4_pp.config import ConfigError, RunConfig, config_from_dict, config_to_
 from nvfp4_pp.errors import NvFp4PpError
 from nvfp4_pp.files import write_json
 from nvfp4_pp.records import (
+    RECORD,
     CalibrationManifest,
     CheckpointFacts,
     Charts,
@@ -31,9 +32,6 @@ from nvfp4_pp.records import (
 )
 from nvfp4_pp.publish.source_card import SourceCard
 
-RECORD = "nvfp4_pp.json"
-"""The run record. Its `files` maps every file the run wrote beside it to its sha256 (the card's is null:
-`evaluate --update-card` edits it): what makes a directory nvfp4_pp's own, and what `verify` re-checks."""
 SCHEMA = 2
 """2: a `schema` field, every rank's whole report (its shards, schemes and Linears). 1 (no field):
 nvfp4_pp 0.1.0 to 0.2.0."""
