@@ -10,6 +10,20 @@ import pytest
 
 from helpers import REPO, write_token_file
 
+WHOLE_RUN_FIXTURES = {"smol_dir", "token_file", "reference", "ct_output", "eval_ids"}
+"""Fixtures that write the real model or run the pipeline: a test using one is in the `whole` tier."""
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "whole: launches whole runs or builds the real model; `make check` "
+                            "(-m 'not whole') leaves it to `make test`")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if WHOLE_RUN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.whole)
+
 
 @pytest.fixture(scope="session")
 def smol_dir(tmp_path_factory) -> Path:

@@ -1,4 +1,7 @@
-"""Shared test helpers: launching real torchrun jobs and comparing checkpoints tensor by tensor."""
+"""Shared test helpers: launching real torchrun jobs and comparing checkpoints tensor by tensor.
+
+torch and safetensors are imported where a helper needs them, so `make check`'s docs and config tests
+start without them."""
 
 from __future__ import annotations
 
@@ -7,10 +10,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from safetensors import safe_open
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +34,8 @@ def run_nvfp4_pp(config: Path, nproc: int, *args: str, timeout: float = 600) -> 
 
 
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
     out = {}
     for f in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(f, "pt") as s:
@@ -38,11 +45,15 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 def tensor_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     """Every name, dtype, shape or bit difference between two state dicts."""
+    import torch
+
     diffs = [f"only in first: {k}" for k in sorted(set(a) - set(b))]
     diffs += [f"only in second: {k}" for k in sorted(set(b) - set(a))]
     for k in sorted(set(a) & set(b)):
