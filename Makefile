@@ -17,7 +17,7 @@ LAUNCH ?= $(if $(wildcard $(PY)),$(PY),python3) -m nvfp4_pp.launch
 behemoth behemoth-t1 anubis-pro: NNODES ?= 3
 llama-3.3-70b deepseek-r1-distill-llama-70b: NNODES ?= 2
 
-.PHONY: install demo test lint docs $(SEED_MODELS)
+.PHONY: install demo test check lint docs $(SEED_MODELS)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg setup.py constraints.txt
@@ -34,6 +34,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests
+
+# The fast tier: unit, config, docs and layout tests, no whole runs (tests/conftest.py marks those `whole`).
+check: install
+	$(PY) -m pytest tests -m "not whole" -q
 
 # docs/configuration.md is generated from config.py's field docstrings (tests/test_docs.py checks it).
 docs: install

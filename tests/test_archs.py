@@ -89,6 +89,7 @@ def quantize_with_three_ranks(model_dir, tokens, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.whole
 def test_three_ranks_identical_to_single_process_modelopt(arch, tiny_models, tiny_tokens, tiny_references, tmp_path):
     out = quantize_with_three_ranks(tiny_models[arch], tiny_tokens, tmp_path)
 
@@ -167,6 +168,7 @@ def test_image_text_stages_compute_the_language_models_forward(arch, new_layout,
 
 
 @pytest.mark.parametrize("arch,new_layout", IMAGE_TEXT, ids=[_case(*c) for c in IMAGE_TEXT])
+@pytest.mark.whole
 def test_image_text_language_model_quantized_rest_kept(arch, new_layout, image_text_models, tiny_tokens,
                                                       image_text_references, tmp_path):
     """3 ranks quantize the language model exactly as modelopt does for the whole model, in the
@@ -209,6 +211,7 @@ def test_unsupported_architectures_are_refused(config, kind):
     assert "is not supported" in message and kind in message and all(name in message for name in SUPPORTED)
 
 
+@pytest.mark.whole
 def test_refusal_from_the_command_line(tmp_path):
     """A MoE checkpoint stops before anything is loaded, with one line naming what is supported."""
     from transformers import MixtralConfig, MixtralForCausalLM

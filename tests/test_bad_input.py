@@ -123,6 +123,7 @@ def test_rank_with_zero_layers(tmp_path, capsys, tiny_llama):
     assert code == 2 and "every rank needs at least one layer" in _one_error(err)
 
 
+@pytest.mark.whole
 def test_more_ranks_than_layers_one_line(tmp_path, tiny_llama):
     config = write_config(tmp_path / "run.yaml", model=str(tiny_llama), output=str(tmp_path / "out"))
     result = run_nvfp4_pp(config, 3)
@@ -233,6 +234,7 @@ def test_nan_in_a_source_weight_is_named_before_calibrating(tmp_path, capsys, ti
     assert "calibration:" not in err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.whole
 def test_an_unexpected_error_is_one_line_with_its_traceback_kept(tmp_path, tiny_llama):
     """Input nothing checks yet (a weight of the wrong shape on rank 1): under the launcher, one line from the
     rank that failed, naming the exception and the log that keeps its traceback; rank 0 does not blame the

@@ -45,6 +45,7 @@ print("identical")
 
 
 @pytest.mark.parametrize("recipe,scheme,packed", [("nvfp4", "nvfp4", (200, 128)), ("w4a16_int4", "int4_awq", (100, 256))])
+@pytest.mark.whole
 def test_row_chunks_pack_the_same_bytes_as_the_whole_tensor(recipe, scheme, packed):
     # Own process: modelopt's quantize patches modules globally.
     script = f"RECIPE = {recipe!r}\nSCHEME_AND_PACKED_SHAPE = ({scheme!r}, {packed!r})\n" + SCRIPT

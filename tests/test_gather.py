@@ -12,6 +12,8 @@ import pytest
 
 from helpers import REPO
 
+pytestmark = pytest.mark.whole  # every test here launches runs or rank processes
+
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict:

@@ -26,6 +26,8 @@ from nvfp4_pp.run import main
 from nvfp4_pp.checkpoint.verify import verify
 from tiny_models import write_tiny_model
 
+pytestmark = pytest.mark.whole  # every test here launches runs or rank processes
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:

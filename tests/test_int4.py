@@ -74,6 +74,7 @@ def test_modelopt_layout_identical_to_single_process_modelopt(int4, smol_dir):
     assert "TensorRT-LLM and SGLang" in card and "vllm serve" not in card
 
 
+@pytest.mark.whole
 def test_every_linear_of_a_128_wide_model_identical_to_single_process_modelopt(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
@@ -24,6 +25,7 @@ def test_streaming_stages_give_modelopts_bytes(smol_dir, token_file, reference, 
     assert result.stdout.count(") streaming ") == 3 and "layer-major: stages calibrate in turn" in result.stdout
 
 
+@pytest.mark.whole
 def test_streaming_stage_peak_is_below_the_resident_one(tmp_path):
     """A random-weight Llama whose second stage holds 24 layers (180 MB): streaming it keeps two layers
     at a time, so that rank's measured peak drops by most of its weights; the bytes stay the same."""
