@@ -32,7 +32,8 @@ demo: install
 		--set model=$(DEMO_MODEL) --overwrite
 	$(PY) -m nvfp4_pp.evaluate --source $(DEMO_MODEL) --quantized $(DEMO_OUT) --samples 8 --max-length 256 --update-card
 
-test: install
+# The type check runs first (a few seconds): CI's `make test` fails on a type error as on a failed test.
+test: install lint
 	$(PY) -m pytest tests
 
 # The fast tier: unit, config, docs and layout tests, no whole runs (tests/conftest.py marks those `whole`).
@@ -43,8 +44,10 @@ check: install
 docs: install
 	$(PY) -m nvfp4_pp.config_docs docs/configuration.md
 
+# mypy reads its settings from setup.cfg's [mypy] section.
 lint: install
 	$(PY) -m compileall -q nvfp4_pp tests benchmarks
+	$(PY) -m mypy nvfp4_pp
 
 $(SEED_MODELS):
 	$(if $(and $(MODEL_DIR),$(OUT)),,$(error usage: make $@ MODEL_DIR=/path/to/bf16-model OUT=/path/to/output [RDZV=node0:29500] [NNODES=n] [NPROC_PER_NODE=g]))
