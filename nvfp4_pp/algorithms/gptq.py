@@ -23,12 +23,16 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from nvfp4_pp.log import logger
 from nvfp4_pp.progress import Progress
+
+if TYPE_CHECKING:  # modelopt ships no type information: mypy reads its quantizer as Any
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
 @dataclass
 class SolveTimes:
@@ -71,10 +75,11 @@ class ColumnQuantizer:
     them (one buffer for every block: what a CUDA graph of the block replays).
     """
 
-    def __init__(self, kind: str, quantizers: list[nn.Module], rows: list[int], block_size: int):
+    def __init__(self, kind: str, quantizers: list[TensorQuantizer], rows: list[int], block_size: int):
         first = quantizers[0]
         self.kind, self.group, self.first = kind, first.block_sizes[-1], first
-        self.amax = self.block_amax = None
+        self.amax: torch.Tensor | None = None
+        self.block_amax: torch.Tensor | None = None
         if kind != "dynamic_fp4":
             # per quantization group, every stacked row's amax, contiguous (the kernels index it flat)
             self.amax = torch.cat([q._amax.reshape(r, -1) for q, r in zip(quantizers, rows)]).t().contiguous()
@@ -82,6 +87,7 @@ class ColumnQuantizer:
 
     def start_block(self, start: int) -> None:
         if self.amax is not None:
+            assert self.block_amax is not None  # set with amax
             amax = self.amax[start // self.group:][:len(self.block_amax)]  # a last block may be narrower
             self.block_amax[:len(amax)].copy_(amax.unsqueeze(-1))
 
@@ -97,6 +103,7 @@ class ColumnQuantizer:
             return dynamic_block_quant(values, group, q._amax, None, q._num_bits, q.block_sizes["scale_bits"],
                                        q._trt_high_precision_dtype, getattr(q, "_onnx_quantizer_type", None),
                                        q._pass_through_bwd)[:, i - g0]
+        assert self.block_amax is not None  # static kinds have block amaxes
         column, amax = work[:, i:i + 1].contiguous(), self.block_amax[i // group]
         if self.kind == "int":
             return fake_tensor_quant(column, amax, None, q._num_bits, q._unsigned, q._narrow_range,
@@ -105,7 +112,7 @@ class ColumnQuantizer:
                                                work.dtype, q._pass_through_bwd).squeeze(-1)
 
 
-def column_quantizer(quantizers: list[nn.Module], rows: list[int], in_features: int,
+def column_quantizer(quantizers: list[TensorQuantizer], rows: list[int], in_features: int,
                      block_size: int) -> ColumnQuantizer | None:
     """A `ColumnQuantizer` for these Linears' weight quantizers stacked by rows; None where a column
     is not known to quantize from its group alone, or the quantizers do not stack (then each Linear
@@ -122,7 +129,7 @@ def column_quantizer(quantizers: list[nn.Module], rows: list[int], in_features: 
     return ColumnQuantizer(kind, quantizers, rows, block_size)
 
 
-def _block_kind(q: nn.Module, in_features: int) -> str | None:
+def _block_kind(q: TensorQuantizer, in_features: int) -> str | None:
     """"int" (INT4 static blocks), "fp4" (NVFP4 two-level static blocks), "dynamic_fp4" (NVFP4 blocks
     scaled from their values) or None (anything else: modelopt's own update)."""
     sizes = q.block_sizes or {}
@@ -147,7 +154,7 @@ def _block_kind(q: nn.Module, in_features: int) -> str | None:
     return None
 
 
-def _settings(q: nn.Module) -> tuple:
+def _settings(q: TensorQuantizer) -> tuple:
     return (q._num_bits, q._unsigned, q._narrow_range, q._trt_high_precision_dtype, q._pass_through_bwd,
             tuple(sorted((str(k), str(v)) for k, v in q.block_sizes.items())))
 
@@ -350,6 +357,7 @@ def solve_group(group: list, block_size: int, perc_damp: float, times: SolveTime
         weight = torch.empty(sum(rows), in_features, dtype=torch.float32, device=device)
         for (a, b), module in zip(_row_bounds(rows), members):
             weight[a:b].copy_(module.weight.data.reshape(b - a, in_features))
+        assert quantize is not None  # shared_input_groups puts only Linears this module solves in a group
         solve(weight, h_inv, block_size, quantize, rows)
         for (a, b), module in zip(_row_bounds(rows), members):
             module.weight.data = weight[a:b].reshape(module.weight.shape).to(module.weight.dtype)
