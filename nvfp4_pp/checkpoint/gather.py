@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import torch.distributed as tdist
@@ -207,7 +208,7 @@ def _send(shard_dir: Path, jobs: list[_Job], device: torch.device, chunk_bytes: 
                 if f.readinto(buf) != n:
                     raise GatherError(f"{shard_dir / job.file} shrank while being sent; do not touch the work directory during a run")
                 chunk = torch.frombuffer(buf, dtype=torch.uint8).to(device)
-                in_flight.append((tdist.isend(chunk, 0), chunk))
+                in_flight.append((dist.isend(chunk, 0), chunk))
                 while len(in_flight) > 2:
                     in_flight.popleft()[0].wait()
                 progress.advance(n)
@@ -221,8 +222,8 @@ class _Sink:
     def __init__(self, directory: Path, jobs: list[_Job]):
         self.directory, self.jobs = directory, deque(jobs)
         self.failed: list[_Job] = []
-        self._file = None
-        self._hash = None
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()  # started again for each file
         self._pos = 0
 
     def _open(self, job: _Job) -> None:
@@ -241,6 +242,7 @@ class _Sink:
         job = self.jobs[0]
         if self._file is None:
             self._open(job)
+        assert self._file is not None  # _open opened it
         self._file.write(data)
         self._hash.update(data)
         self._pos += len(data)
@@ -276,7 +278,7 @@ def _receive(result: Gathered, requests: dict[int, list[_Job]], device: torch.de
     def post(r: int) -> None:
         if plans[r]:
             buf = torch.empty(plans[r].popleft(), dtype=torch.uint8, device=device)
-            pending[r] = (tdist.irecv(buf, r), buf)
+            pending[r] = (dist.irecv(buf, r), buf)
 
     for r in plans:
         post(r)
@@ -290,7 +292,7 @@ def _receive(result: Gathered, requests: dict[int, list[_Job]], device: torch.de
                 progress.advance(buf.numel())
                 if error is None:
                     try:
-                        sinks[r].write(memoryview(buf.cpu().numpy()))
+                        sinks[r].write(buf.cpu().numpy().data)
                     except OSError as e:
                         error = f"rank 0 cannot write rank {r}'s shard into {result.dirs[r]}: {e}; free space there and rerun"
     finally:

@@ -23,8 +23,8 @@ import os
 import pickle
 import socket
 from collections import deque
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -139,7 +139,7 @@ class DeviceError(NvFp4PpError):
     """A rank's device request cannot be met; the message says which rank and the fix."""
 
 
-def requested_device(device: str | list[str], rank: int, world_size: int) -> str:
+def requested_device(device: str | Sequence[str], rank: int, world_size: int) -> str:
     """This rank's entry of `pipeline.device` (one value for all ranks, or one per rank)."""
     if isinstance(device, str):
         return device
@@ -183,7 +183,7 @@ def wire_backend(requested: str, device_types: list[str]) -> str:
     return requested
 
 
-def init(backend: str, device_request: str | list[str], timeout_s: int) -> RankInfo:
+def init(backend: str, device_request: str | Sequence[str], timeout_s: int) -> RankInfo:
     """Join the process group torchrun describes (or act alone when started as one process).
 
     The group is joined before the device is checked, so a rank without its device fails together
@@ -201,12 +201,15 @@ def init(backend: str, device_request: str | list[str], timeout_s: int) -> RankI
         return RankInfo(rank, world_size, local_rank, host, device, (host,), wire_device=device)
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend="gloo", timeout=timeout)
-    device, error = None, None
+    picked: torch.device | None = None
+    error = None
     try:
-        device = pick_device(requested_device(device_request, rank, world_size), local_rank)
+        picked = pick_device(requested_device(device_request, rank, world_size), local_rank)
     except NvFp4PpError as e:
         error = (str(e), e.resumable)
     _share_errors(error, world_size)
+    assert picked is not None  # _share_errors raised where it failed
+    device = picked
     facts = all_gather_objects((host, device.type), world_size)
     hosts = tuple(h for h, _ in facts)
     _hosts[:] = hosts
@@ -255,14 +258,15 @@ def everywhere(info: RankInfo, fn: Callable[[], T]) -> T:
     An interrupt is not shared: every rank that gets one reports it itself.
     """
     error = None
+    result: T | None = None
     try:
         result = fn()
     except Interrupted:
         raise
     except NvFp4PpError as e:
-        result, error = None, (str(e), e.resumable)
+        error = (str(e), e.resumable)
     _share_errors(error, info.world_size)
-    return result
+    return cast(T, result)  # fn returned on every rank (_share_errors raised otherwise); T may itself hold None
 
 
 def _share_errors(error: tuple[str, bool] | None, world_size: int) -> None:
@@ -277,7 +281,8 @@ def _share_errors(error: tuple[str, bool] | None, world_size: int) -> None:
 
 def agreed(info: RankInfo, fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 only and hand its result (or its error) to every rank."""
-    result, error = None, None
+    result: T | None = None
+    error: tuple[str, bool] | None = None
     if info.is_first:
         try:
             result = fn()
@@ -288,17 +293,17 @@ def agreed(info: RankInfo, fn: Callable[[], T]) -> T:
     result, error = broadcast_object((result, error))
     if error is not None:
         raise Agreed(*error)
-    return result
+    return cast(T, result)  # fn returned on rank 0 (else its error was raised); T may itself hold None
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """`obj` from rank `src` on every rank."""
+def broadcast_object(obj: T | None, src: int = 0) -> T:
+    """`obj` from rank `src` on every rank; the other ranks pass None (typed as the sender's value)."""
     if not dist.is_initialized():
-        return obj
+        return cast(T, obj)  # one process: it is the sender
     box = [obj]
     with talking_to(src):
         dist.broadcast_object_list(box, src=src)
-    return box[0]
+    return cast(T, box[0])
 
 
 def gather_to_first(obj: object, info: RankInfo) -> list | None:
@@ -311,6 +316,20 @@ def gather_to_first(obj: object, info: RankInfo) -> list | None:
     return None
 
 
+def isend(tensor: torch.Tensor, peer: int, group=None) -> dist.Work:
+    """torch's `isend`, whose None (this rank outside `group`) cannot happen: every group here holds both ends."""
+    work = dist.isend(tensor, peer, group=group)
+    assert work is not None
+    return work
+
+
+def irecv(tensor: torch.Tensor, peer: int, group=None) -> dist.Work:
+    """torch's `irecv`, whose None (this rank outside `group`) cannot happen: every group here holds both ends."""
+    work = dist.irecv(tensor, peer, group=group)
+    assert work is not None
+    return work
+
+
 def send_object(obj: object, peer: int) -> None:
     """Pickled `obj` to `peer` over the default (gloo) group, so it travels as a CPU tensor."""
     sender = Sender(peer, torch.device("cpu"))
@@ -318,7 +337,8 @@ def send_object(obj: object, peer: int) -> None:
     sender.close()
 
 
-def recv_object(peer: int) -> object:
+def recv_object(peer: int) -> Any:
+    """The object `peer` sent with `send_object` (unpickled: its type is the sender's)."""
     payloads = list(Receiver(peer, torch.device("cpu")))
     return pickle.loads(payloads[0].numpy().tobytes())
 
@@ -335,7 +355,7 @@ class Sender:
     def _post(self, header: torch.Tensor | None, payload: torch.Tensor | None, keep: int) -> None:
         tensors = tuple(t for t in (header, payload) if t is not None)
         with talking_to(self.peer):
-            works = [dist.isend(t, self.peer, group=self.group) for t in tensors]
+            works = [isend(t, self.peer, group=self.group) for t in tensors]
             self._pending.append((works, tensors))  # keep buffers alive until sent
             self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
             while len(self._pending) > keep:
@@ -376,7 +396,7 @@ class Receiver:
     def _post_payload(self, shape: tuple[int, ...]) -> tuple[dist.Work, torch.Tensor]:
         payload = torch.empty(shape, dtype=self.dtype, device=self.device)
         with talking_to(self.peer):
-            return dist.irecv(payload, self.peer, group=self.group), payload
+            return irecv(payload, self.peer, group=self.group), payload
 
     def _known_shapes(self):
         pending = self._post_payload(self.shapes[0]) if self.shapes else None
@@ -397,14 +417,14 @@ class Receiver:
             if h[0] == _KIND_END:
                 return None, ()
             payload = torch.empty(h[3 : 3 + h[2]], dtype=_DTYPES[h[1]], device=self.device)
-            dist.irecv(payload, self.peer, group=self.group).wait()
+            irecv(payload, self.peer, group=self.group).wait()
             self.bytes_received += payload.numel() * payload.element_size() + header.numel() * 8
             return payload, self._post_header()  # the next header arrives while we compute
 
     def _post_header(self) -> tuple[dist.Work, torch.Tensor]:
         header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
         with talking_to(self.peer):
-            return dist.irecv(header, self.peer, group=self.group), header
+            return irecv(header, self.peer, group=self.group), header
 
     def __iter__(self):
         if self.shapes is not None:
