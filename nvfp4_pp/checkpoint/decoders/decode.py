@@ -80,11 +80,14 @@ def decode_linear(method: str, scheme: str, module: str, tensors: dict[str, torc
     """Pop one Linear's tensors (names per layout and scheme) and decode them."""
     ct = method == "compressed-tensors"
 
-    def take(suffix: str, required: bool = True) -> torch.Tensor | None:
+    def take(suffix: str) -> torch.Tensor:
         name = module + suffix
-        if name not in tensors and required:
+        if name not in tensors:
             raise EvaluateError(f"{module} ({scheme}) lacks {name}; run nvfp4_pp.verify on it")
-        return tensors.pop(name, None)
+        return tensors.pop(name)
+
+    def take_optional(suffix: str) -> torch.Tensor | None:
+        return tensors.pop(module + suffix, None)
 
     packed_name = ".weight_packed" if ct else ".weight"
     if scheme in ("nvfp4", "nvfp4_awq", "w4a16_nvfp4"):
@@ -93,7 +96,7 @@ def decode_linear(method: str, scheme: str, module: str, tensors: dict[str, torc
         quantize = None
         if scheme != "w4a16_nvfp4":
             quantize = _nvfp4_input(take(".input_global_scale" if ct else ".input_scale"), ct)
-        return DecodedLinear(weight, quantize, take(".pre_quant_scale", required=False))
+        return DecodedLinear(weight, quantize, take_optional(".pre_quant_scale"))
     if scheme == "fp8":
         weight = dequantize_fp8(take(".weight"), take(".weight_scale"))
         return DecodedLinear(weight, _fp8_input(take(".input_scale")))
@@ -108,7 +111,7 @@ def decode_linear(method: str, scheme: str, module: str, tensors: dict[str, torc
             if shape != list(codes.shape):
                 raise EvaluateError(f"{module}.weight_shape {shape} does not fit weight_packed {list(packed.shape)}")
         weight = dequantize_int4(codes, take(".weight_scale"))
-        return DecodedLinear(weight, None, take(".pre_quant_scale", required=False))
+        return DecodedLinear(weight, None, take_optional(".pre_quant_scale"))
     raise EvaluateError(f"{module}: scheme {scheme!r} has no decoder")
 
 
