@@ -21,9 +21,9 @@ import os
 import sys
 import threading
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TextIO
 
 logger = logging.getLogger("nvfp4_pp")
 RELAY = {"relay": True}
@@ -39,7 +39,8 @@ class _ThirdParty(logging.Handler):
 
     def __init__(self, target: logging.Handler):
         super().__init__(logging.WARNING)
-        self.target, self.counts = target, Counter()
+        self.target = target
+        self.counts: Counter[str] = Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
         package = record.name.split(".")[0]
@@ -94,7 +95,7 @@ class _Relay(logging.Handler):
 class _Listener:
     """Rank 0: prints the other ranks' relayed lines on its console as they arrive (polled)."""
 
-    def __init__(self, store, world_size: int, console: logging.Handler):
+    def __init__(self, store, world_size: int, console: logging.StreamHandler):
         self.store, self.console = store, console
         self.read = {r: 0 for r in range(1, world_size)}
         self.stop = threading.Event()
@@ -133,13 +134,12 @@ class _Listener:
 class _Setup:
     """What `setup` changed, so `teardown` can put it back (tests run `main` in-process)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.memory: logging.handlers.MemoryHandler | None = None
-        self.file: logging.Handler | None = None
+        self.file: logging.FileHandler | None = None
         self.third_party: _ThirdParty | None = None
         self.listener: _Listener | None = None
-        self.stdout = None
-        self.showwarning = None
+        self.stdout: TextIO | None = None
         self.root_handlers: list[logging.Handler] = []
         self.root_level = logging.WARNING
 
@@ -179,7 +179,6 @@ def setup(rank: int, world_size: int = 1) -> None:
     state.root_handlers, state.root_level = root.handlers[:], root.level
     root.handlers[:] = [state.third_party]
     root.setLevel(logging.WARNING)
-    state.showwarning = warnings.showwarning
     logging.captureWarnings(True)
     _quiet_transformers()
     for progress_bars_off in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # bars: third-party output too
@@ -218,11 +217,13 @@ def attach_file(directory: Path) -> Path:
     file = logging.FileHandler(path, encoding="utf-8")
     file.setFormatter(_state.memory.formatter)
     file.setLevel(logging.INFO)
+    assert file.stream is not None  # opened by the constructor (not delayed)
     file.stream.write(f"---- {time.strftime(DATE)} run started (pid {os.getpid()})\n")
     _state.memory.setTarget(file)
     _state.memory.flush()
     handlers = [h for h in logger.handlers if h is not _state.memory] + [file]
     logger.handlers[:] = handlers
+    assert _state.third_party is not None  # setup sets it with the memory buffer
     _state.third_party.target = file
     _state.file, _state.memory = file, None
     return path
