@@ -10,6 +10,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -181,8 +182,9 @@ class PipelineConfig:
                 "layer; remove the zero entries or use fewer ranks"
             )
         limits = self.memory_limit_gb
-        values = limits.values() if isinstance(limits, dict) else limits if isinstance(limits, list) else [limits]
-        if limits is not None and any(v <= 0 for v in values):
+        values = ([] if limits is None else list(limits.values()) if isinstance(limits, dict)
+                  else limits if isinstance(limits, list) else [limits])
+        if any(v <= 0 for v in values):
             raise ConfigError(
                 f"config key 'pipeline.memory_limit_gb' = {limits!r}: limits must be > 0 GB; "
                 "leave the key out to use the measured memory"
@@ -475,7 +477,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         listed = _dataclass_list(tp)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         elif listed is not None and isinstance(value, list):
             kwargs[name] = [_build(listed, v, f"{prefix}{name}[{i}].") for i, v in enumerate(value)]
@@ -515,7 +517,7 @@ def apply_override(data: dict, assignment: str) -> None:
                           f"as [1, 2] or quote text: --set '{key}=\"...\"'") from None
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config, apply `--set` overrides, and validate everything."""
     path = Path(path)
     if not path.is_file():

@@ -53,7 +53,9 @@ class Section:
 def field_docstrings(cls: type) -> dict[str, str]:
     """Field name -> the string literal right after the field in the class body (one line of text)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    definition = tree.body[0]
+    assert isinstance(definition, ast.ClassDef)  # the source of a class
+    body = definition.body
     docs = {}
     for node, after in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
@@ -80,7 +82,7 @@ def sections(cls: type = RunConfig, prefix: str = "", title: str = "Top level") 
     keys, nested = [], []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             nested += sections(tp, f"{prefix}{f.name}.", f"`{prefix}{f.name}`")
             continue
         if f.name not in docs:
