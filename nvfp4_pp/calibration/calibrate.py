@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from nvfp4_pp.errors import CalibrationError
 from nvfp4_pp.algorithms.gptq import SolveTimes
 from nvfp4_pp.log import logger
 from nvfp4_pp.records import Health
+
+if TYPE_CHECKING:
+    from nvfp4_pp.model.stage import Stage
 
 _LINEAR_QUANTIZERS = ("*weight_quantizer", "*input_quantizer")
 
@@ -37,7 +41,7 @@ def _pattern_entries(recipe: str, pattern: str) -> list[dict]:
     return out
 
 
-def modelopt_config(recipe: str = "nvfp4", overrides: dict[str, str] | None = None,
+def modelopt_config(recipe: str = "nvfp4", overrides: Mapping[str, str] | None = None,
                     ignore: list[str] | tuple[str, ...] = (), kv_cache: str | None = None,
                     algorithm: str = "max", options: dict | None = None) -> dict:
     """modelopt's config for `recipe` (+ per-module overrides, ignored modules, KV cache), sync off;
@@ -123,7 +127,7 @@ class ValidTokens:
         self.mask = mask
 
 
-def calibrate(stage: torch.nn.Module, forward_loop: Callable[[torch.nn.Module], None], cfg: dict,
+def calibrate(stage: Stage, forward_loop: Callable[[torch.nn.Module], None], cfg: dict,
               valid: ValidTokens | None = None, solve_times: SolveTimes | None = None) -> float:
     """Insert the quantizers of modelopt config `cfg` into `stage`; collect statistics inside `forward_loop`.
 
@@ -188,7 +192,7 @@ def load_cuda_extensions(device: torch.device, recipes: set[str]) -> float:
     return seconds
 
 
-def insert_quantizers(stage: torch.nn.Module, cfg: dict) -> None:
+def insert_quantizers(stage: Stage, cfg: dict) -> None:
     """modelopt's quantizers of `cfg` in `stage`, uncalibrated (layer-by-layer calibration sets them)."""
     import modelopt.torch.quantization as mtq
 
@@ -201,7 +205,7 @@ def _has_kv_quantizers(cfg: dict) -> bool:
     return any("bmm_quantizer" in e.get("quantizer_name", "") and e.get("enable", True) for e in cfg["quant_cfg"])
 
 
-def register_kv_attention(stage: torch.nn.Module) -> None:
+def register_kv_attention(stage: Stage) -> None:
     """Register the stage's attention classes for KV-cache quantizers, as modelopt does for a full model.
 
     modelopt's hook accepts only a `PreTrainedModel`; a meta-device copy of the model class (no

@@ -8,6 +8,7 @@ the wire; results equal batch-by-batch processing because each micro-batch is in
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,9 +19,12 @@ from nvfp4_pp.log import logger
 from nvfp4_pp.progress import Progress
 from nvfp4_pp.records import Traffic
 
+if TYPE_CHECKING:
+    from nvfp4_pp.model.stage import Stage
+
 
 def run_pipeline(
-    stage: torch.nn.Module,
+    stage: Stage,
     info: dist.RankInfo,
     batches: list[MicroBatch] | None,
     lengths: list[tuple[int, ...]],
@@ -34,11 +38,13 @@ def run_pipeline(
     """
     wire = info.wire_device  # CPU when gloo carries the stream, even for a CUDA stage
     dtype = next(stage.parameters()).dtype
-    shapes = [(len(real), max(real), stage.hf_config.hidden_size) for real in lengths]
-    inputs: Iterable[torch.Tensor] = (
-        (b.ids for b in batches) if info.is_first
-        else dist.Receiver(info.rank - 1, wire, info.wire_group, shapes=shapes, dtype=dtype)
-    )
+    shapes: list[tuple[int, ...]] = [(len(real), max(real), stage.hf_config.hidden_size) for real in lengths]
+    receiver = None
+    if info.is_first:
+        assert batches is not None  # the first rank feeds the micro-batches
+        inputs: Iterable[torch.Tensor] = (b.ids for b in batches)
+    else:
+        inputs = receiver = dist.Receiver(info.rank - 1, wire, info.wire_group, shapes=shapes, dtype=dtype)
     sender = None if info.is_last else dist.Sender(info.rank + 1, wire, info.wire_group, headers=False)
     progress = Progress("calibration", sum(map(sum, lengths)), "tokens", steps=len(lengths), step_unit="micro-batches")
     with torch.no_grad():
@@ -55,4 +61,4 @@ def run_pipeline(
         valid.set(None)
         if sender is not None:
             sender.close()
-    return Traffic(int(progress.done), sender.bytes_sent if sender else 0, 0 if info.is_first else inputs.bytes_received)
+    return Traffic(int(progress.done), sender.bytes_sent if sender else 0, 0 if receiver is None else receiver.bytes_received)
