@@ -103,7 +103,7 @@ _CT_FP4 = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, 
 _CT_MX = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group"}
 _CT_FP8 = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}
 _CT_INT4 = {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 128, "strategy": "group"}
-CT_SCHEMES: dict[str, tuple[str, dict | None, dict | None]] = {
+CT_SCHEMES: dict[str, tuple[str, dict, dict | None]] = {
     "nvfp4": ("nvfp4-pack-quantized", {**_CT_FP4, "dynamic": False}, {**_CT_FP4, "dynamic": "local"}),
     "w4a16_nvfp4": ("nvfp4-pack-quantized", {**_CT_FP4, "dynamic": False}, None),
     "fp8": ("float-quantized", {**_CT_FP8, "dynamic": False}, {**_CT_FP8, "dynamic": False}),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TypeGuard
 
 from nvfp4_pp.records import RECORD
 from nvfp4_pp.errors import NvFp4PpError
@@ -56,7 +57,7 @@ def _record(directory: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _by_nvfp4_pp(record: dict | None) -> bool:
+def _by_nvfp4_pp(record: dict | None) -> TypeGuard[dict]:
     return record is not None and isinstance(record.get("producer"), dict) and record["producer"].get("name") == "nvfp4_pp"
 
 

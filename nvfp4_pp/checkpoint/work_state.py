@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -121,6 +121,7 @@ class WorkState:
         saved = self.phases.get(phase)
         can = saved is not None and usable(saved)
         if agree(can):
+            assert saved is not None  # agree is true only where every rank, this one included, can reuse
             logger.info("%s", reused)
             return reuse(saved)
         if self.resumed:
@@ -148,7 +149,7 @@ class WorkState:
         return all(file_intact(self.directory / s.file, s.sha256) for s in export.shards)
 
     # calibrated quantizers --------------------------------------------------------------
-    def save_quantizers(self, stage: torch.nn.Module, solved: list[int] = ()) -> None:
+    def save_quantizers(self, stage: torch.nn.Module, solved: Sequence[int] = ()) -> None:
         """modelopt's mode state plus every quantizer buffer (amaxes): a few MB, no weights. Layer by
         layer, with the layers `solved` so far, in the same file: a rank killed after the write resumes
         at the next layer, one killed before it re-solves the layer from quantizers it never touched."""

@@ -111,8 +111,9 @@ def _jsonl_rows(path: Path, cfg: CalibrationConfig, tok: Tokenizer, vocab_size: 
                         f"{path}:{lineno} has {len(ids)} input_ids, more than calibration.max_length="
                         f"{cfg.max_length}; raise max_length or shorten the sample"
                     )
-                outside = [i for i in ids if vocab_size is not None and not 0 <= i < vocab_size]
+                outside = [] if vocab_size is None else [i for i in ids if not 0 <= i < vocab_size]
                 if outside:
+                    assert vocab_size is not None
                     raise CalibrationDataError(
                         f"{path}:{lineno}: token id {outside[0]} is outside the model's vocabulary of {vocab_size} "
                         f"ids (0..{vocab_size - 1}; {len(outside)} such ids on this line); were these ids made with "
@@ -120,8 +121,8 @@ def _jsonl_rows(path: Path, cfg: CalibrationConfig, tok: Tokenizer, vocab_size: 
                 yield ids
             elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"]:
                 yield tok.text(row["text"])
-            elif isinstance(row, dict) and as_messages(row.get("messages")):
-                yield tok.chat(as_messages(row["messages"]))
+            elif isinstance(row, dict) and (messages := as_messages(row.get("messages"))):
+                yield tok.chat(messages)
             else:
                 raise CalibrationDataError(
                     f"{path}:{lineno} has neither 'input_ids' (list of ints) nor 'text' (string)"

@@ -117,7 +117,7 @@ def _language_model(hf_config: dict) -> Architecture | None:
     text = hf_config.get("text_config")
     if "vision_config" not in hf_config or not isinstance(text, dict):
         return None
-    return SUPPORTED.get(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.get("model_type"), ""))
+    return SUPPORTED.get(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.get("model_type") or "", ""))
 
 
 def _multimodal(name: str, text: Architecture, tensor_names: Iterable[str]) -> Architecture:

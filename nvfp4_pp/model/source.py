@@ -184,6 +184,7 @@ class SourceCheckpoint:
         for name, tensor in self._read(names, read_to):
             tensor = move(tensor)
             if name in self.fp8_scales:
+                assert self.fp8 is not None  # scales are paired only in an FP8 source
                 tensor = fp8_source.dequantize(tensor, scales[self.fp8_scales[name]], self.fp8.block, self.dtype)
             check_finite(name, tensor, self.path / self._stored[name])
             out[name] = tensor

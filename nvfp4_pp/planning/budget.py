@@ -139,9 +139,9 @@ def budgets(facts: list[RankFacts], memory_limit_gb: MemoryLimit = None, reserve
         host_pool = f.baseline + share
         pool = f.device_free if f.kind == "discrete" else host_pool
         cap = _limit_of(memory_limit_gb, f, len(facts), ranks_on_host[f.host])
-        capped = cap is not None and cap < pool
-        if capped:
-            pool = cap
+        capped = False
+        if cap is not None and cap < pool:
+            capped, pool = True, cap
             host_pool = host_pool if f.kind == "discrete" else cap
         out.append(Budget(f.rank, f.host, f.device, f.kind, pool, host_pool, f.baseline, capped))
     return out
