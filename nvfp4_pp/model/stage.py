@@ -9,6 +9,7 @@ and their tensors are streamed from the safetensors shards straight onto the sta
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, cast
 
 import torch
 import transformers
@@ -19,6 +20,9 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from nvfp4_pp.model.arch import FULL, SLIDING, Architecture
 from nvfp4_pp.progress import Progress
 from nvfp4_pp.model.source import SourceCheckpoint
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 MASKS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
 """The mask builder each attention type uses in the transformers decoders' own forward."""
@@ -39,8 +43,9 @@ class LayerContext:
     """What every decoder layer of a stage needs beside the hidden states, for one micro-batch."""
 
     position_ids: torch.Tensor
-    masks: dict[str, torch.Tensor | None]
-    """Attention type -> causal mask (None where the attention kernel builds it itself)."""
+    masks: dict[str, torch.Tensor | BlockMask | None]
+    """Attention type -> causal mask (None where the attention kernel builds it itself; a BlockMask
+    for flex attention)."""
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """Attention type -> rotary (cos, sin)."""
 
@@ -54,7 +59,7 @@ class Stage(nn.Module):
         self.layer_types = arch.layer_types(hf_config)
         if start == 0:
             _attach(self, f"{arch.decoder}.{arch.embeddings}", decoder.get_submodule(arch.embeddings))
-        layers = decoder.get_submodule(arch.layers)
+        layers = cast(nn.ModuleList, decoder.get_submodule(arch.layers))
         # ModuleDict keyed by the global index keeps real names: model.layers.41.self_attn...
         _attach(self, f"{arch.decoder}.{arch.layers}", nn.ModuleDict({str(i): layers[i] for i in range(start, stop)}))
         # Rotary tables are non-persistent buffers: not in the checkpoint, nor in state_dict().
@@ -76,7 +81,7 @@ class Stage(nn.Module):
 
     def layers(self) -> list[tuple[int, nn.Module]]:
         """(global index, decoder layer) of this stage, in order."""
-        return [(int(i), layer) for i, layer in self._part(self.arch.layers).items()]
+        return [(int(i), layer) for i, layer in cast(nn.ModuleDict, self._part(self.arch.layers)).items()]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The first stage's token embeddings: the first decoder layer's input."""

@@ -184,9 +184,9 @@ def plan_stages(
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if problem.greedy(sums[mid], 1.0) is not None else (mid + 1, hi)
     fill = problem.smallest_fill(sums[lo], 1.0)
-    plans = problem.greedy(sums[lo], fill)
-    assert plans is not None and all(p.fill <= 1.0 for p in plans)
-    return plans
+    best = problem.greedy(sums[lo], fill)
+    assert best is not None and all(p.fill <= 1.0 for p in best)
+    return best
 
 
 def check_split(num_layers: int, world_size: int, layers: Literal["auto"] | list[int]) -> None:

@@ -19,7 +19,7 @@ def _quantization(layers: Layers) -> dict:
     """hf_quant_config.json's `quantization` block, computed by modelopt's own function."""
     from modelopt.torch.export.quant_utils import process_layer_quant_config
 
-    per_layer = {}
+    per_layer: dict[str, str | int] = {}
     for module, scheme in layers.schemes.items():
         per_layer[f"{module}.quantization"] = scheme
         per_layer[f"{module}.awq_block_size"] = BLOCK_SIZE[scheme]
