@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -34,6 +35,9 @@ from nvfp4_pp.vllm_contract import (
     read_quant_config,
     vllm_problems,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 RECORD = "nvfp4_pp.json"
@@ -70,7 +74,7 @@ def _json(path: Path, problems: list[str]) -> dict | None:
         return None
 
 
-def _checkpoint_names(model: torch.nn.Module, stored: set[str]) -> dict[str, str]:
+def _checkpoint_names(model: PreTrainedModel, stored: set[str]) -> dict[str, str]:
     """In-memory parameter name -> the name a checkpoint stores it under.
 
     transformers renames some models' weights on load (image-text models: `language_model.model.*`
@@ -259,7 +263,9 @@ def _check_scales(directory: Path, method: str, quantized: dict[str, str], kv_na
                             "calibrate the input quantizers")
     for module, scheme in quantized.items():
         block = next((t for t in contracts[scheme].tensors if t.shape.startswith("per-")), None)
-        name = f"{module}{block.suffix}" if block else None
+        if block is None:
+            continue
+        name = f"{module}{block.suffix}"
         if name in tensors and tensors[name]["dtype"] == block.dtype == "F8_E4M3":
             # E4M3FN is NaN when exponent and mantissa are all ones (0x7F, 0xFF), and <= 0 when the
             # byte is 0 or the sign bit is set.

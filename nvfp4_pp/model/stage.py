@@ -131,7 +131,7 @@ def load_hf_config(source: SourceCheckpoint, arch: Architecture):
     return config
 
 
-def model_skeleton(hf_config, arch: Architecture, dtype: torch.dtype) -> nn.Module:
+def model_skeleton(hf_config, arch: Architecture, dtype: torch.dtype) -> transformers.PreTrainedModel:
     """The checkpoint's transformers model class on the meta device: module tree, no memory."""
     model_class = getattr(transformers, arch.builder.name)
     with torch.device("meta"):
