@@ -37,7 +37,8 @@ def quantized_model(source: Path, directory: Path, device: torch.device) -> tupl
     from transformers import AutoModelForCausalLM
 
     linears, others = decode_checkpoint(directory)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device).eval()
+    # ignored: transformers wraps PreTrainedModel.to with functools.wraps, whose stub leaves self unbound
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device).eval()  # type: ignore[arg-type]
     params = dict(model.named_parameters())
     state = {f"{m}.weight": d.weight for m, d in linears.items()} | others
     unknown = sorted(set(state) - set(params))
@@ -56,7 +57,8 @@ def quantized_model(source: Path, directory: Path, device: torch.device) -> tupl
 
 def tied_names(model: nn.Module) -> set[str]:
     """Parameters that share storage with another (lm_head tied to the embeddings): written once."""
-    seen, tied = {}, set()
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.data_ptr() in seen:
             tied.add(name)
@@ -125,7 +127,8 @@ def evaluate(source: Path, quantized: Path, samples: list[list[int]], device: to
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
-    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device).eval()
+    # ignored: as in quantized_model (functools.wraps on PreTrainedModel.to)
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device).eval()  # type: ignore[arg-type]
     model, linears = quantized_model(Path(source), Path(quantized), device)
     acts = ActivationQuantization(model, linears)
     variants = {"w4a16": (False, False)}
