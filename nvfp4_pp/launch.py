@@ -19,7 +19,9 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 from nvfp4_pp.errors import EXIT_BAD_INPUT, EXIT_FAULT, LAUNCHED, NvFp4PpError
 
@@ -33,7 +35,7 @@ def _torchrun_args(argv: list[str] | None):
     parser = get_args_parser()
     parser.prog = "python -m nvfp4_pp.launch"
 
-    def error(message: str) -> None:
+    def error(message: str) -> NoReturn:
         print(f"nvfp4_pp: error: {message} (python -m nvfp4_pp.launch --help lists torchrun's options)",
               file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
@@ -61,7 +63,7 @@ def check_run_command(script: str, script_args: list[str], module: bool):
 class _TorchLines(logging.Handler):
     """torchrun's log lines, kept until the run ends: written to a file if it failed, else dropped."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -92,7 +94,7 @@ def _quiet_torchrun() -> _TorchLines:
     return keeper
 
 
-def failure_lines(failures: dict[int, object], cfg) -> tuple[list[str], int]:
+def failure_lines(failures: Mapping[int, object], cfg) -> tuple[list[str], int]:
     """The lines that end a failed run and its exit status, from torchrun's failure records.
 
     A rank's own `nvfp4_pp: error` line is its record's message. Lines that only follow from another

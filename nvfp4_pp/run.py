@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         dist.announce_failure(rank, error)
     except Exception as e:  # a bug, or input nothing checks yet: its line names it, the log keeps the traceback
         stopping.leaving()
-        where = keep_traceback(rank)
+        traceback_file = keep_traceback(rank)
         text = " ".join(str(e).split())
         error = (f"nvfp4_pp: error (rank {rank}): unexpected {type(e).__name__}"
-                 f"{': ' + text[:300] if text else ''}; the traceback is in {where} (please report it)")
+                 f"{': ' + text[:300] if text else ''}; the traceback is in {traceback_file} (please report it)")
         dist.announce_failure(rank, error)
     finally:
         stopping.leaving()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from nvfp4_pp import __version__
 from nvfp4_pp.errors import EXIT_BAD_INPUT
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure every rank's memory, print the stage plan and exit without loading weights")
     p.add_argument("--version", action="version", version=f"nvfp4_pp {__version__}")
 
-    def error(message: str) -> None:
+    def error(message: str) -> NoReturn:
         """One line (every rank parses the same command line: rank 0 says it), not argparse's usage block."""
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"nvfp4_pp: error: {message} (python -m nvfp4_pp.run --help lists the options)", file=sys.stderr)
