@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -321,7 +321,7 @@ class Relay:
         if self.successor_waits:
             dist.send_object((_HEARTBEAT, index), self.info.rank + 1)
 
-    def wait_for_inputs(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+    def wait_for_inputs(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
         """Block until the predecessor has solved its last layer; relay its heartbeats; its outputs."""
         info = self.info
         while True:

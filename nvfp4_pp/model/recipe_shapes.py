@@ -8,6 +8,7 @@ kernels refuse them at load. SmolLM2's 576-wide Linears, for one, cannot be quan
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 
 from nvfp4_pp.algorithms.table import RECIPES
 from nvfp4_pp.model.arch import Architecture
@@ -27,7 +28,7 @@ def _matches(module: str, pattern: str) -> bool:
     return fnmatch.fnmatch(f"{module}.weight_quantizer", f"{pattern}.*")
 
 
-def recipe_of(module: str, recipe: str, overrides: dict[str, str], ignore: list[str]) -> str | None:
+def recipe_of(module: str, recipe: str, overrides: Mapping[str, str], ignore: list[str]) -> str | None:
     """The recipe that quantizes `module` (the last matching override wins, `ignore` over all)."""
     if any(_matches(module, p) for p in ignore):
         return None
@@ -37,7 +38,7 @@ def recipe_of(module: str, recipe: str, overrides: dict[str, str], ignore: list[
     return recipe
 
 
-def check_recipe_shapes(source: SourceCheckpoint, arch: Architecture, recipe: str, overrides: dict[str, str],
+def check_recipe_shapes(source: SourceCheckpoint, arch: Architecture, recipe: str, overrides: Mapping[str, str],
                         ignore: list[str]) -> None:
     """Refuse, in one line, decoder Linears whose input width the recipe's group size does not divide."""
     if not set(GROUP_SIZE) & {recipe, *overrides.values()}:

@@ -388,7 +388,7 @@ class Receiver:
     """
 
     def __init__(self, peer: int, device: torch.device, group=None,
-                 shapes: list[tuple[int, ...]] | None = None, dtype: torch.dtype | None = None):
+                 shapes: Sequence[tuple[int, ...]] | None = None, dtype: torch.dtype | None = None):
         self.peer, self.device, self.group = peer, device, group
         self.shapes, self.dtype = shapes, dtype
         self.bytes_received = 0
