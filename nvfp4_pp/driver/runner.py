@@ -17,7 +17,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Generic, Literal, TypeVar, overload
+from typing import Generic, Literal, TypeVar, cast, overload
 
 import torch
 
@@ -244,7 +244,12 @@ class Run:
         work = FileLock(self.work_dir / WORK_DIR_LOCK, f"work directory {self.work_dir}")
         self.locks.append(work)
         taken = dist.everywhere(info, lambda: work.take(me))
-        dist.everywhere(info, lambda: taken or work.refuse_unless_ours(me))
+
+        def check_work_lock() -> None:  # a rank that could not take it: fine when this run holds it
+            if not taken:
+                work.refuse_unless_ours(me)
+
+        dist.everywhere(info, check_work_lock)
 
     def release_locks(self) -> None:
         """Unlock (removing the lock files) and remove the work directory if nothing is left in it."""
@@ -293,10 +298,10 @@ class Run:
         dist.set_phase(Phase.PLANNING)
         info, pipeline = self.info, self.cfg.pipeline
         t0 = time.perf_counter()
-        facts = budget.measure(info.rank, info.host, info.device)
+        mine = budget.measure(info.rank, info.host, info.device)
         # measured after modelopt's import (its memory is baseline): most of this phase's seconds
         logger.info("planning: libraries imported and memory measured in %.1f s", time.perf_counter() - t0)
-        facts = dist.all_gather_objects(facts, info.world_size)
+        facts: list[budget.RankFacts] = dist.all_gather_objects(mine, info.world_size)
         terms = memory_terms({self.cfg.algorithm, *self.cfg.algorithms})
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
                             calibration_tokens=self.samples.manifest.tokens, hessians=terms.hessians,
@@ -401,8 +406,8 @@ class Run:
         valid = ValidTokens()
         traffic: list[Traffic] = []
 
-        def loop(model: torch.nn.Module) -> None:
-            traffic.append(run_pipeline(model, self.info, samples.batches, samples.lengths, valid))
+        def loop(model: torch.nn.Module) -> None:  # modelopt calls it with the stage it quantizes in place
+            traffic.append(run_pipeline(cast(Stage, model), self.info, samples.batches, samples.lengths, valid))
 
         self.timings["calibration loop"] = calibrate(self.stage, loop, quant_cfg, valid, self.solve_times)
         self.state.save_quantizers(self.stage)

@@ -91,11 +91,11 @@ def _layers(Figure, linears: dict[str, LinearStats]):
     top.legend(ncols=4, fontsize="small", frameon=False)
     top.grid(alpha=0.3)
     if amax:
-        layers = sorted(amax)
-        low, high = [min(amax[i]) for i in layers], [max(amax[i]) for i in layers]
-        bottom.vlines(layers, low, high, color="#1f77b4", linewidth=3)
-        bottom.scatter(layers, high, s=8, color="#d62728", label="max")
-        bottom.scatter(layers, low, s=8, color="#2ca02c", label="min")
+        indices = sorted(amax)
+        low, high = [min(amax[i]) for i in indices], [max(amax[i]) for i in indices]
+        bottom.vlines(indices, low, high, color="#1f77b4", linewidth=3)
+        bottom.scatter(indices, high, s=8, color="#d62728", label="max")
+        bottom.scatter(indices, low, s=8, color="#2ca02c", label="min")
         bottom.set_yscale("log")
         bottom.legend(fontsize="small", frameon=False)
     bottom.set_ylabel("input amax (log)")
