@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import run_nvfp4_pp, write_config
 from nvfp4_pp.checkpoint.verify import verify
-from nvfp4_pp.checkpoint.verify import main
+from nvfp4_pp.verify import main
 
 INDEX = "model.safetensors.index.json"
 
