@@ -14,8 +14,8 @@ NPROC_PER_NODE ?= 1
 RDZV ?= localhost:29500
 # torchrun's own launcher run in-process, so a failed run ends with the run's error line (nvfp4_pp/launch.py).
 LAUNCH ?= $(if $(wildcard $(PY)),$(PY),python3) -m nvfp4_pp.launch
-behemoth behemoth-t1 anubis-pro: NNODES ?= 3
-llama-3.3-70b deepseek-r1-distill-llama-70b: NNODES ?= 2
+behemoth anubis-pro: NNODES ?= 3
+behemoth-t1 llama-3.3-70b deepseek-r1-distill-llama-70b: NNODES ?= 2
 
 .PHONY: install demo test check lint docs $(SEED_MODELS)
 install: $(VENV)/.installed

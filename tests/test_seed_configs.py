@@ -20,9 +20,10 @@ from helpers import REPO
 from sparse_checkpoint import write_sparse_checkpoint
 from nvfp4_pp.model.arch import architecture_of
 from nvfp4_pp.planning.budget import GB, RankFacts, budgets
+from nvfp4_pp.algorithms.table import memory_terms
 from nvfp4_pp.config import load_config
 from nvfp4_pp.planning.memory import ModelSizes, Workload
-from nvfp4_pp.planning.plan import owner_of, plan_stages
+from nvfp4_pp.planning.plan import gptq_time_line, owner_of, plan_stages
 from nvfp4_pp.model.source import SourceCheckpoint
 
 # Facts from the models' config.json files (Mistral-Large-Instruct-2411 and Llama-3.3-70B-Instruct
@@ -102,10 +103,17 @@ def test_seed_config_is_valid_for_the_real_model_shape(name, tmp_path):
 
     source = SourceCheckpoint(cfg.model)
     arch = architecture_of(source.config)
-    plans = plan_stages(ModelSizes.from_source(source, arch),
-                        budgets(target_hardware(nnodes, small_last=cfg.pipeline.layers != "auto"),
-                                cfg.pipeline.memory_limit_gb, cfg.pipeline.reserve_gb),
-                        cfg.pipeline.layers, Workload(cfg.calibration.batch_size, cfg.calibration.max_length))
+    sizes = ModelSizes.from_source(source, arch)
+    # the workload as the run plans it (algorithms.table's memory terms), every sample at the window's top
+    terms = memory_terms({cfg.algorithm, *cfg.algorithms})
+    workload = Workload(cfg.calibration.batch_size, cfg.calibration.max_length,
+                        calibration_tokens=cfg.calibration.samples * cfg.calibration.max_length,
+                        hessians=terms.hessians, layer_major=cfg.layerwise.enable, trials=terms.trials)
+    plans = plan_stages(sizes, budgets(target_hardware(nnodes, small_last=cfg.pipeline.layers != "auto"),
+                                       cfg.pipeline.memory_limit_gb, cfg.pipeline.reserve_gb),
+                        cfg.pipeline.layers, workload, stream=cfg.pipeline.stream)
+    if terms.hessians:  # GPTQ: the plan's predicted solve time, the stages solving at once
+        assert "s a layer on an H200" in gptq_time_line(plans, sizes, cfg.layerwise.boundary)
     ranges = [(p.start, p.stop) for p in plans]
     per_rank = [0] * nnodes
     for tensor, file in source.weight_map.items():
