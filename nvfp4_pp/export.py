@@ -319,14 +319,25 @@ class StageExporter:
     def _work(self) -> None:
         """The export thread: layers in order until `None`; after a failure it only drains the queue."""
         while (item := self._queue.get()) is not None:
-            if self._error is None:
-                t0 = time.perf_counter()
-                try:
+            index, layer, ready, release = item
+            released = []
+
+            def release_once(module: nn.Module, packed: torch.cuda.Event | None) -> None:
+                released.append(True)
+                if release is not None:
+                    release(module, packed)
+
+            t0 = time.perf_counter()
+            try:
+                if self._error is None:
                     with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                        self._export_layer(*item)
-                except BaseException as e:  # raised in the caller's thread at its next call
-                    self._fail(e)
-                self.busy_seconds += time.perf_counter() - t0
+                        self._export_layer(index, layer, ready, release_once)
+            except BaseException as e:  # raised in the caller's thread at its next call
+                self._fail(e)
+            finally:  # a failed or skipped layer is released too: a read waiting for its slot must not hang
+                if not released:
+                    release_once(layer, None)
+            self.busy_seconds += time.perf_counter() - t0
         self._handoff.put(None)
 
     def _fail(self, error: BaseException) -> None:
@@ -345,7 +356,8 @@ class StageExporter:
                 except BaseException as e:
                     self._fail(e)
 
-    def _export_layer(self, index: int, layer: nn.Module, ready: torch.cuda.Event | None, release) -> None:
+    def _export_layer(self, index: int, layer: nn.Module, ready: torch.cuda.Event | None,
+                      release: Callable[[nn.Module, torch.cuda.Event | None], None]) -> None:
         started = time.perf_counter()
         if ready is not None:
             self.stream.wait_event(ready)
@@ -376,12 +388,11 @@ class StageExporter:
         if self.stream is not None:  # every kernel reading the layer's weights is queued
             done = torch.cuda.Event()
             done.record(self.stream)
-        if release is not None:
-            if self.stream is not None:
-                for tensor in [*layer.parameters(), *layer.buffers()]:
-                    if tensor.device.type == "cuda":
-                        tensor.record_stream(self.stream)
-            release(layer, done)
+        if self.stream is not None:
+            for tensor in [*layer.parameters(), *layer.buffers()]:
+                if tensor.device.type == "cuda":
+                    tensor.record_stream(self.stream)
+        release(layer, done)
         with self._counts:
             self._packed += 1
             self._counts.notify_all()
