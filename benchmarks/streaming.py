@@ -83,8 +83,8 @@ def streaming_details(stdout: str, launched: float) -> dict:
     layers = [float(m) for m in re.findall(r"layer \d+ solved in ([\d.]+) s", stdout)]
     split = {part: [float(v) for v in re.findall(rf"layer \d+ solved in [\d.]+ s \(.*?\b{part} ([\d.]+)", stdout)]
              for part in ("read", "advance", "calibrate", "write")}
-    exported = re.findall(r"layer \d+ exported in ([\d.]+) s by the export thread \(pack ([\d.]+), copy to host "
-                          r"and hand to the writer ([\d.]+)\)", stdout)
+    exported = re.findall(r"layer \d+ exported in ([\d.]+) s \(pack ([\d.]+) by the export thread; copy to host "
+                          r"and hand to the writer ([\d.]+) by the copy-out thread\)", stdout)
     split |= {f"export thread {part}": [float(e[i]) for e in exported]
               for i, part in enumerate(("total", "pack", "copy+write"))}
     wait = re.search(r"calibration waited ([\d.]+) s for layer reads", stdout)
@@ -236,8 +236,11 @@ def main() -> None:
     if DEV == "cuda":  # built once per machine (about two minutes on a bare one): not any tool's run time
         from modelopt.torch.quantization.extensions import get_cuda_ext, get_cuda_ext_fp8
 
+        from concurrent.futures import ThreadPoolExecutor
+
         t0 = time.perf_counter()
-        get_cuda_ext(), get_cuda_ext_fp8()
+        with ThreadPoolExecutor(2) as pool:  # two compiler runs at once
+            [f.result() for f in [pool.submit(get_cuda_ext), pool.submit(get_cuda_ext_fp8)]]
         log(f"modelopt's CUDA extensions ready in {time.perf_counter() - t0:.1f} s (built on a bare machine, before "
             f"any tool is timed)")
     if DEV == "cpu":  # the CPU smoke: the plain forward on one thread, as nvfp4_pp's rank (OMP_NUM_THREADS=1)
@@ -316,9 +319,10 @@ def main() -> None:
                          f"{plain['seconds'] / args.layers:.3f} s a layer")
         if any(st["split"].values()):
             lines.append("nvfp4_pp per layer, median of each part (s; read, advance, calibrate, write: the "
-                         "calibrating thread, write = handing the layer to the export thread; export thread, "
-                         "overlapping the next layers: pack = queueing the packing and error measure on its stream, "
-                         "copy+write = copying to host and handing to the shard writer): " + ", ".join(
+                         "calibrating thread, write = handing the layer to the export thread; overlapping the next "
+                         "layers: pack = the export thread queueing the packing and error measure on its stream, "
+                         "copy+write = the copy-out thread moving them to host memory and handing them to the shard "
+                         "writer): " + ", ".join(
                              f"{part} {median(v):.3f}" for part, v in st["split"].items() if v))
         lines.append(f"nvfp4_pp streaming: waited {num(st['wait'])} s for layer reads; export span (exporter made "
                      f"before the loop to its last shard written, overlapping the loop) {num(st['export_packed_s'])} s")

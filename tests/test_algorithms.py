@@ -38,12 +38,12 @@ STAGE0 = tuple(f"model.layers.{i}." for i in range(SPLIT[0])) + ("model.embed_to
 
 
 def _config(path: Path, smol_dir: Path, token_file: Path | None, out: Path, calibration: dict | None = None,
-            **sections) -> Path:
+            stream: str = "auto", **sections) -> Path:
     """The test samples (as modelopt's reference reads them), unless `calibration` says otherwise."""
     return write_config(
         path, model=str(smol_dir), output=str(out), format="modelopt", recipe=RECIPE, ignore=IGNORE,
         calibration=calibration or {"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
-        pipeline={"timeout_s": 120, "layers": SPLIT}, serving={"target": "none"}, **sections)
+        pipeline={"timeout_s": 120, "layers": SPLIT, "stream": stream}, serving={"target": "none"}, **sections)
 
 
 def _reference(smol_dir: Path, token_file: Path, out: Path, *options: str) -> Path:
@@ -138,6 +138,24 @@ def test_rank_killed_mid_solve_resumes_to_the_same_bytes(smol8, token_file, work
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "layer 0: solved before, replayed" in result.stdout + result.stderr
+    assert tensor_differences(load_tensors(out), load_tensors(sequential)) == []
+
+
+def test_streaming_gptq_exports_while_solving_and_resumes_to_the_same_bytes(smol8, token_file, work, sequential,
+                                                                            tmp_path):
+    """Every stage streaming: each solved layer is exported by its own thread while the next one is solved,
+    and the bytes are the resident run's, which exports after calibration (`sequential`). The first rank is
+    killed as layer 1 goes to its export thread; the rerun (a streaming stage starts over, over the shards
+    it had written) gives the same bytes."""
+    out = tmp_path / "out"
+    config = _config(tmp_path / "run.yaml", smol8, token_file, out, stream="always", algorithm="gptq",
+                     layerwise={"enable": True, "boundary": "sequential"})
+    _kill_rank0_after_layer_1(config, tmp_path / "first.log")
+    assert ") streaming " in (tmp_path / "first.log").read_text() and not out.exists()
+
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "layer 3 exported in" in result.stdout + result.stderr
     assert tensor_differences(load_tensors(out), load_tensors(sequential)) == []
 
 

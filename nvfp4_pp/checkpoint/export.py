@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from nvfp4_pp.checkpoint.writer import ShardWriter
 
 STATIC_INPUT_SCALE = ("nvfp4", "nvfp4_awq", "fp8")
 """Schemes whose input scale comes from calibration (MXFP4 scales its inputs per block at run time)."""
+COPY_THREADS = 4
+"""Threads moving a packed layer from pinned to pageable memory (first-touching fresh pages is the cost)."""
+COPY_SLICE_BYTES = 32 * 2**20
 KV_CACHE_MAX_BOUND = 448.0
 """modelopt's KV-cache scale is amax / 448 (the FP8 E4M3 maximum) for its FP8 KV format."""
 
@@ -279,8 +283,13 @@ class StageExporter:
         self._error: BaseException | None = None
         self._counts = threading.Condition()
         self._queued = self._packed = 0
+        self._handoff: queue.Queue = queue.Queue(EXPORT_QUEUE_LAYERS)
+        """Packed layers on their way to pinned memory, waiting for the copy-out thread."""
+        self._copiers = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="copy-out") if self.stream else None
         self._thread = threading.Thread(target=self._work, name="layer-export", daemon=True)
+        self._copier = threading.Thread(target=self._copy_out, name="layer-copy-out", daemon=True)
         self._thread.start()
+        self._copier.start()
 
     def layer(self, index: int, layer: nn.Module,
               release: Callable[[nn.Module, torch.cuda.Event | None], None] | None = None) -> None:
@@ -310,18 +319,45 @@ class StageExporter:
     def _work(self) -> None:
         """The export thread: layers in order until `None`; after a failure it only drains the queue."""
         while (item := self._queue.get()) is not None:
-            if self._error is None:
-                t0 = time.perf_counter()
-                try:
-                    with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                        self._export_layer(*item)
-                except BaseException as e:  # raised in the caller's thread at its next call
-                    self._error = e
-                    with self._counts:
-                        self._counts.notify_all()
-                self.busy_seconds += time.perf_counter() - t0
+            index, layer, ready, release = item
+            released = []
 
-    def _export_layer(self, index: int, layer: nn.Module, ready: torch.cuda.Event | None, release) -> None:
+            def release_once(module: nn.Module, packed: torch.cuda.Event | None) -> None:
+                released.append(True)
+                if release is not None:
+                    release(module, packed)
+
+            t0 = time.perf_counter()
+            try:
+                if self._error is None:
+                    with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                        self._export_layer(index, layer, ready, release_once)
+            except BaseException as e:  # raised in the caller's thread at its next call
+                self._fail(e)
+            finally:  # a failed or skipped layer is released too: a read waiting for its slot must not hang
+                if not released:
+                    release_once(layer, None)
+            self.busy_seconds += time.perf_counter() - t0
+        self._handoff.put(None)
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = self._error or error
+        with self._counts:
+            self._counts.notify_all()
+
+    def _copy_out(self) -> None:
+        """The copy-out thread: each packed layer, once in pinned memory, moved to pageable memory (a few
+        threads at once: first-touching fresh pages runs at about 1 GB/s a thread) and handed to the writer,
+        while the export thread packs the next layer."""
+        while (item := self._handoff.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write_layer(*item)
+                except BaseException as e:
+                    self._fail(e)
+
+    def _export_layer(self, index: int, layer: nn.Module, ready: torch.cuda.Event | None,
+                      release: Callable[[nn.Module, torch.cuda.Event | None], None]) -> None:
         started = time.perf_counter()
         if ready is not None:
             self.stream.wait_event(ready)
@@ -352,36 +388,44 @@ class StageExporter:
         if self.stream is not None:  # every kernel reading the layer's weights is queued
             done = torch.cuda.Event()
             done.record(self.stream)
-        if release is not None:
-            if self.stream is not None:
-                for tensor in [*layer.parameters(), *layer.buffers()]:
-                    if tensor.device.type == "cuda":
-                        tensor.record_stream(self.stream)
-            release(layer, done)
+        if self.stream is not None:
+            for tensor in [*layer.parameters(), *layer.buffers()]:
+                if tensor.device.type == "cuda":
+                    tensor.record_stream(self.stream)
+        release(layer, done)
         with self._counts:
             self._packed += 1
             self._counts.notify_all()
         packed_at = time.perf_counter()
-        # Asynchronous copies into pinned memory on the export stream; once they are done, the tensors are
-        # moved to pageable memory for the writer, so the pinned blocks are reused layer after layer
-        # (pinning the writer's gigabytes as it holds them cost 0.3-0.8 s a layer on an H200).
+        # Asynchronous copies into pinned memory on the export stream; the copy-out thread moves them to
+        # pageable memory for the writer, so the pinned blocks are reused layer after layer (pinning the
+        # writer's gigabytes as it holds them cost 0.3-0.8 s a layer on an H200).
         staged = [(name, scheme, _to_pinned(tensors, self.stream), nbytes) for name, scheme, tensors, nbytes in packed]
         kv, held = _to_pinned(kv, self.stream), _to_pinned(held, self.stream)
         del packed
+        copied = None
         if self.stream is not None:
-            self.stream.synchronize()
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self._handoff.put((index, started, packed_at, staged, kv_format, kv, held, copied))
+
+    def _write_layer(self, index: int, started: float, packed_at: float, staged: list, kv_format: str | None,
+                     kv: dict[str, torch.Tensor], held: dict[str, torch.Tensor],
+                     copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            copied.synchronize()
         for name, scheme, tensors, nbytes in staged:
-            self.writer.add(self.fmt.linear_tensors(name, scheme, _pageable(tensors)))
+            self.writer.add(self.fmt.linear_tensors(name, scheme, _pageable(tensors, self._copiers)))
             self.progress.advance(nbytes)
         if kv:
             self.kv_formats.add(kv_format)
-            self.writer.add(self.fmt.kv_cache_tensors(_pageable(kv)))
-        held = _pageable(held)
+            self.writer.add(self.fmt.kv_cache_tensors(_pageable(kv, self._copiers)))
+        held = _pageable(held, self._copiers)
         self.writer.add(held)
         self.written.update(held)
-        logger.info("layer %d exported in %.2f s by the export thread (pack %.2f, copy to host and hand to the "
-                    "writer %.2f)", index, time.perf_counter() - started, packed_at - started,
-                    time.perf_counter() - packed_at)
+        logger.info("layer %d exported in %.2f s (pack %.2f by the export thread; copy to host and hand to the "
+                    "writer %.2f by the copy-out thread)", index, time.perf_counter() - started,
+                    packed_at - started, time.perf_counter() - packed_at)
 
     def _held(self, module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         """Norms and other unquantized tensors, copied: on a CPU stage they are views into the memory
@@ -395,6 +439,9 @@ class StageExporter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+            self._copier.join()
+            if self._copiers is not None:
+                self._copiers.shutdown()
         self._raise()
 
     def finish(self, lm_head: str | None) -> ExportResult:
@@ -432,9 +479,21 @@ def _to_pinned(tensors: dict[str, torch.Tensor], stream: torch.cuda.Stream | Non
     return out
 
 
-def _pageable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Pinned tensors copied to pageable memory (their pinned blocks go back to torch's cache); others as they are."""
-    return {name: torch.empty(t.shape, dtype=t.dtype).copy_(t) if t.is_pinned() else t for name, t in tensors.items()}
+def _pageable(tensors: dict[str, torch.Tensor], pool: ThreadPoolExecutor | None) -> dict[str, torch.Tensor]:
+    """Pinned tensors copied to pageable memory by `pool`'s threads, in slices of COPY_SLICE_BYTES (their
+    pinned blocks go back to torch's cache); others as they are."""
+    out, copies = {}, []
+    for name, t in tensors.items():
+        if pool is None or not t.is_pinned():
+            out[name] = t
+            continue
+        out[name] = torch.empty(t.shape, dtype=t.dtype)
+        src, dst = t.reshape(-1), out[name].reshape(-1)
+        step = max(1, COPY_SLICE_BYTES // t.element_size())
+        copies += [pool.submit(dst[i : i + step].copy_, src[i : i + step]) for i in range(0, src.numel(), step)]
+    for copy in copies:
+        copy.result()
+    return out
 
 
 def export_stage(stage: Stage, owned: list[str], source: SourceCheckpoint, fmt: CheckpointFormat,

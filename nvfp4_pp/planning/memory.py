@@ -24,8 +24,8 @@ measured peaks by tests/test_budget_run.py on CPU):
   write them, so at most min((workers + 1) x shard cap, everything the rank writes).
   On a CUDA stage each Linear's BF16 weight is freed as it is packed, and the buffer grows by
   at most 0.3 of what is freed: on a unified-memory device it therefore never raises the peak,
-  on a discrete GPU it lives in pinned host RAM (rounded up by torch's caching host allocator, as
-  the staging below), with one layer's packed tensors more on their way to it. On a CPU stage the
+  on a discrete GPU it lives in host RAM, and up to three layers' packed tensors more sit in pinned
+  memory on their way to it (rounded up by torch's caching host allocator, as the staging below). On a CPU stage the
   weights are memory-mapped from the shards, freeing one does not unmap the file, so the buffer
   adds on top.
 - export overlap (streaming stages): layer k is packed on its own stream while layer k+1
@@ -52,7 +52,7 @@ import math
 
 from nvfp4_pp.algorithms.table import RECIPES
 from nvfp4_pp.model.arch import Architecture
-from nvfp4_pp.sizes import DEFAULT_SHARD_BYTES, EXPORT_CHUNK_ELEMENTS, WRITE_WORKERS
+from nvfp4_pp.sizes import DEFAULT_SHARD_BYTES, EXPORT_CHUNK_ELEMENTS, EXPORT_QUEUE_LAYERS, WRITE_WORKERS
 from nvfp4_pp.model.source import SourceCheckpoint
 
 PACKED_PER_BF16_BYTE = 0.25 + 1 / 32
@@ -259,10 +259,11 @@ def stage_need(
         host = baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + wire + device
         return Need(device=device, host=host, items={**items, "CUDA libraries": CUDA_HOST_BYTES})
     staging = PINNED_STAGING_PER_BYTE * max(layers) if streaming else 0
-    pinned_buffer = PINNED_STAGING_PER_BYTE * (buffer + packed_layer)
-    return Need(device=device, host=baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + pinned_buffer + wire + staging,
+    # packed layers in pinned memory: one being copied there, one waiting for the copy-out, one being copied out
+    pinned_export = PINNED_STAGING_PER_BYTE * (EXPORT_QUEUE_LAYERS + 2) * packed_layer
+    return Need(device=device, host=baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + buffer + pinned_export + wire + staging,
                 items={**items, "CUDA libraries": CUDA_HOST_BYTES, "pinned staging": staging,
-                       "export buffer": pinned_buffer})
+                       "pinned export copies": pinned_export})
 
 
 def written_bytes(sizes: ModelSizes, recipe: str, start: int, stop: int, first: bool, last: bool) -> int:
