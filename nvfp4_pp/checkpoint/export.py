@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,13 +40,14 @@ KV_CACHE_MAX_BOUND = 448.0
 """modelopt's KV-cache scale is amax / 448 (the FP8 E4M3 maximum) for its FP8 KV format."""
 
 
-def _quant_linears(stage: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _quant_linears(stage: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """The stage's quantized Linears (modelopt's QuantLinear, an nn.Linear), by name."""
     from modelopt.torch.export.layer_utils import is_quantlinear
     from modelopt.torch.export.quant_utils import QUANTIZATION_NONE, get_quantization_format
 
     for name, module in stage.named_modules():
         if is_quantlinear(module) and get_quantization_format(module) != QUANTIZATION_NONE:
-            yield name, module
+            yield name, cast(nn.Linear, module)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,17 +112,17 @@ def fuse_shared_inputs(layer: nn.Module, groups: tuple[SharedInputGroup, ...]) -
         input_to_linear[key] = []
         for local in group.linears:
             module = layer.get_submodule(local)
-            module.name = local
+            setattr(module, "name", local)  # modelopt's fusion reads a `name` attribute
             input_to_linear[key].append(module)
         if group.layernorm is not None:
             norm = layer.get_submodule(group.layernorm)
-            norm.name = group.layernorm
+            setattr(norm, "name", group.layernorm)  # (as above)
             output_to_layernorm[key] = norm
     _fuse_shared_input_modules(layer, input_to_linear, output_to_layernorm, fuse_layernorms=True,
                                quantization_format=scheme)
 
 
-def _nvfp4_in_row_chunks(name: str, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _nvfp4_in_row_chunks(name: str, module: nn.Linear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Plain NVFP4 packed as modelopt's export packs it, a row chunk at a time.
 
     With the per-tensor scale fixed, block scales and codes of a row depend on that row alone, so
@@ -154,7 +156,7 @@ def _nvfp4_in_row_chunks(name: str, module: nn.Module, dtype: torch.dtype) -> di
     }
 
 
-def _int4_in_row_chunks(name: str, module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _int4_in_row_chunks(name: str, module: nn.Linear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """INT4 packed as modelopt's export packs it (`pack_int4_in_uint8`), an even row chunk at a time.
 
     The scales (amax / 7 per block of 128 inputs) come from the calibrated quantizer alone, and
@@ -177,7 +179,7 @@ def _int4_in_row_chunks(name: str, module: nn.Module, dtype: torch.dtype) -> dic
     return {f"{name}.weight": torch.cat(codes), f"{name}.weight_scale": scale}
 
 
-def quantize_linear(name: str, module: nn.Module, dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
+def quantize_linear(name: str, module: nn.Linear, dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]]:
     """Pack one calibrated Linear with modelopt's per-module export; (scheme, tensors in modelopt's names).
 
     modelopt's `_export_quantized_weight` is what its `export_hf_checkpoint` runs on every quantized
@@ -216,7 +218,7 @@ def kv_cache_scales(layer: nn.Module, prefix: str) -> tuple[str | None, dict[str
     for local, module in layer.named_modules():
         name = f"{prefix}.{local}"
         k_q, v_q = getattr(module, "k_bmm_quantizer", None), getattr(module, "v_bmm_quantizer", None)
-        if k_q is None or not (k_q.is_enabled or v_q.is_enabled):
+        if k_q is None or v_q is None or not (k_q.is_enabled or v_q.is_enabled):  # modelopt makes both or neither
             continue
         kv_format = get_kv_cache_dtype(module)
         for q_name, q in (("k_bmm_quantizer", k_q), ("v_bmm_quantizer", v_q)):
@@ -359,7 +361,8 @@ class StageExporter:
     def _export_layer(self, index: int, layer: nn.Module, ready: torch.cuda.Event | None,
                       release: Callable[[nn.Module, torch.cuda.Event | None], None]) -> None:
         started = time.perf_counter()
-        if ready is not None:
+        if ready is not None:  # recorded on the compute stream only when this exporter has a stream of its own
+            assert self.stream is not None
             self.stream.wait_event(ready)
         signature = _layer_signature(layer)
         if signature not in self.groups:  # a dummy forward on the export stream, once per signature
@@ -370,7 +373,7 @@ class StageExporter:
         packed: list[tuple[str, str, dict[str, torch.Tensor], int]] = []
         for local, module in _quant_linears(layer):
             name = f"{prefix}.{local}"
-            module.name = name
+            setattr(module, "name", name)  # modelopt's export reads a `name` attribute
             weight = module.weight  # packing replaces the parameter; the BF16 tensor is measured against
             scheme, tensors = quantize_linear(name, module, dtype)
             packed.append((name, scheme, tensors, weight.numel() * weight.element_size()))
@@ -418,6 +421,7 @@ class StageExporter:
             self.writer.add(self.fmt.linear_tensors(name, scheme, _pageable(tensors, self._copiers)))
             self.progress.advance(nbytes)
         if kv:
+            assert kv_format is not None, "K/V scales come with their format"
             self.kv_formats.add(kv_format)
             self.writer.add(self.fmt.kv_cache_tensors(_pageable(kv, self._copiers)))
         held = _pageable(held, self._copiers)
