@@ -93,6 +93,14 @@ def test_flat_gptq_is_modelopts_single_process_gptq(smol8, token_file, work):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reference = _reference(smol8, token_file, work / "reference-flat", "--algorithm", "gptq")
     assert tensor_differences(load_tensors(out), load_tensors(reference)) == []
+    # Every stage streaming (the Behemoth-T1 seed's path: flat GPTQ, each layer's inputs from one BF16
+    # pass, each solved layer exported while the next is solved): modelopt's bytes as well.
+    streamed = work / "flat-streaming"
+    result = run_nvfp4_pp(_config(work / "flat-streaming.yaml", smol8, token_file, streamed, stream="always",
+                                  algorithm="gptq"), 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ") streaming " in result.stdout + result.stderr
+    assert tensor_differences(load_tensors(streamed), load_tensors(reference)) == []
 
 
 def test_awq_lite_is_modelopts_int4_awq(smol8, token_file, work):
