@@ -257,16 +257,20 @@ def everywhere(info: RankInfo, fn: Callable[[], T]) -> T:
 
     An interrupt is not shared: every rank that gets one reports it itself.
     """
-    error = None
-    result: T | None = None
+    result, error = _attempt(fn)
+    _share_errors(error, info.world_size)
+    return cast(T, result)  # fn returned on every rank (_share_errors raised otherwise); T may itself hold None
+
+
+def _attempt(fn: Callable[[], T]) -> tuple[T | None, tuple[str, bool] | None]:
+    """(fn's result, None), or (None, (message, resumable)) of the user-facing error it raised; an
+    interrupt goes through (every rank that gets one reports it itself)."""
     try:
-        result = fn()
+        return fn(), None
     except Interrupted:
         raise
     except NvFp4PpError as e:
-        error = (str(e), e.resumable)
-    _share_errors(error, info.world_size)
-    return cast(T, result)  # fn returned on every rank (_share_errors raised otherwise); T may itself hold None
+        return None, (str(e), e.resumable)
 
 
 def _share_errors(error: tuple[str, bool] | None, world_size: int) -> None:
@@ -281,16 +285,7 @@ def _share_errors(error: tuple[str, bool] | None, world_size: int) -> None:
 
 def agreed(info: RankInfo, fn: Callable[[], T]) -> T:
     """Run `fn` on rank 0 only and hand its result (or its error) to every rank."""
-    result: T | None = None
-    error: tuple[str, bool] | None = None
-    if info.is_first:
-        try:
-            result = fn()
-        except Interrupted:
-            raise
-        except NvFp4PpError as e:
-            error = (str(e), e.resumable)
-    result, error = broadcast_object((result, error))
+    result, error = broadcast_object(_attempt(fn) if info.is_first else None)
     if error is not None:
         raise Agreed(*error)
     return cast(T, result)  # fn returned on rank 0 (else its error was raised); T may itself hold None
