@@ -27,6 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -35,35 +36,47 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from awq_identity import REPO, run_ranks, write_model  # noqa: E402
 from helpers import load_tensors, tensor_differences  # noqa: E402
 
-# name: (recipe, algorithm, layerwise boundary or None, compare with modelopt's single process)
+class Run(NamedTuple):
+    recipe: str
+    algorithm: str
+    boundary: str | None
+    """Layer-by-layer boundary, or None (flat)."""
+    compare: bool
+    """Compared tensor for tensor with modelopt's single process."""
+    layout: str = "modelopt"
+    """compressed-tensors: also loaded by transformers + compressed-tensors, its KL beside evaluate's."""
+
+
+_CT = "compressed-tensors"
 RUNS = {
-    "int4-max": ("w4a16_int4", "max", None, False),
-    "int4-gptq": ("w4a16_int4", "gptq", None, False),
-    "int4-gptq-layerwise": ("w4a16_int4", "gptq", "sequential", False),
-    "int4-gptq-layerwise-parallel": ("w4a16_int4", "gptq", "parallel", False),
-    "int4-awq_lite": ("w4a16_int4", "awq_lite", None, True),
-    "nvfp4-max": ("nvfp4", "max", None, False),
-    "nvfp4-awq": ("nvfp4_awq", "max", None, True),
-    "nvfp4-gptq": ("nvfp4", "gptq", None, True),
-    "nvfp4-gptq-layerwise": ("nvfp4", "gptq", "sequential", True),
-    "nvfp4-local_hessian": ("nvfp4", "local_hessian", None, True),
-    "nvfp4-mse": ("nvfp4", "mse", None, True),
-    "nvfp4-four_over_six": ("nvfp4", "four_over_six", None, True),
-    "w4a16_nvfp4-max": ("w4a16_nvfp4", "max", None, False),
-    "w4a16_nvfp4-gptq-layerwise": ("w4a16_nvfp4", "gptq", "sequential", True),
-    "int4-auto": ("w4a16_int4", "auto", "sequential", False),
-    "nvfp4-auto": ("nvfp4", "auto", "sequential", False),
-    "w4a16_nvfp4-auto": ("w4a16_nvfp4", "auto", "sequential", False),
+    "int4-max": Run("w4a16_int4", "max", None, False),
+    "int4-gptq": Run("w4a16_int4", "gptq", None, False),
+    "int4-gptq-layerwise": Run("w4a16_int4", "gptq", "sequential", False),
+    "int4-gptq-layerwise-parallel": Run("w4a16_int4", "gptq", "parallel", False),
+    "int4-awq_lite": Run("w4a16_int4", "awq_lite", None, True),
+    "nvfp4-max": Run("nvfp4", "max", None, False),
+    "nvfp4-awq": Run("nvfp4_awq", "max", None, True),
+    "nvfp4-gptq": Run("nvfp4", "gptq", None, True),
+    "nvfp4-gptq-layerwise": Run("nvfp4", "gptq", "sequential", True),
+    "nvfp4-local_hessian": Run("nvfp4", "local_hessian", None, True),
+    "nvfp4-mse": Run("nvfp4", "mse", None, True),
+    "nvfp4-four_over_six": Run("nvfp4", "four_over_six", None, True),
+    "w4a16_nvfp4-max": Run("w4a16_nvfp4", "max", None, False),
+    "w4a16_nvfp4-gptq-layerwise": Run("w4a16_nvfp4", "gptq", "sequential", True),
+    # the project's own per-layer algorithms (no modelopt equivalent): written in the layout vLLM serves
+    "int4-smooth": Run("w4a16_int4", "smooth", "sequential", False, _CT),
+    "int4-smooth+gptq": Run("w4a16_int4", "smooth+gptq", "sequential", False, _CT),
+    "nvfp4-smooth": Run("nvfp4", "smooth", "sequential", False, _CT),
+    "nvfp4-smooth+gptq": Run("nvfp4", "smooth+gptq", "sequential", False, _CT),
+    "nvfp4-local_hessian+gptq": Run("nvfp4", "local_hessian+gptq", "sequential", False, _CT),
+    "nvfp4-smooth+local_hessian": Run("nvfp4", "smooth+local_hessian", "sequential", False, _CT),
+    "nvfp4-smooth+local_hessian+gptq": Run("nvfp4", "smooth+local_hessian+gptq", "sequential", False, _CT),
+    "w4a16_nvfp4-smooth+gptq": Run("w4a16_nvfp4", "smooth+gptq", "sequential", False, _CT),
+    "w4a16_nvfp4-smooth+local_hessian+gptq": Run("w4a16_nvfp4", "smooth+local_hessian+gptq", "sequential", False, _CT),
+    "int4-auto": Run("w4a16_int4", "auto", "sequential", False, _CT),
+    "nvfp4-auto": Run("nvfp4", "auto", "sequential", False, _CT),
+    "w4a16_nvfp4-auto": Run("w4a16_nvfp4", "auto", "sequential", False, _CT),
 }
-
-
-STACKS = {
-    "int4-awq_lite+gptq": ("w4a16_int4", "awq_lite+gptq"),
-    "nvfp4-awq_lite+gptq": ("nvfp4", "awq_lite+gptq"),
-    "nvfp4-awq_lite+local_hessian": ("nvfp4", "awq_lite+local_hessian"),
-}
-"""Stacked algorithms (modelopt runs a list in order), measured in modelopt's single process only: offered
-in the `algorithm` key only if one beats the best single algorithm."""
 
 
 def int4_ignore(model: Path) -> list[str]:
@@ -88,15 +101,16 @@ def write_calibration(model: Path, work: Path, samples: int, seq: int) -> Path:
 
 
 def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device: str) -> dict:
-    recipe, algorithm, boundary, compare = RUNS[name]
+    recipe, algorithm, boundary, compare, layout = RUNS[name]
     out, logs = work / f"out-{name}", work / f"logs-{name}"
     logs.mkdir(parents=True, exist_ok=True)
     samples = sum(1 for line in tokens.read_text().splitlines() if line.strip())
     config = work / f"{name}.yaml"
     ignore = int4_ignore(model) if recipe == "w4a16_int4" else []
     config.write_text(yaml.safe_dump({
-        "model": str(model), "output": str(out), "format": "modelopt", "recipe": recipe, "algorithm": algorithm,
-        "ignore": ignore, "serving": {"target": "none"},  # modelopt's layout of INT4 / NVFP4-AWQ: compared, not served
+        "model": str(model), "output": str(out), "format": layout, "recipe": recipe, "algorithm": algorithm,
+        # modelopt's layout of INT4 / NVFP4-AWQ: compared, not served; compressed-tensors: vLLM's tables checked
+        "ignore": ignore, "serving": {"target": "vllm" if layout == _CT else "none"},
         "layerwise": {"enable": boundary is not None, "boundary": boundary or "parallel"},
         "calibration": {"dataset": str(tokens), "samples": samples, "max_length": 4096, "batch_size": 1},
         "pipeline": {"device": device, "backend": "gloo"},
@@ -104,10 +118,15 @@ def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device
     t0 = time.perf_counter()
     code = run_ranks(config, ranks, logs, 540)
     row = {"name": name, "recipe": recipe, "algorithm": algorithm, "layerwise": boundary or "-",
-           "exit": code, "seconds": time.perf_counter() - t0, "out": str(out)}
+           "exit": code, "seconds": time.perf_counter() - t0, "out": str(out), "layout": layout}
     if code != 0:
         row["error"] = (logs / "rank0.log").read_text()[-1500:]
         return row
+    record = json.loads((out / "nvfp4_pp.json").read_text())
+    row["verify"] = record.get("verification", "-")
+    choices = [c["chosen"] for rank in record.get("ranks", []) for c in rank.get("choices", [])]
+    if choices:  # auto: how many layers each candidate won
+        row["choices"] = ", ".join(f"{n} {choices.count(n)}" for n in dict.fromkeys(choices))
     if compare:
         reference = work / f"reference-{name}"
         options = ["--recipe", recipe, "--algorithm", algorithm, "--ignore", ",".join(ignore),
@@ -120,21 +139,6 @@ def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device
         else:
             differences = tensor_differences(load_tensors(out), load_tensors(reference))
             row["identity"] = "identical" if not differences else f"{len(differences)} differ, e.g. {differences[0]}"
-    return row
-
-
-def stack_run(name: str, model: Path, tokens: Path, work: Path, device: str) -> dict:
-    recipe, algorithm = STACKS[name]
-    out = work / f"out-{name}"
-    t0 = time.perf_counter()
-    ignore = int4_ignore(model) if recipe == "w4a16_int4" else []
-    ref = subprocess.run([sys.executable, str(REPO / "tests" / "reference.py"), "--recipe", recipe, "--algorithm",
-                          algorithm, "--ignore", ",".join(ignore), str(model), str(tokens), str(out), "sdpa", "cuda:0" if device == "cuda" else "cpu"],
-                         capture_output=True, text=True)
-    row = {"name": name, "recipe": recipe, "algorithm": algorithm, "layerwise": "-", "exit": ref.returncode,
-           "seconds": time.perf_counter() - t0, "out": str(out), "identity": "modelopt 1 process only"}
-    if ref.returncode:
-        row["error"] = ref.stderr[-1500:]
     return row
 
 
@@ -169,6 +173,24 @@ model.save_pretrained({str(out)!r}, save_compressed=True)
     return row
 
 
+def transformers_kl(source: Path, out: Path, samples: list[list[int]], device: str) -> float:
+    """Mean KL to BF16 of the checkpoint as transformers + compressed-tensors load it (weights dequantized,
+    BF16 activations: `evaluate`'s w4a16 figure, which it must equal)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from nvfp4_pp.evaluate.quality import log_probs
+
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map=device,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    kl, count = 0.0, 0
+    for ids in samples:
+        ref, lp = log_probs(reference, ids, torch.device(device)), log_probs(model, ids, torch.device(device))
+        kl += float((ref.exp() * (ref - lp)).sum())
+        count += len(ids) - 1
+    return kl / count
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -176,7 +198,6 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=4, help="runs at once on the GPU")
     p.add_argument("--runs", default=",".join(RUNS))
     p.add_argument("--peers", default="llmcompressor", help="llmcompressor or none")
-    p.add_argument("--stacks", default=",".join(STACKS), help="stacked algorithms (modelopt single process)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=32)
@@ -196,8 +217,6 @@ def main() -> int:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(one_run, n, model, tokens, args.work, args.ranks, args.device) for n in names]
-        futures += [pool.submit(stack_run, n, model, tokens, args.work, args.device)
-                    for n in args.stacks.split(",") if n]
         if args.peers == "llmcompressor":
             futures.append(pool.submit(llmcompressor_gptq, model, tokens, args.work))
         rows = []
@@ -224,6 +243,9 @@ def main() -> int:
             kind = "w4a4" if "w4a4" in results else "w4a16"
             row["ppl"], row["kl"] = results[kind]["perplexity"], results[kind]["kl"]
             row["measured"] = kind
+            if row.get("layout") == _CT:  # a real client's reading of the same files
+                row["transformers_kl"] = transformers_kl(model, Path(row["out"]), held_out, args.device)
+                row["w4a16_kl"] = results["w4a16"]["kl"]
             print(f"{row['name']}: {kind} perplexity {row['ppl']:.2f}, KL {row['kl']:.3f} (BF16 {bf16:.2f})", flush=True)
 
     lines = [f"SmolLM2-135M ({args.model}), calibration {args.samples} x {args.seq} tokens of the built-in corpus, "
@@ -232,12 +254,19 @@ def main() -> int:
              f"{bf16 or float('nan'):.2f}",
              "", "| run | recipe | algorithm | layer by layer | ppl | KL | measured | vs modelopt 1 process | s |",
              "|---|---|---|---|---:|---:|---|---|---:|"]
+    ct_lines = ["", "Compressed-tensors outputs loaded by transformers + compressed-tensors (weights dequantized, "
+                "BF16 activations) against nvfp4_pp's decoder, the same files:", "",
+                "| run | W4A16 KL, nvfp4_pp's decoder | W4A16 KL, transformers | verify |", "|---|---:|---:|---|"]
+    ct_lines += [f"| {r['name']} | {r['w4a16_kl']:.4f} | {r['transformers_kl']:.4f} | {r.get('verify', '-')} |"
+                 for r in rows if "transformers_kl" in r]
     for r in rows:
         quality = (f"{r['ppl']:.2f} | {r['kl']:.3f} | {r['measured']}" if "ppl" in r
                    else f"- | - | {('FAILED: ' + r.get('error', '')[-120:]).replace('|', '/').replace(chr(10), ' ')}")
         lines.append(f"| {r['name']} | {r['recipe']} | {r['algorithm']} | {r['layerwise']} | {quality} | "
                      f"{r.get('identity', 'not compared').replace('|', '/')} | {r['seconds']:.0f} |")
-    text = "\n".join(lines) + "\n"
+    chose = [f"- {r['name']}: {r['choices']} layers" for r in rows if "choices" in r]
+    ct_lines += ["", "`auto`'s choices per layer:", "", *chose] if chose else []
+    text = "\n".join(lines + ct_lines) + "\n"
     print(text)
     if args.report:
         args.report.write_text(text)

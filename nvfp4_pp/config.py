@@ -304,8 +304,11 @@ class RunConfig:
     `layerwise`); `awq_lite` searches per-channel pre-scales (w4a16_int4; for NVFP4 use recipe nvfp4_awq);
     NVFP4 block-scale searches (CUDA ranks): `local_hessian` (scales minimizing the output error weighted
     by each block's local Hessian), `mse` (scales minimizing weight MSE over the FP8 scale values),
-    `four_over_six` (per block, the FP4 grid's max mapped to 4 or 6, whichever errs less); `auto`: per
-    layer, whichever of `auto.candidates` errs least on held-out calibration tokens (needs `layerwise`)."""
+    `four_over_six` (per block, the FP4 grid's max mapped to 4 or 6, whichever errs less); per decoder
+    layer (needs `layerwise`): `smooth` (smoothing scales searched with weights and activations quantized,
+    folded into the RMSNorm or up_proj before the Linears), the stacks `smooth+gptq`, `local_hessian+gptq`,
+    `smooth+local_hessian`, `smooth+local_hessian+gptq` (each step on the previous one's weights and
+    scales), and `auto`: per layer, whichever of `auto.candidates` errs least on held-out calibration tokens."""
     gptq: GptqConfig = dataclasses.field(default_factory=GptqConfig)
     auto: AutoConfig = dataclasses.field(default_factory=AutoConfig)
     kv_cache: Union[None, KvCacheName] = None
@@ -354,13 +357,14 @@ class RunConfig:
         if self.auto != AutoConfig() and self.algorithm != AUTO:
             raise ConfigError(f"config section 'auto' applies to 'algorithm: auto', not {self.algorithm}; set the "
                               "algorithm or remove the section")
+        if ALGORITHMS[self.algorithm].layer_by_layer and not self.layerwise.enable:
+            what = "chooses an algorithm" if self.algorithm == AUTO else "works"
+            raise ConfigError(f"algorithm {self.algorithm} {what} per decoder layer, which needs layer-by-layer "
+                              "calibration; set 'layerwise.enable: true'")
         if self.algorithm != AUTO:
             if (problem := self._misfit(self.algorithm)) is not None:
                 raise ConfigError(problem)
             return
-        if not self.layerwise.enable:
-            raise ConfigError("algorithm auto chooses an algorithm per decoder layer, which needs layer-by-layer "
-                              "calibration; set 'layerwise.enable: true'")
         for name in self.auto.candidates:
             if (problem := self._misfit(name)) is not None:
                 raise ConfigError(f"auto.candidates: {problem}")

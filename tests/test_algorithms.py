@@ -197,7 +197,8 @@ def test_layerwise_gptq_and_auto_beat_round_to_nearest_on_held_out_text(smol8, w
     data = {"dataset": "builtin:pydoc", "samples": 32, "max_length": 128, "batch_size": 1}
     layerwise = {"layerwise": {"enable": True, "boundary": "sequential"}}
     outputs = {}
-    for name, algorithm in (("gptq", {"algorithm": "gptq", **layerwise}), ("auto", {"algorithm": "auto", **layerwise}),
+    auto = {"algorithm": "auto", "auto": {"candidates": ["max", "gptq", "awq_lite"]}, **layerwise}
+    for name, algorithm in (("gptq", {"algorithm": "gptq", **layerwise}), ("auto", auto),
                             ("max", {})):
         outputs[name] = work / f"quality-{name}"
         config = _config(work / f"quality-{name}.yaml", smol8, None, outputs[name], calibration=data, **algorithm)
@@ -223,7 +224,7 @@ def test_auto_keeps_per_layer_the_candidate_with_the_least_held_out_error(smol8,
     killed after its first layer resumes with the choices it recorded, to the same bytes."""
     out = work / "auto"
     config = _config(work / "auto.yaml", smol8, token_file, out, algorithm="auto",
-                     layerwise={"enable": True, "boundary": "sequential"})
+                     auto={"candidates": ["max", "gptq", "awq_lite"]}, layerwise={"enable": True, "boundary": "sequential"})
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = read_json(out / "nvfp4_pp.json")
@@ -242,7 +243,7 @@ def test_auto_keeps_per_layer_the_candidate_with_the_least_held_out_error(smol8,
 
     resumed = work / "auto-resumed"
     config = _config(work / "auto-resumed.yaml", smol8, token_file, resumed, algorithm="auto",
-                     layerwise={"enable": True, "boundary": "sequential"})
+                     auto={"candidates": ["max", "gptq", "awq_lite"]}, layerwise={"enable": True, "boundary": "sequential"})
     _kill_rank0_after_layer_1(config, work / "auto-killed.log")
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

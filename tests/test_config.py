@@ -27,8 +27,10 @@ def test_auto_tries_every_algorithm_that_fits_unless_told():
     layerwise = {"layerwise": {"enable": True}, "algorithm": "auto"}
     assert config_from_dict({**BASE, **layerwise, "recipe": "w4a16_int4", "format": "modelopt",
                             "serving": {"target": "none"}}).algorithms == [
-        "max", "gptq", "awq_lite"]
-    assert config_from_dict({**BASE, **layerwise}).algorithms == ["max", "gptq"]  # NVFP4, compressed-tensors
+        "max", "gptq", "awq_lite", "smooth", "smooth+gptq"]
+    assert config_from_dict({**BASE, **layerwise}).algorithms == [  # NVFP4, compressed-tensors
+        "max", "gptq", "local_hessian", "smooth", "smooth+gptq", "local_hessian+gptq", "smooth+local_hessian",
+        "smooth+local_hessian+gptq"]
     named = config_from_dict({**BASE, **layerwise, "auto": {"candidates": ["gptq", "max"]}, "gptq": {"damping": 0.1}})
     assert named.algorithms == ["gptq", "max"] and named.gptq.damping == 0.1
 

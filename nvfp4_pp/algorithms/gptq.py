@@ -242,17 +242,21 @@ def _row_bounds(counts: list[int]) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def gptq(model: nn.Module, forward_loop: Callable[[nn.Module], None], perc_damp: float = 0.01,
-         block_size: int = 128, fused: bool = False, times: SolveTimes | None = None) -> None:
+         block_size: int = 128, fused: bool = False, times: SolveTimes | None = None,
+         keep_scales: bool = False) -> None:
     """modelopt 0.47's `gptq()` (same signature, same steps, same bytes) with this module's solve.
 
     With `fused`, Linears modelopt would give its fused NVFP4 kernel keep it; Linears whose quantizer
-    this module does not know are updated by modelopt's own `GPTQHelper`."""
+    this module does not know are updated by modelopt's own `GPTQHelper`. `keep_scales`: the quantizers
+    were calibrated by a scale search (a stack's step before GPTQ): no max calibration first, GPTQ rounds
+    to the searched block scales (modelopt's GPTQ always starts from max's)."""
     from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
     from modelopt.torch.quantization.model_calib import max_calibrate
     from modelopt.torch.quantization.utils import is_quantized_linear
     from modelopt.torch.quantization.utils.calib_utils import GPTQHelper
 
-    max_calibrate(model, forward_loop=forward_loop)
+    if not keep_scales:
+        max_calibrate(model, forward_loop=forward_loop)
     linears = [(n, m) for n, m in model.named_modules()
                if is_quantized_linear(m) and m.weight_quantizer.is_enabled]
     if not linears:

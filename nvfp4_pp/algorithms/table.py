@@ -71,16 +71,21 @@ class Algorithm:
     """An NVFP4 weight-scale search: modelopt's config, whose weight quantizer (static per-block scales,
     which the search sets) and algorithm replace the recipe's, for W4A4 and W4A16 alike."""
     auto_candidate: bool = False
-    """`algorithm: auto` may choose it per layer: it calibrates the recipe's own quantizers (the scale
-    searches set another weight quantizer and are not mixed per layer)."""
+    """`algorithm: auto` may choose it per layer (by default, where it fits the recipe)."""
     memory: Memory = Memory()
+    steps: tuple[str, ...] = ()
+    """A stack: the algorithms it runs in order on each decoder layer (the project's composition, which
+    modelopt 0.47 refuses); a step after a scale search keeps that search's scales (GPTQ included)."""
+    layer_by_layer: bool = False
+    """It works per decoder layer (`layerwise.enable`): smoothing and the stacks."""
 
 
 _NVFP4 = ("nvfp4", "w4a16_nvfp4")
 
 
-def _scale_search(card: str, preset: str, name: str) -> Algorithm:
-    return Algorithm(card, recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, f"NVFP4 {name}"), scale_search=preset)
+def _scale_search(card: str, preset: str, name: str, auto_candidate: bool = False) -> Algorithm:
+    return Algorithm(card, recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, f"NVFP4 {name}"), scale_search=preset,
+                     auto_candidate=auto_candidate)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -130,14 +135,39 @@ ALGORITHMS: dict[str, Algorithm] = {
         recipes=("w4a16_int4",), auto_candidate=True),  # NVFP4 with AWQ-lite is recipe nvfp4_awq
     "local_hessian": _scale_search(
         "NVFP4 block scales searched to minimize each block's output error weighted by its local "
-        "Hessian (modelopt's local_hessian, FP8 scale sweep)", "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", "local_hessian"),
+        "Hessian (modelopt's local_hessian, FP8 scale sweep)", "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", "local_hessian", auto_candidate=True),
     "mse": _scale_search(
         "NVFP4 block scales searched to minimize the weight's squared error over the FP8 scale values "
         "(modelopt's mse, FP8 scale sweep)", "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", "mse"),
     "four_over_six": _scale_search(
         "Four-Over-Six: per block, the FP4 grid's maximum mapped to 4 or 6, whichever errs less "
         "(modelopt's NVFP4_FOUR_OVER_SIX_CFG)", "NVFP4_FOUR_OVER_SIX_CFG", "four_over_six"),
-    AUTO: Algorithm(None, memory=Memory(trials=True)),
+    "smooth": Algorithm(
+        "smoothing scales searched per layer with weights and activations quantized (AWQ-lite's formula, "
+        "a W4A4-aware objective) and folded into the RMSNorm before q/k/v and gate/up and into up_proj "
+        "before down_proj, then rounded to the nearest grid point of each block's maximum scale",
+        recipes=("w4a16_int4", *_NVFP4), cuda_only=dict.fromkeys(_NVFP4, "NVFP4 fake quantization in the search"),
+        auto_candidate=True, steps=("smooth", "max"), layer_by_layer=True),
+    "smooth+gptq": Algorithm(
+        "smoothing (as `smooth`), then GPTQ on the smoothed weights",
+        recipes=("w4a16_int4", *_NVFP4), cuda_only=dict.fromkeys(_NVFP4, "NVFP4 gptq"), auto_candidate=True,
+        memory=Memory(hessians=True), steps=("smooth", "gptq"), layer_by_layer=True),
+    "local_hessian+gptq": Algorithm(
+        "block scales by modelopt's local_hessian search, then GPTQ on those scales (modelopt's GPTQ starts "
+        "from max scales)", recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
+        scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, memory=Memory(hessians=True),
+        steps=("local_hessian", "gptq"), layer_by_layer=True),
+    "smooth+local_hessian": Algorithm(
+        "smoothing (as `smooth`), then block scales by modelopt's local_hessian search on the smoothed weights",
+        recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
+        scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, steps=("smooth", "local_hessian"),
+        layer_by_layer=True),
+    "smooth+local_hessian+gptq": Algorithm(
+        "smoothing (as `smooth`), block scales by modelopt's local_hessian search on the smoothed weights, "
+        "then GPTQ on those scales", recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
+        scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, memory=Memory(hessians=True),
+        steps=("smooth", "local_hessian", "gptq"), layer_by_layer=True),
+    AUTO: Algorithm(None, memory=Memory(trials=True), layer_by_layer=True),
 }
 """Every algorithm, in the order the config reference lists them (docs/algorithms.md)."""
 

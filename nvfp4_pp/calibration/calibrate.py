@@ -69,6 +69,7 @@ def modelopt_config(recipe: str = "nvfp4", overrides: Mapping[str, str] | None =
         entries += _preset(KV_CACHES[kv_cache])["quant_cfg"]
     methods = {_preset(RECIPES[r].preset)["algorithm"] for r in [recipe, *overrides.values()] if not RECIPES[r].is_mix}
     method = "awq_lite" if "awq_lite" in methods else "max" if "max" in methods or kv_cache else None
+    linear = _recipe_linear_settings(recipe)  # before a scale search replaces the weight quantizer's
     scale_search = ALGORITHMS[algorithm].scale_search
     if scale_search is not None:
         search = _preset(scale_search)
@@ -77,6 +78,12 @@ def modelopt_config(recipe: str = "nvfp4", overrides: Mapping[str, str] | None =
             if entry.get("quantizer_name") == "*weight_quantizer":
                 entry["cfg"] = copy.deepcopy(weight["cfg"])
         cfg["algorithm"] = {**search["algorithm"], "distributed_sync": False}
+    steps = ALGORITHMS[algorithm].steps
+    if steps:  # a stack: its steps' settings in order (calibration/layerwise.LayerAlgorithm runs them)
+        scale_step = cfg["algorithm"] if scale_search is not None else None
+        cfg["algorithm"] = [_step_config(step, linear, scale_step, options) for step in steps]
+        return cfg
+    if scale_search is not None:
         return cfg
     if algorithm != "max":
         method = algorithm
@@ -85,6 +92,27 @@ def modelopt_config(recipe: str = "nvfp4", overrides: Mapping[str, str] | None =
     settings = {"distributed_sync": False} if method == "max" else dict(options or {})
     cfg["algorithm"] = None if method is None else {"method": method, **settings}
     return cfg
+
+
+def _recipe_linear_settings(recipe: str) -> dict[str, dict | None]:
+    """The recipe's own weight and input quantizer settings (None: that quantizer off), for smoothing's search."""
+    entries = {e["quantizer_name"]: e for e in _preset(RECIPES[recipe].preset)["quant_cfg"]
+               if e.get("quantizer_name") in _LINEAR_QUANTIZERS}
+    return {name: (entries[name].get("cfg") if name in entries and entries[name].get("enable", True) else None)
+            for name in _LINEAR_QUANTIZERS}
+
+
+def _step_config(step: str, linear: dict[str, dict | None], scale_step: dict | None, options: dict | None) -> dict:
+    """One step of a stack: smoothing (with the recipe's quantizer settings its search uses), max, the
+    scale search, or GPTQ (after a scale search, from that search's scales)."""
+    if step == "smooth":
+        return {"method": "smooth", "weight": linear["*weight_quantizer"], "input": linear["*input_quantizer"]}
+    if step == "max":
+        return {"method": "max", "distributed_sync": False}
+    if step == "gptq":
+        return {"method": "gptq", **(options or {})}
+    assert scale_step is not None and scale_step["method"] == step, f"stack step {step} is its scale search"
+    return scale_step
 
 
 def check_algorithm_device(algorithm: str, recipe: str, rank: int, host: str, device: torch.device,
@@ -101,7 +129,7 @@ def check_algorithm_device(algorithm: str, recipe: str, rank: int, host: str, de
 
 def algorithm_options(cfg, algorithm: str) -> dict:
     """modelopt's settings for one of the run's algorithms: GPTQ's damping and block size where given."""
-    if algorithm != "gptq":
+    if algorithm != "gptq" and "gptq" not in ALGORITHMS[algorithm].steps:
         return {}
     named = {"perc_damp": cfg.gptq.damping, "block_size": cfg.gptq.block_size}
     return {k: v for k, v in named.items() if v is not None}

@@ -19,7 +19,7 @@ import torch
 
 from nvfp4_pp.runtime import dist
 from nvfp4_pp.calibration import layerwise
-from nvfp4_pp.algorithms.table import AUTO
+from nvfp4_pp.algorithms.table import ALGORITHMS, AUTO
 from nvfp4_pp.calibration.calibrate import ValidTokens, insert_quantizers, no_data_parallel_group, register_kv_attention
 from nvfp4_pp.config import RunConfig
 from nvfp4_pp.data.samples import MicroBatch
@@ -92,7 +92,7 @@ class LayerByLayer:
         algorithms = {name: quant_cfg["algorithm"] for name, quant_cfg in job.configs.items()}
         if not job.cfg.layerwise.enable:  # streaming alone: each layer's inputs as in one pass (BF16)
             algorithms = {name: a and {**a, "layerwise": {"get_qdq_activations_from_prev_layer": False}}
-                          for name, a in algorithms.items()}
+                          for name, a in algorithms.items()}  # (stacks and auto need layerwise.enable)
         self.algorithms = algorithms
         # A streaming stage's layers are written as they are solved: an interrupted one starts over.
         self.solved: set[int] = set() if job.streaming else job.state.solved_layers()
@@ -136,7 +136,9 @@ class LayerByLayer:
                 if index in self.solved:
                     job.state.restore_layer(index, layer)
         else:
-            quant_cfg = next(iter(job.configs.values()))  # every candidate calibrates the same quantizers
+            # every candidate calibrates the same quantizers: a scale search's (static block scales), if one has it
+            quant_cfg = next((c for name, c in job.configs.items() if ALGORITHMS[name].scale_search),
+                             next(iter(job.configs.values())))
             insert_quantizers(job.stage, {**quant_cfg, "algorithm": None})
         no_data_parallel_group(job.stage)
 

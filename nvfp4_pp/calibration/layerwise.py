@@ -33,6 +33,7 @@ from torch import nn
 from nvfp4_pp.runtime import dist
 from nvfp4_pp.calibration.calibrate import ValidTokens, running_max_collection
 from nvfp4_pp.algorithms.gptq import SolveTimes, gptq
+from nvfp4_pp.algorithms.smoothing import GroupSmoothing, smooth_layer
 from nvfp4_pp.log import logger
 from nvfp4_pp.model.stage import LayerContext, Stage
 
@@ -50,13 +51,23 @@ class LayerAlgorithm:
     layerwise mode does. GPTQ is modelopt's with its solve step from nvfp4_pp.algorithms.gptq (same bytes,
     the cost of its arithmetic); `times` collects where that solve's time went. None: a recipe with
     nothing to calibrate on data (pure MXFP4): each layer is only passed through (a streaming stage
-    still reads and writes it a window at a time)."""
+    still reads and writes it a window at a time). A list: a stack (algorithms/table.py), its steps run
+    in order on one decoder layer: smoothing (algorithms/smoothing.py), then modelopt's functions, GPTQ
+    from the scales a scale search set before it."""
 
-    def __init__(self, algorithm: dict | None, times: SolveTimes | None = None):
+    def __init__(self, algorithm: dict | list[dict] | None, times: SolveTimes | None = None,
+                 keep_scales: bool = False):
         from modelopt.torch.quantization.mode import BaseCalibrateModeDescriptor, CalibrateModeRegistry
 
         self.config = None
         self.times = times
+        self.keep_scales = keep_scales
+        self.stack: list[dict] | None = None
+        self.smoothing: list[GroupSmoothing] = []
+        """What the last smoothing step chose (a stack with `smooth`), for the log."""
+        if isinstance(algorithm, list):
+            self.stack = algorithm
+            return
         if algorithm is None:
             return
         name = BaseCalibrateModeDescriptor._get_mode_name(algorithm["method"], check=True)
@@ -65,7 +76,10 @@ class LayerAlgorithm:
 
     @property
     def feeds_quantized_outputs(self) -> bool:
-        """Whether the next layer is fed this layer's quantize-dequantize outputs (GPTQ) or BF16 ones."""
+        """Whether the next layer is fed this layer's quantize-dequantize outputs (GPTQ, the stacks: every
+        layer fitted on what it sees when served) or BF16 ones."""
+        if self.stack is not None:
+            return True
         return self.config is not None and self.config.layerwise.get_qdq_activations_from_prev_layer
 
     @property
@@ -81,6 +95,9 @@ class LayerAlgorithm:
         same amaxes, no host sync per quantizer and micro-batch), as the pipelined pass does."""
         from modelopt.torch.quantization.mode import wrapped_calib_func
 
+        if self.stack is not None:
+            self._calibrate_stack(layer, forward_loop)
+            return
         if self.config is None:
             return
         loop = forward_loop
@@ -91,8 +108,18 @@ class LayerAlgorithm:
 
         func = self.descriptor._calib_func
         if self.config.method == "gptq":
-            func = functools.partial(gptq, times=self.times)
+            func = functools.partial(gptq, times=self.times, keep_scales=self.keep_scales)
         wrapped_calib_func(layer, self.config, loop, func=func, supports_layerwise=self.descriptor._supports_layerwise)
+
+    def _calibrate_stack(self, layer: nn.Module, forward_loop: Callable[[nn.Module], None]) -> None:
+        assert self.stack is not None
+        searched = False  # a scale search set the weight quantizers' scales: GPTQ keeps them
+        for step in self.stack:
+            if step["method"] == "smooth":
+                self.smoothing = smooth_layer(layer, forward_loop, step["weight"], step["input"])
+                continue
+            LayerAlgorithm(step, self.times, keep_scales=searched).calibrate(layer, forward_loop)
+            searched = searched or step["method"] not in ("max", "gptq")
 
 
 @contextlib.contextmanager
@@ -236,6 +263,10 @@ class Solver:
             split.lap("advance")
         algorithm.calibrate(layer, lambda module: replay.replay(index, module))
         split.lap("calibrate")
+        if algorithm.smoothing:
+            logger.info("layer %d smoothing: %s", index, "; ".join(
+                f"{s.group} " + ("none" if s.alpha is None else f"alpha {s.alpha:.2f}") +
+                f" (output error {s.error:.3g}, unsmoothed {s.unsmoothed:.3g})" for s in algorithm.smoothing))
         if self.feeds_quantized(index):
             self._advance(inputs, index, layer)
             split.lap("advance")
