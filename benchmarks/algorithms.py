@@ -191,6 +191,28 @@ def transformers_kl(source: Path, out: Path, samples: list[list[int]], device: s
     return kl / count
 
 
+def evaluate_row(row: dict, model: Path, held_out: list[list[int]], device: str) -> float | None:
+    """Perplexity and KL of a finished run's checkpoint into `row` (and transformers' KL of a
+    compressed-tensors one); the BF16 perplexity, or None when there was nothing to measure."""
+    from nvfp4_pp.evaluate.quality import evaluate
+
+    if row["exit"] != 0:
+        return None
+    try:
+        results = evaluate(model, Path(row["out"]), held_out, device)
+    except Exception as e:  # a layout the decoder refuses is a finding, not a crash of the table
+        row["error"] = f"evaluate: {e}"
+        return None
+    kind = "w4a4" if "w4a4" in results else "w4a16"
+    row["ppl"], row["kl"], row["measured"] = results[kind]["perplexity"], results[kind]["kl"], kind
+    if row.get("layout") == _CT:  # a real client's reading of the same files
+        row["transformers_kl"] = transformers_kl(model, Path(row["out"]), held_out, device)
+        row["w4a16_kl"] = results["w4a16"]["kl"]
+    print(f"{row['name']}: {kind} perplexity {row['ppl']:.2f}, KL {row['kl']:.3f}"
+          f"{', ' + row['choices'] if 'choices' in row else ''}", flush=True)
+    return results["bf16"]["perplexity"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -219,34 +241,19 @@ def main() -> int:
         futures = [pool.submit(one_run, n, model, tokens, args.work, args.ranks, args.device) for n in names]
         if args.peers == "llmcompressor":
             futures.append(pool.submit(llmcompressor_gptq, model, tokens, args.work))
+        from nvfp4_pp.evaluate.quality import eval_samples
+
+        held_out = eval_samples("builtin:pydoc", args.eval_samples, args.eval_length, model)
         rows = []
-        for future in as_completed(futures):
+        bf16 = None
+        for future in as_completed(futures):  # each run evaluated as it ends, while the others go on
             rows.append(future.result())
             r = rows[-1]
             print(f"{time.perf_counter() - t0:5.0f} s  {r['name']}: exit {r['exit']} in {r['seconds']:.0f} s, "
                   f"{r.get('identity', 'not compared')}", flush=True)
+            bf16 = evaluate_row(r, model, held_out, args.device) or bf16
     rows.sort(key=lambda r: list(RUNS).index(r["name"]) if r["name"] in RUNS else len(RUNS))
     print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
-
-    from nvfp4_pp.evaluate.quality import eval_samples, evaluate
-
-    held_out = eval_samples("builtin:pydoc", args.eval_samples, args.eval_length, model)
-    bf16 = None
-    for row in rows:
-        if row["exit"] == 0:
-            try:
-                results = evaluate(model, Path(row["out"]), held_out, args.device)
-            except Exception as e:  # a layout the decoder refuses is a finding, not a crash of the table
-                row["error"] = f"evaluate: {e}"
-                continue
-            bf16 = results["bf16"]["perplexity"]
-            kind = "w4a4" if "w4a4" in results else "w4a16"
-            row["ppl"], row["kl"] = results[kind]["perplexity"], results[kind]["kl"]
-            row["measured"] = kind
-            if row.get("layout") == _CT:  # a real client's reading of the same files
-                row["transformers_kl"] = transformers_kl(model, Path(row["out"]), held_out, args.device)
-                row["w4a16_kl"] = results["w4a16"]["kl"]
-            print(f"{row['name']}: {kind} perplexity {row['ppl']:.2f}, KL {row['kl']:.3f} (BF16 {bf16:.2f})", flush=True)
 
     lines = [f"SmolLM2-135M ({args.model}), calibration {args.samples} x {args.seq} tokens of the built-in corpus, "
              f"held-out {len(held_out)} x {args.eval_length} tokens; {args.ranks} ranks on one "
