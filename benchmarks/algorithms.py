@@ -64,6 +64,7 @@ RUNS = {
     "w4a16_nvfp4-max": Run("w4a16_nvfp4", "max", None, False),
     "w4a16_nvfp4-gptq-layerwise": Run("w4a16_nvfp4", "gptq", "sequential", True),
     # the project's own per-layer algorithms (no modelopt equivalent): written in the layout vLLM serves
+    "nvfp4-max-ct": Run("nvfp4", "max", None, False, _CT),
     "int4-smooth": Run("w4a16_int4", "smooth", "sequential", False, _CT),
     "int4-smooth+gptq": Run("w4a16_int4", "smooth+gptq", "sequential", False, _CT),
     "nvfp4-smooth": Run("nvfp4", "smooth", "sequential", False, _CT),
@@ -173,22 +174,43 @@ model.save_pretrained({str(out)!r}, save_compressed=True)
     return row
 
 
-def transformers_kl(source: Path, out: Path, samples: list[list[int]], device: str) -> float:
+def transformers_kl(source: Path, out: Path, samples: list[list[int]], device: str = "cpu") -> float:
     """Mean KL to BF16 of the checkpoint as transformers + compressed-tensors load it (weights dequantized,
     BF16 activations: `evaluate`'s w4a16 figure, which it must equal)."""
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-
     from nvfp4_pp.evaluate.quality import log_probs
 
-    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device).eval()
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map=device,
-                                                 quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    reference, model = _bf16(source, device), _transformers_load(out, device)
     kl, count = 0.0, 0
     for ids in samples:
         ref, lp = log_probs(reference, ids, torch.device(device)), log_probs(model, ids, torch.device(device))
         kl += float((ref.exp() * (ref - lp)).sum())
         count += len(ids) - 1
     return kl / count
+
+
+def _bf16(source: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).to(device).eval()
+
+
+def _transformers_load(out: Path, device: str):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map=device,
+                                                quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+
+
+def load_device_differences(out: Path) -> str:
+    """Which weights transformers + compressed-tensors dequantize differently when loading onto the GPU
+    than onto the CPU (the CPU load is the one tests/test_quality.py ties to nvfp4_pp's decoder)."""
+    cpu = _transformers_load(out, "cpu").state_dict()
+    gpu = {k: v.cpu() for k, v in _transformers_load(out, "cuda").state_dict().items()}
+    differ = [(k, float((cpu[k].float() - gpu[k].float()).abs().max())) for k in cpu if not torch.equal(cpu[k], gpu[k])]
+    if not differ:
+        return "same on GPU and CPU"
+    worst = max(differ, key=lambda d: d[1])
+    return f"{len(differ)} of {len(cpu)} tensors differ on the GPU, e.g. {differ[0][0]}; worst {worst[0]} by {worst[1]:.3g}"
 
 
 def evaluate_row(row: dict, model: Path, held_out: list[list[int]], device: str) -> float | None:
@@ -205,9 +227,12 @@ def evaluate_row(row: dict, model: Path, held_out: list[list[int]], device: str)
         return None
     kind = "w4a4" if "w4a4" in results else "w4a16"
     row["ppl"], row["kl"], row["measured"] = results[kind]["perplexity"], results[kind]["kl"], kind
-    if row.get("layout") == _CT:  # a real client's reading of the same files
-        row["transformers_kl"] = transformers_kl(model, Path(row["out"]), held_out, device)
+    if row.get("layout") == _CT:  # a real client's reading of the same files, on the CPU (and GPU)
+        row["transformers_kl"] = transformers_kl(model, Path(row["out"]), held_out)
         row["w4a16_kl"] = results["w4a16"]["kl"]
+        if device == "cuda":
+            row["transformers_gpu"] = (f"KL {transformers_kl(model, Path(row['out']), held_out, device):.4f}; "
+                                       + load_device_differences(Path(row["out"])))
     print(f"{row['name']}: {kind} perplexity {row['ppl']:.2f}, KL {row['kl']:.3f}"
           f"{', ' + row['choices'] if 'choices' in row else ''}", flush=True)
     return results["bf16"]["perplexity"]
@@ -263,9 +288,10 @@ def main() -> int:
              "|---|---|---|---|---:|---:|---|---|---:|"]
     ct_lines = ["", "Compressed-tensors outputs loaded by transformers + compressed-tensors (weights dequantized, "
                 "BF16 activations) against nvfp4_pp's decoder, the same files:", "",
-                "| run | W4A16 KL, nvfp4_pp's decoder | W4A16 KL, transformers | verify |", "|---|---:|---:|---|"]
-    ct_lines += [f"| {r['name']} | {r['w4a16_kl']:.4f} | {r['transformers_kl']:.4f} | {r.get('verify', '-')} |"
-                 for r in rows if "transformers_kl" in r]
+                "| run | W4A16 KL, nvfp4_pp's decoder | W4A16 KL, transformers (CPU) | verify | transformers on the GPU |",
+                "|---|---:|---:|---|---|"]
+    ct_lines += [f"| {r['name']} | {r['w4a16_kl']:.4f} | {r['transformers_kl']:.4f} | {r.get('verify', '-')} | "
+                 f"{r.get('transformers_gpu', '-')} |" for r in rows if "transformers_kl" in r]
     for r in rows:
         quality = (f"{r['ppl']:.2f} | {r['kl']:.3f} | {r['measured']}" if "ppl" in r
                    else f"- | - | {('FAILED: ' + r.get('error', '')[-120:]).replace('|', '/').replace(chr(10), ' ')}")
