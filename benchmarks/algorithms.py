@@ -213,6 +213,12 @@ def load_device_differences(out: Path) -> str:
     return f"{len(differ)} of {len(cpu)} tensors differ on the GPU, e.g. {differ[0][0]}; worst {worst[0]} by {worst[1]:.3g}"
 
 
+def _version(module: str) -> str:
+    import importlib
+
+    return getattr(importlib.import_module(module), "__version__", "?")
+
+
 def evaluate_row(row: dict, model: Path, held_out: list[list[int]], device: str) -> float | None:
     """Perplexity and KL of a finished run's checkpoint into `row` (and transformers' KL of a
     compressed-tensors one); the BF16 perplexity, or None when there was nothing to measure."""
@@ -283,7 +289,8 @@ def main() -> int:
     lines = [f"SmolLM2-135M ({args.model}), calibration {args.samples} x {args.seq} tokens of the built-in corpus, "
              f"held-out {len(held_out)} x {args.eval_length} tokens; {args.ranks} ranks on one "
              f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU'} (gloo); BF16 perplexity "
-             f"{bf16 or float('nan'):.2f}",
+             f"{bf16 or float('nan'):.2f}; transformers {_version('transformers')}, compressed-tensors "
+             f"{_version('compressed_tensors')}, modelopt {_version('modelopt')}",
              "", "| run | recipe | algorithm | layer by layer | ppl | KL | measured | vs modelopt 1 process | s |",
              "|---|---|---|---|---:|---:|---|---|---:|"]
     ct_lines = ["", "Compressed-tensors outputs loaded by transformers + compressed-tensors (weights dequantized, "
