@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import torch
 from helpers import REPO, load_tensors, read_json, run_nvfp4_pp, tensor_differences, write_config
 
 RECIPE = "w4a16_int4"
@@ -38,12 +39,12 @@ STAGE0 = tuple(f"model.layers.{i}." for i in range(SPLIT[0])) + ("model.embed_to
 
 
 def _config(path: Path, smol_dir: Path, token_file: Path | None, out: Path, calibration: dict | None = None,
-            stream: str = "auto", **sections) -> Path:
+            stream: str = "auto", layers: list[int] = SPLIT, **sections) -> Path:
     """The test samples (as modelopt's reference reads them), unless `calibration` says otherwise."""
     return write_config(
         path, model=str(smol_dir), output=str(out), format="modelopt", recipe=RECIPE, ignore=IGNORE,
         calibration=calibration or {"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
-        pipeline={"timeout_s": 120, "layers": SPLIT, "stream": stream}, serving={"target": "none"}, **sections)
+        pipeline={"timeout_s": 120, "layers": layers, "stream": stream}, serving={"target": "none"}, **sections)
 
 
 def _reference(smol_dir: Path, token_file: Path, out: Path, *options: str) -> Path:
@@ -249,4 +250,33 @@ def test_auto_keeps_per_layer_the_candidate_with_the_least_held_out_error(smol8,
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "layer 0: solved before, replayed" in result.stdout + result.stderr
     assert [c for rank in read_json(resumed / "nvfp4_pp.json")["ranks"] for c in rank["choices"]] == choices
+    assert tensor_differences(load_tensors(resumed), ours) == []
+
+
+def test_a_stack_across_ranks_is_the_same_stack_in_one_process_and_resumes(smol8, token_file, work):
+    """`smooth+gptq`, the project's own composition (modelopt 0.47 has no equivalent): 3 ranks (sequential
+    boundary) write the bytes one process writes, every layer's smoothing folded into up_proj; a rank
+    killed after its second layer resumes to the same bytes."""
+    outputs = {}
+    for ranks, layers in ((3, SPLIT), (1, [LAYERS])):
+        outputs[ranks] = work / f"stack-{ranks}"
+        config = _config(work / f"stack-{ranks}.yaml", smol8, token_file, outputs[ranks], layers=layers,
+                         algorithm="smooth+gptq", layerwise={"enable": True, "boundary": "sequential"})
+        result = run_nvfp4_pp(config, ranks)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_json(outputs[3] / "nvfp4_pp.json")["verification"] == "passed"
+    ours = load_tensors(outputs[3])
+    assert tensor_differences(ours, load_tensors(outputs[1])) == []
+    source = load_tensors(smol8)
+    smoothed = [i for i in range(LAYERS) if not torch.equal(ours[f"model.layers.{i}.mlp.up_proj.weight"],
+                                                              source[f"model.layers.{i}.mlp.up_proj.weight"])]
+    assert smoothed, "no layer kept its smoothing"  # (up_proj is BF16 here: it carries the fold)
+
+    resumed = work / "stack-resumed"
+    config = _config(work / "stack-resumed.yaml", smol8, token_file, resumed, algorithm="smooth+gptq",
+                     layerwise={"enable": True, "boundary": "sequential"})
+    _kill_rank0_after_layer_1(config, work / "stack-killed.log")
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "layer 0: solved before, replayed" in result.stdout + result.stderr
     assert tensor_differences(load_tensors(resumed), ours) == []
