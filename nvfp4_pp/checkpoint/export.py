@@ -25,6 +25,7 @@ from nvfp4_pp.checkpoint.formats import CheckpointFormat
 from nvfp4_pp.checkpoint.linear_stats import PendingStats, linear_stats, read_back
 from nvfp4_pp.log import logger
 from nvfp4_pp.progress import Progress
+from nvfp4_pp.runtime.host_malloc import give_back_freed_memory
 from nvfp4_pp.records import ExportResult
 from nvfp4_pp.sizes import EXPORT_CHUNK_ELEMENTS, EXPORT_QUEUE_LAYERS
 from nvfp4_pp.model.source import SourceCheckpoint
@@ -396,6 +397,7 @@ class StageExporter:
                 if tensor.device.type == "cuda":
                     tensor.record_stream(self.stream)
         release(layer, done)
+        give_back_freed_memory()  # the packing temporaries' (and on a CPU stage the calibration's) freed pages
         with self._counts:
             self._packed += 1
             self._counts.notify_all()

@@ -43,6 +43,9 @@ measured peaks by tests/test_budget_run.py on CPU):
   and its device holds cuBLAS workspaces and allocator blocks beside the tensors:
   CUDA_DEVICE_BYTES (a 135M model on an H100 peaked 20-30 MB above the other terms).
 - baseline: the process's own measured RSS at start (budget.RankFacts.baseline).
+
+Memory freed is not counted: the exporter gives malloc's free pages back after each layer
+(runtime/host_malloc), else glibc keeps freed megabyte temporaries and the RSS outgrows these terms.
 """
 
 from __future__ import annotations
