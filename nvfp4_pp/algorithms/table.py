@@ -88,6 +88,12 @@ def _scale_search(card: str, preset: str, name: str, auto_candidate: bool = Fals
                      auto_candidate=auto_candidate)
 
 
+_SMOOTHING = ("per-channel smoothing scales searched per decoder layer through the recipe's own quantizers "
+              "(AWQ-lite's formula; weights and, where the recipe quantizes them, activations), folded into the RMSNorm before q/k/v and "
+              "gate/up and into up_proj before down_proj (the checkpoint carries no pre-quant scale)")
+_LOCAL_HESSIAN = ("NVFP4 block scales searched to minimize each block's output error weighted by its local Hessian "
+                  "(modelopt's local_hessian, FP8 scale sweep)")
+
 RECIPES: dict[str, Recipe] = {
     "nvfp4": Recipe(
         "NVFP4_DEFAULT_CFG", ("nvfp4",),
@@ -133,9 +139,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "awq_lite": Algorithm(
         "AWQ-lite (modelopt): per-channel pre-scales searched on the calibration data",
         recipes=("w4a16_int4",), auto_candidate=True),  # NVFP4 with AWQ-lite is recipe nvfp4_awq
-    "local_hessian": _scale_search(
-        "NVFP4 block scales searched to minimize each block's output error weighted by its local "
-        "Hessian (modelopt's local_hessian, FP8 scale sweep)", "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", "local_hessian", auto_candidate=True),
+    "local_hessian": _scale_search(_LOCAL_HESSIAN, "NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", "local_hessian", auto_candidate=True),
     "mse": _scale_search(
         "NVFP4 block scales searched to minimize the weight's squared error over the FP8 scale values "
         "(modelopt's mse, FP8 scale sweep)", "NVFP4_W4A4_WEIGHT_MSE_FP8_SWEEP_CFG", "mse"),
@@ -143,28 +147,27 @@ ALGORITHMS: dict[str, Algorithm] = {
         "Four-Over-Six: per block, the FP4 grid's maximum mapped to 4 or 6, whichever errs less "
         "(modelopt's NVFP4_FOUR_OVER_SIX_CFG)", "NVFP4_FOUR_OVER_SIX_CFG", "four_over_six"),
     "smooth": Algorithm(
-        "smoothing scales searched per layer with weights and activations quantized (AWQ-lite's formula, "
-        "a W4A4-aware objective) and folded into the RMSNorm before q/k/v and gate/up and into up_proj "
-        "before down_proj, then rounded to the nearest grid point of each block's maximum scale",
+        f"{_SMOOTHING}; then rounded to the nearest grid point of the scale each block's maximum sets",
         recipes=("w4a16_int4", *_NVFP4), cuda_only=dict.fromkeys(_NVFP4, "NVFP4 fake quantization in the search"),
         auto_candidate=True, steps=("smooth", "max"), layer_by_layer=True),
     "smooth+gptq": Algorithm(
-        "smoothing (as `smooth`), then GPTQ on the smoothed weights",
+        f"{_SMOOTHING}; then GPTQ (modelopt's, each rounding error compensated in the columns not yet rounded) "
+        "on the smoothed weights",
         recipes=("w4a16_int4", *_NVFP4), cuda_only=dict.fromkeys(_NVFP4, "NVFP4 gptq"), auto_candidate=True,
         memory=Memory(hessians=True), steps=("smooth", "gptq"), layer_by_layer=True),
     "local_hessian+gptq": Algorithm(
-        "block scales by modelopt's local_hessian search, then GPTQ on those scales (modelopt's GPTQ starts "
-        "from max scales)", recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
+        f"{_LOCAL_HESSIAN}; then GPTQ rounding to those scales (modelopt's GPTQ starts from max scales)",
+        recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
         scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, memory=Memory(hessians=True),
         steps=("local_hessian", "gptq"), layer_by_layer=True),
     "smooth+local_hessian": Algorithm(
-        "smoothing (as `smooth`), then block scales by modelopt's local_hessian search on the smoothed weights",
+        f"{_SMOOTHING}; then {_LOCAL_HESSIAN} on the smoothed weights",
         recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
         scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, steps=("smooth", "local_hessian"),
         layer_by_layer=True),
     "smooth+local_hessian+gptq": Algorithm(
-        "smoothing (as `smooth`), block scales by modelopt's local_hessian search on the smoothed weights, "
-        "then GPTQ on those scales", recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
+        f"{_SMOOTHING}; then {_LOCAL_HESSIAN} on the smoothed weights; then GPTQ rounding to those scales",
+        recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
         scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, memory=Memory(hessians=True),
         steps=("smooth", "local_hessian", "gptq"), layer_by_layer=True),
     AUTO: Algorithm(None, memory=Memory(trials=True), layer_by_layer=True),
