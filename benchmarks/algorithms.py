@@ -11,6 +11,9 @@ For each run (recipe x algorithm x layer-by-layer mode, list below) the script
      and compares every tensor;
   3. measures perplexity and mean KL vs BF16 of the written checkpoint on held-out text (the end of the
      built-in corpus; calibration reads its start) with the project's own decoders (nvfp4_pp.evaluate);
+  4. for runs written in the compressed-tensors layout (nvfp4_pp's own smoothing, stacks and `auto`),
+     the same KL as transformers + compressed-tensors loads the files (weights dequantized), beside the
+     decoder's W4A16 figure, and on a GPU which weights that load dequantizes differently there;
 plus llm-compressor's GPTQ W4A16 g128 (GPTQModifier, scheme W4A16) of the same samples, evaluated the
 same way. Calibration: `--samples` x `--seq` tokens of the built-in corpus. One markdown table out.
 INT4 runs keep BF16 every Linear whose input width is no multiple of 128 (SmolLM2: all but down_proj).
