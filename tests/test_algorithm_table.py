@@ -100,10 +100,12 @@ def test_the_planner_counts_each_algorithms_memory_terms():
 
     def held(*names: str) -> int:
         terms = memory_terms(names)
-        return algorithm_bytes(sizes, Workload(1, 16, 64, terms.hessians, True, terms.trials), layers=4)
+        return algorithm_bytes(sizes, Workload(1, 16, 64, terms.hessians, True, terms.trials, terms.smoothing),
+                               layers=4)
 
     base = held("max")
-    assert held("gptq") > base and held(AUTO, "max", "awq_lite") > base
+    assert held("gptq") > base and held(AUTO, "max", "awq_lite") > base and held("smooth") > base
+    assert held("smooth+gptq") == held("gptq") + held("smooth") - base  # the stack's terms add up
     assert held(AUTO, "max", "gptq") > held(AUTO, "max", "awq_lite") > held("awq_lite") == base
     for name in RECIPES:  # FP8 Linears are counted at FP8's size on disk
         fp8 = written_bytes(sizes, name, 0, 4, False, False) > written_bytes(sizes, "nvfp4", 0, 4, False, False)

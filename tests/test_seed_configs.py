@@ -108,7 +108,8 @@ def test_seed_config_is_valid_for_the_real_model_shape(name, tmp_path):
     terms = memory_terms({cfg.algorithm, *cfg.algorithms})
     workload = Workload(cfg.calibration.batch_size, cfg.calibration.max_length,
                         calibration_tokens=cfg.calibration.samples * cfg.calibration.max_length,
-                        hessians=terms.hessians, layer_major=cfg.layerwise.enable, trials=terms.trials)
+                        hessians=terms.hessians, layer_major=cfg.layerwise.enable, trials=terms.trials,
+                        smoothing=terms.smoothing)
     plans = plan_stages(sizes, budgets(target_hardware(nnodes, small_last=cfg.pipeline.layers != "auto"),
                                        cfg.pipeline.memory_limit_gb, cfg.pipeline.reserve_gb),
                         cfg.pipeline.layers, workload, stream=cfg.pipeline.stream)

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from nvfp4_pp.algorithms.table import SMOOTHING_ROWS
+
 FOLDABLE_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 """RMSNorm classes whose output is `weight * normalized(x)` (Gemma's is `(1 + weight) * ...`: not listed)."""
 
@@ -30,7 +32,7 @@ ALPHAS = tuple(i / 20 for i in range(21))
 """The exponents searched (AWQ-lite's formula), besides no smoothing at all."""
 
 ROWS_PER_BATCH = 256
-"""Tokens kept per micro-batch for the search (evenly spaced): bounds its memory on long sequences."""
+"""Tokens kept per micro-batch for the search (evenly spaced): the search sees every micro-batch."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,11 +96,16 @@ def smooth_layer(layer: nn.Module, forward_loop: Callable[[nn.Module], None], we
     weights_quantized = {id(m): _quantized(m, "weight") for g in groups for m in g.linears}
     kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(groups))}
 
+    thinning = {i: 1 for i in kept}
+
     def keep(i: int):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
             step = max(1, x.shape[0] // ROWS_PER_BATCH)
-            kept[i].append(x[::step][:ROWS_PER_BATCH])
+            kept[i].append(x[::step][:ROWS_PER_BATCH][::thinning[i]])
+            if sum(len(k) for k in kept[i]) > SMOOTHING_ROWS:  # every other kept token dropped, and from now on
+                kept[i] = [k[::2] for k in kept[i]]
+                thinning[i] *= 2
         return hook
 
     handles = [g.linears[0].register_forward_pre_hook(keep(i)) for i, g in enumerate(groups)]

@@ -54,6 +54,12 @@ class Memory:
     """FP32 Hessians per Linear (GPTQ): the whole stage's when flat, one layer's when layer by layer."""
     trials: bool = False
     """Each candidate fits a copy of the layer, judged on held-out outputs (`auto`)."""
+    smoothing: bool = False
+    """A layer's group inputs (at most SMOOTHING_ROWS tokens) and the search's FP32 copies (`smooth`)."""
+
+
+SMOOTHING_ROWS = 4096
+"""Tokens of each group's inputs the smoothing search keeps (evenly thinned beyond): bounds its memory."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,12 +155,12 @@ ALGORITHMS: dict[str, Algorithm] = {
     "smooth": Algorithm(
         f"{_SMOOTHING}; then rounded to the nearest grid point of the scale each block's maximum sets",
         recipes=("w4a16_int4", *_NVFP4), cuda_only=dict.fromkeys(_NVFP4, "NVFP4 fake quantization in the search"),
-        auto_candidate=True, steps=("smooth", "max"), layer_by_layer=True),
+        auto_candidate=True, memory=Memory(smoothing=True), steps=("smooth", "max"), layer_by_layer=True),
     "smooth+gptq": Algorithm(
         f"{_SMOOTHING}; then GPTQ (modelopt's, each rounding error compensated in the columns not yet rounded) "
         "on the smoothed weights",
         recipes=("w4a16_int4", *_NVFP4), cuda_only=dict.fromkeys(_NVFP4, "NVFP4 gptq"), auto_candidate=True,
-        memory=Memory(hessians=True), steps=("smooth", "gptq"), layer_by_layer=True),
+        memory=Memory(hessians=True, smoothing=True), steps=("smooth", "gptq"), layer_by_layer=True),
     "local_hessian+gptq": Algorithm(
         f"{_LOCAL_HESSIAN}; then GPTQ rounding to those scales (modelopt's GPTQ starts from max scales)",
         recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
@@ -163,13 +169,14 @@ ALGORITHMS: dict[str, Algorithm] = {
     "smooth+local_hessian": Algorithm(
         f"{_SMOOTHING}; then {_LOCAL_HESSIAN} on the smoothed weights",
         recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
-        scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, steps=("smooth", "local_hessian"),
+        scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, memory=Memory(smoothing=True),
+        steps=("smooth", "local_hessian"),
         layer_by_layer=True),
     "smooth+local_hessian+gptq": Algorithm(
         f"{_SMOOTHING}; then {_LOCAL_HESSIAN} on the smoothed weights; then GPTQ rounding to those scales",
         recipes=_NVFP4, cuda_only=dict.fromkeys(_NVFP4, "NVFP4 local_hessian"),
-        scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True, memory=Memory(hessians=True),
-        steps=("smooth", "local_hessian", "gptq"), layer_by_layer=True),
+        scale_search="NVFP4_W4A4_WEIGHT_LOCAL_HESSIAN_CFG", auto_candidate=True,
+        memory=Memory(hessians=True, smoothing=True), steps=("smooth", "local_hessian", "gptq"), layer_by_layer=True),
     AUTO: Algorithm(None, memory=Memory(trials=True), layer_by_layer=True),
 }
 """Every algorithm, in the order the config reference lists them (docs/algorithms.md)."""
@@ -202,4 +209,5 @@ else:
 def memory_terms(algorithms: Iterable[str]) -> Memory:
     """What the run's algorithm (with `auto`, also its candidates) holds, as the planner counts it."""
     terms = [ALGORITHMS[name].memory for name in algorithms]
-    return Memory(hessians=any(t.hessians for t in terms), trials=any(t.trials for t in terms))
+    return Memory(hessians=any(t.hessians for t in terms), trials=any(t.trials for t in terms),
+                  smoothing=any(t.smoothing for t in terms))

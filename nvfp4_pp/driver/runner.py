@@ -305,7 +305,7 @@ class Run:
         terms = memory_terms({self.cfg.algorithm, *self.cfg.algorithms})
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
                             calibration_tokens=self.samples.manifest.tokens, hessians=terms.hessians,
-                            layer_major=self.cfg.layerwise.enable, trials=terms.trials)
+                            layer_major=self.cfg.layerwise.enable, trials=terms.trials, smoothing=terms.smoothing)
 
         sizes = self.sizes = ModelSizes.from_source(self.source, self.arch)
 

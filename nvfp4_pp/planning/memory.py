@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from nvfp4_pp.algorithms.table import RECIPES
+from nvfp4_pp.algorithms.table import RECIPES, SMOOTHING_ROWS
 from nvfp4_pp.model.arch import Architecture
 from nvfp4_pp.sizes import DEFAULT_SHARD_BYTES, EXPORT_CHUNK_ELEMENTS, EXPORT_QUEUE_LAYERS, WRITE_WORKERS
 from nvfp4_pp.model.source import SourceCheckpoint
@@ -158,6 +158,8 @@ class Workload:
     whole set's hidden states, and one layer's Hessians."""
     trials: bool = False
     """`algorithm: auto`: each candidate fits a copy of the layer, judged on held-out outputs."""
+    smoothing: bool = False
+    """`smooth` (or a stack with it): a layer's group inputs and its search's copies (smoothing_bytes)."""
 
     @property
     def tokens(self) -> int:
@@ -199,17 +201,30 @@ def gptq_solve_bytes(s: ModelSizes) -> int:
     return 3 * s.largest_hessian_bytes + 4 * s.largest_linear
 
 
+def smoothing_bytes(s: ModelSizes) -> int:
+    """The smoothing search of one layer (algorithms/smoothing.py): every group's inputs kept (SMOOTHING_ROWS
+    tokens of q/k/v's, gate/up's and down_proj's input widths); for the widest group, its inputs scaled in
+    FP32 and quantized, its Linears' FP32 reference outputs, and one weight's FP32 scaled and quantized copies."""
+    rows, b = SMOOTHING_ROWS, s.dtype_bytes
+    widest = max(s.hidden, s.intermediate)
+    outputs = max(s.heads * s.head_dim + 2 * s.kv_heads * s.head_dim, 2 * s.intermediate, s.hidden)
+    return (rows * (2 * s.hidden + s.intermediate) * b + rows * widest * (4 + 2 * b) + rows * outputs * 4
+            + s.largest_linear // b * (4 + 2 * b))
+
+
 def algorithm_bytes(s: ModelSizes, w: Workload, layers: int) -> int:
     """What the calibration algorithm holds beside the weights: GPTQ's Hessians (every Linear of the
     stage at once when flat, one layer's when layer by layer) and the solve of one Linear; layer by
     layer, also the whole set's hidden states twice (a layer's inputs and its outputs); under `auto`,
     a candidate's copy of the largest layer and the held-out outputs it is judged on (both its own and
-    the BF16 layer's: at most the set's hidden states once more)."""
+    the BF16 layer's: at most the set's hidden states once more); with smoothing, its search of one layer
+    (smoothing works layer by layer only)."""
     gptq = (s.layer_hessian_bytes * (1 if w.layer_major else layers) + gptq_solve_bytes(s)) if w.hessians else 0
     hidden_states = w.calibration_tokens * s.hidden * s.dtype_bytes
     trials = max(s.layer_bytes, default=0) + hidden_states if w.trials else 0
+    smoothing = smoothing_bytes(s) if w.smoothing else 0
     if w.layer_major:
-        return 2 * hidden_states + gptq + trials
+        return 2 * hidden_states + gptq + trials + smoothing
     return gptq
 
 
