@@ -116,7 +116,8 @@ class LayerByLayer:
         if job.cfg.algorithm == AUTO:
             self.chooser = LayerChooser(job.stage, self.algorithms,
                                         held_out_count(len(inputs.hidden), job.cfg.auto.held_out))
-        elif "gptq" in self.algorithms:  # one progress line over the stage's solves
+        elif any(n == "gptq" or "gptq" in ALGORITHMS[n].steps for n in self.algorithms):  # one progress line
+            # over the stage's solves (GPTQ alone or a stack's last step)
             job.solve_times.progress = solve_progress(job.stage, self.solved)
         t0 = time.perf_counter()
         outputs = self._solve(inputs, relay if job.boundary == "sequential" else None)
