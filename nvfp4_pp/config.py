@@ -252,8 +252,8 @@ class AutoConfig:
     candidates: list[CandidateName] = dataclasses.field(default_factory=list)
     """Algorithms tried on each layer; empty: every one of them that fits the recipe and format. Each
     fits a copy of the layer on the calibration micro-batches not held out; the one whose output errs
-    least on the held-out ones is then fitted on all of them. (The NVFP4 scale searches set another
-    weight quantizer than the recipe's and are not mixed per layer.)"""
+    least on the held-out ones is then fitted on all of them. (With a candidate that searches NVFP4
+    block scales, every layer gets that search's static-scale weight quantizer.)"""
     held_out: float = 0.25
     """Share of the calibration micro-batches (the last ones; at least one, and one left to fit on; at
     most half) on which each candidate's layer output is compared with the BF16 layer's."""
