@@ -95,16 +95,16 @@ def smooth_layer(layer: nn.Module, forward_loop: Callable[[nn.Module], None], we
     inputs_quantized = {g.name: input_cfg is not None and _quantized(g.linears[0], "input") for g in groups}
     weights_quantized = {id(m): _quantized(m, "weight") for g in groups for m in g.linears}
     kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(groups))}
-
     thinning = {i: 1 for i in kept}
 
     def keep(i: int):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
             step = max(1, x.shape[0] // ROWS_PER_BATCH)
-            kept[i].append(x[::step][:ROWS_PER_BATCH][::thinning[i]])
+            # copies, not views: a view would keep the whole micro-batch's input alive
+            kept[i].append(x[::step][:ROWS_PER_BATCH][::thinning[i]].clone())
             if sum(len(k) for k in kept[i]) > SMOOTHING_ROWS:  # every other kept token dropped, and from now on
-                kept[i] = [k[::2] for k in kept[i]]
+                kept[i] = [k[::2].clone() for k in kept[i]]
                 thinning[i] *= 2
         return hook
 
