@@ -29,10 +29,15 @@ def _preset(name: str) -> dict:
     return copy.deepcopy(getattr(mtq, name))
 
 
+def _linear_entries(recipe: str) -> dict[str, dict]:
+    """`recipe`'s own `*weight_quantizer` / `*input_quantizer` entries (those its preset has)."""
+    return {e["quantizer_name"]: e for e in _preset(RECIPES[recipe].preset)["quant_cfg"]
+            if e.get("quantizer_name") in _LINEAR_QUANTIZERS}
+
+
 def _pattern_entries(recipe: str, pattern: str) -> list[dict]:
     """`recipe`'s weight and input quantizer settings, restricted to modules matching `pattern`."""
-    base = _preset(RECIPES[recipe].preset)
-    entries = {e["quantizer_name"]: e for e in base["quant_cfg"] if e.get("quantizer_name") in _LINEAR_QUANTIZERS}
+    entries = _linear_entries(recipe)
     out = []
     for name in _LINEAR_QUANTIZERS:
         scoped = f"{pattern}.{name.lstrip('*')}"
@@ -96,8 +101,7 @@ def modelopt_config(recipe: str = "nvfp4", overrides: Mapping[str, str] | None =
 
 def _recipe_linear_settings(recipe: str) -> dict[str, dict | None]:
     """The recipe's own weight and input quantizer settings (None: that quantizer off), for smoothing's search."""
-    entries = {e["quantizer_name"]: e for e in _preset(RECIPES[recipe].preset)["quant_cfg"]
-               if e.get("quantizer_name") in _LINEAR_QUANTIZERS}
+    entries = _linear_entries(recipe)
     return {name: (entries[name].get("cfg") if name in entries and entries[name].get("enable", True) else None)
             for name in _LINEAR_QUANTIZERS}
 
