@@ -92,8 +92,6 @@ def smooth_layer(layer: nn.Module, forward_loop: Callable[[nn.Module], None], we
     from modelopt.torch.quantization.conversion import set_quantizer_by_cfg_context
 
     groups = [g for g in smoothing_groups(layer) if any(_quantized(m, "weight") for m in g.linears)]
-    inputs_quantized = {g.name: input_cfg is not None and _quantized(g.linears[0], "input") for g in groups}
-    weights_quantized = {id(m): _quantized(m, "weight") for g in groups for m in g.linears}
     kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(groups))}
     thinning = {i: 1 for i in kept}
 
@@ -116,11 +114,10 @@ def smooth_layer(layer: nn.Module, forward_loop: Callable[[nn.Module], None], we
         for handle in handles:
             handle.remove()
     chosen = []
-    for i, group in enumerate(groups):
-        x = torch.cat(kept.pop(i))
-        quantize_weight = {m: weight_cfg if weights_quantized[id(m)] else None for m in group.linears}
-        result, scales = _search(group, x, quantize_weight, input_cfg if inputs_quantized[group.name] else None,
-                                 alphas)
+    for i, group in enumerate(groups):  # (the quantizers are as inserted again: on where the recipe has them)
+        weight_cfgs = [weight_cfg if _quantized(m, "weight") else None for m in group.linears]
+        result, scales = _search(group, torch.cat(kept.pop(i)), weight_cfgs,
+                                 input_cfg if _quantized(group.linears[0], "input") else None, alphas)
         if scales is not None:
             fold(group, scales)
         chosen.append(result)
@@ -132,12 +129,11 @@ def _quantized(linear: nn.Linear, which: str) -> bool:
     return bool(getattr(getattr(linear, f"{which}_quantizer", None), "is_enabled", False))
 
 
-def _search(group: SmoothGroup, x: torch.Tensor, weight_cfgs: dict[nn.Linear, dict | None], input_cfg: dict | None,
+def _search(group: SmoothGroup, x: torch.Tensor, weight_cfgs: list[dict | None], input_cfg: dict | None,
             alphas: tuple[float, ...]) -> tuple[GroupSmoothing, torch.Tensor | None]:
     """The exponent whose scaled, quantized Linears give the group's BF16 outputs best; None if none beats
-    no smoothing. `weight_cfgs`: each Linear's weight quantizer settings (None: one left unquantized)."""
+    no smoothing. `weight_cfgs`: each Linear's weight quantizer settings, in order (None: left unquantized)."""
     weights = [m.weight for m in group.linears]
-    cfgs = [weight_cfgs[m] for m in group.linears]
     reference = [nn.functional.linear(x, w).float() for w in weights]
     norm = sum(float(r.pow(2).sum()) for r in reference) or 1.0
     act = x.abs().float().mean(0)
@@ -147,7 +143,7 @@ def _search(group: SmoothGroup, x: torch.Tensor, weight_cfgs: dict[nn.Linear, di
         xs = x if scales is None else (x.float() / scales).to(x.dtype)
         xq = _fake_quantized(input_cfg, xs)
         total = 0.0
-        for w, cfg, r in zip(weights, cfgs, reference):
+        for w, cfg, r in zip(weights, weight_cfgs, reference):
             ws = w if scales is None else (w.float() * scales).to(w.dtype)
             total += float((nn.functional.linear(xq, _fake_quantized(cfg, ws)).float() - r).pow(2).sum())
         return total / norm
@@ -197,7 +193,7 @@ def fold(group: SmoothGroup, scales: torch.Tensor) -> None:
     weight = source.weight
     assert isinstance(weight, torch.Tensor), f"{group.name}: its source has a weight"
     if isinstance(source, nn.Linear):  # its output rows (and bias) divided
-        source.weight.copy_((source.weight.float() / scales[:, None]).to(source.weight.dtype))
+        weight.copy_((weight.float() / scales[:, None]).to(weight.dtype))
         if source.bias is not None:
             source.bias.copy_((source.bias.float() / scales).to(source.bias.dtype))
         factor = scales
