@@ -257,6 +257,12 @@ class AutoConfig:
     held_out: float = 0.25
     """Share of the calibration micro-batches (the last ones; at least one, and one left to fit on; at
     most half) on which each candidate's layer output is compared with the BF16 layer's."""
+    guard: bool = True
+    """Every candidate also runs alone beside `auto` (its own copy of each layer, on its own inputs), and
+    before export the run keeps whichever model's next-token distribution on the held-out micro-batches
+    is nearest BF16's (mean KL): `auto`'s layers, or one candidate's on every layer. Costs a fit per
+    candidate and layer and the candidates' layers in host memory (planned); runs with the sequential
+    boundary only, and a resumed or streaming run skips it."""
 
     def __post_init__(self) -> None:
         if not 0 < self.held_out <= 0.5:

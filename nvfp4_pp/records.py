@@ -191,6 +191,23 @@ class LayerChoice:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AutoGuard:
+    """`algorithm: auto`'s run-level guard (calibration/auto_guard.py): the held-out output error of `auto`'s
+    layers and of every candidate run alone, and which were kept."""
+
+    errors: dict[str, float | None]
+    """"auto" and each candidate alone -> mean KL per held-out token of the model's next-token distribution
+    against BF16's; None: not finite."""
+    kept: str
+    """"auto", or the candidate whose layers replaced auto's on every stage."""
+    judged_on: int
+    """Micro-batches judged (the last ones: those `auto` holds out per layer)."""
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Health:
     """Enabled static quantizers with a usable amax, none or zero, NaN/inf; the first unusable names."""
 
@@ -246,6 +263,8 @@ class RankReport:
     """Start and end of each phase (start-up, load, calibrate, export, gather), in run order."""
     choices: tuple[LayerChoice, ...] = ()
     """`algorithm: auto`: each of the stage's layers' algorithm, in layer order."""
+    guard: AutoGuard | None = None
+    """`algorithm: auto`: the run-level guard's verdict (the same on every rank); None: it did not run."""
     gptq_solve: dict[str, float] = dataclasses.field(default_factory=dict)
     """GPTQ: seconds of the solve per decoder layer this run solved (layer index -> its Linears' damped
     inverses and updates; Hessians and passes not counted)."""
@@ -268,13 +287,18 @@ class CalibrateProgress:
     """`algorithm: auto`: what each of this stage's solved layers got."""
     inputs_saved: bool = False
     """This stage's first layer's inputs are in the work directory (layerwise.INPUTS_FILE)."""
+    guard: AutoGuard | None = None
+    """`algorithm: auto`: the run-level guard's verdict, once given."""
 
     def to_dict(self) -> dict:
-        return {"choices": {str(i): c.to_dict() for i, c in sorted(self.choices.items())}, "inputs": self.inputs_saved}
+        return {"choices": {str(i): c.to_dict() for i, c in sorted(self.choices.items())}, "inputs": self.inputs_saved,
+                "guard": None if self.guard is None else self.guard.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrateProgress:
-        return cls({int(i): LayerChoice.from_dict(c) for i, c in d.get("choices", {}).items()}, d.get("inputs", False))
+        guard = d.get("guard")
+        return cls({int(i): LayerChoice.from_dict(c) for i, c in d.get("choices", {}).items()}, d.get("inputs", False),
+                   None if guard is None else from_plain(AutoGuard, guard))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ BASE = {"model": "/m", "output": "/o"}
 def test_config_keys_are_pinned():
     assert config_keys() == [
         "model", "output", "base_model", "format", "recipe", "recipe_overrides", "ignore", "algorithm",
-        "gptq.damping", "gptq.block_size", "auto.candidates", "auto.held_out", "kv_cache",
+        "gptq.damping", "gptq.block_size", "auto.candidates", "auto.held_out", "auto.guard", "kv_cache",
         "calibration.dataset", "calibration.config", "calibration.split", "calibration.field",
         "calibration.samples", "calibration.min_length", "calibration.max_length", "calibration.too_long",
         "calibration.seed", "calibration.batch_size", "calibration.pack",

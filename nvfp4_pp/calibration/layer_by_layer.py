@@ -26,6 +26,7 @@ from nvfp4_pp.data.samples import MicroBatch
 from nvfp4_pp.checkpoint.export import StageExporter
 from nvfp4_pp.checkpoint.formats import CheckpointFormat
 from nvfp4_pp.algorithms.gptq import SolveTimes, solve_progress
+from nvfp4_pp.calibration.auto_guard import AUTO_PATH, CandidateRuns, ModelHead, decide
 from nvfp4_pp.calibration.layer_choice import LayerChooser, held_out_count
 from nvfp4_pp.log import logger
 from nvfp4_pp.calibration.pipeline import run_pipeline
@@ -99,6 +100,8 @@ class LayerByLayer:
         self.stream = job.layer_stream if job.streaming else None
         self.exporter: StageExporter | None = None
         self.chooser: LayerChooser | None = None
+        self.candidate_runs: CandidateRuns | None = None
+        """`auto`'s guard: every candidate run alone beside it (set when the guard runs)."""
 
     def run(self) -> LayerByLayerResult:
         job = self.job
@@ -108,14 +111,23 @@ class LayerByLayer:
         info = job.info
         # the first stage's inputs are its embeddings (sequential boundary): computed again, never saved
         embeds = info.is_first and job.boundary != "parallel"
-        waits = dist.all_gather_objects(not self._inputs_saved() and not embeds, info.world_size)
+        guard_wanted = job.cfg.algorithm == AUTO and job.cfg.auto.guard
+        # the guard's copies exist only in a run that solves every layer, resident: agreed by every rank
+        fresh = (not job.streaming and not self.solved and not self._inputs_saved()
+                 and job.boundary == "sequential")
+        flags = dist.all_gather_objects((not self._inputs_saved() and not embeds, fresh), info.world_size)
+        waits = [wait for wait, _ in flags]
+        guard = guard_wanted and all(f for _, f in flags)
+        if guard_wanted and not guard:
+            logger.info("auto guard: skipped (it needs the sequential boundary, and a fresh resident run: a resumed "
+                        "run or a streaming stage keeps no candidate's own layers); the per-layer choices stand")
         relay = layerwise.Relay(info, not info.is_last and waits[info.rank + 1])
-        inputs, traffic = self._layer_inputs(waits, relay)
+        held_out = held_out_count(len(job.lengths), job.cfg.auto.held_out)
+        inputs, traffic = self._layer_inputs(waits, relay, guard, held_out)
         if self.stream:
             self.exporter = StageExporter(job.stage, job.owned, job.source, job.fmt, job.new_writer(), info.device)
         if job.cfg.algorithm == AUTO:
-            self.chooser = LayerChooser(job.stage, self.algorithms,
-                                        held_out_count(len(inputs.hidden), job.cfg.auto.held_out))
+            self.chooser = LayerChooser(job.stage, self.algorithms, held_out)
         elif any(n == "gptq" or "gptq" in ALGORITHMS[n].steps for n in self.algorithms):  # one progress line
             # over the stage's solves (GPTQ alone or a stack's last step)
             job.solve_times.progress = solve_progress(job.stage, self.solved)
@@ -125,8 +137,26 @@ class LayerByLayer:
         if self.stream:
             logger.info("streaming: calibration waited %.1f s for layer reads", self.stream.wait_seconds)
         if job.boundary == "sequential":
-            traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden))
+            extra = self.candidate_runs.outputs() if self.candidate_runs else []
+            traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden + extra))
+        if self.candidate_runs:
+            self._guard(outputs.hidden, held_out)
         return LayerByLayerResult(traffic, seconds, self.exporter)
+
+    def _guard(self, outputs: list[torch.Tensor], held_out: int) -> None:
+        """`auto`'s run-level verdict (auto_guard.decide), the same on every rank; a candidate that beat
+        `auto` alone replaces its layers here and in the work state."""
+        job, runs = self.job, self.candidate_runs
+        assert runs is not None
+        errors = runs.errors(outputs, ModelHead(job.stage, job.source, job.info.device)) if job.info.is_last else None
+        verdict = decide(dist.all_gather_objects(errors, job.info.world_size)[-1], held_out)
+        if verdict.kept != AUTO_PATH:
+            for index, layer in runs.keep(verdict.kept, job.info.device):
+                job.stage.replace_layer(index, layer)
+                job.state.save_layer(index, layer)
+            job.state.save_quantizers(job.stage, sorted(self.solved))
+        self.candidate_runs = None  # the copies go
+        job.state.record_calibrate_progress(guard=verdict)
 
     def _prepare_quantizers(self) -> None:
         """Quantizers inserted uncalibrated, or (an interrupted run) restored with its solved layers."""
@@ -150,11 +180,15 @@ class LayerByLayer:
     def _inputs_saved(self) -> bool:
         return self._inputs_path.is_file() and self.job.state.calibrate_progress.inputs_saved
 
-    def _layer_inputs(self, waits: list[bool], relay: layerwise.Relay) -> tuple[layerwise.LayerInputs, Traffic]:
+    def _layer_inputs(self, waits: list[bool], relay: layerwise.Relay, guard: bool,
+                      held_out: int) -> tuple[layerwise.LayerInputs, Traffic]:
         """This stage's first layer's inputs (`waits`: which ranks have none saved): from the work dir, the
-        pipelined BF16 pass (parallel boundary) or the previous stage (sequential boundary)."""
+        pipelined BF16 pass (parallel boundary) or the previous stage (sequential boundary). With `auto`'s
+        guard, also each candidate's and the BF16 held-out stream (from the previous stage, or these same
+        inputs where they are BF16 or embeddings)."""
         job, info = self.job, self.job.info
         saved = self._inputs_saved()
+        streams: list[torch.Tensor] | None = None
         if job.boundary == "parallel" and any(waits):  # the pass needs every stage, whatever each has saved
             hidden, traffic = self._capture_pass()
             saved = False
@@ -164,17 +198,38 @@ class LayerByLayer:
             assert job.batches is not None, "the first rank holds the token ids"
             with torch.no_grad():
                 hidden = [job.stage.embed(b.ids.to(info.device)) for b in job.batches]
+            self._start_candidate_runs(guard, hidden, None, held_out)
             return layerwise.LayerInputs(job.stage, hidden), Traffic()
         else:
             dtype = next(job.stage.parameters()).dtype
             shapes: list[tuple[int, ...]] = [(len(real), max(real), job.stage.hf_config.hidden_size)
                                              for real in job.lengths]
-            hidden = relay.wait_for_inputs(shapes, dtype)
-            traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in hidden))
+            extra = shapes * len(self.algorithms) + shapes[len(shapes) - held_out:] if guard else []
+            received = relay.wait_for_inputs(shapes + extra, dtype)
+            hidden, streams = received[:len(shapes)], received[len(shapes):]
+            traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in received))
         if not saved:
             layerwise.save_inputs(self._inputs_path, hidden)
             job.state.record_calibrate_progress(inputs_saved=True)
+        self._start_candidate_runs(guard, hidden, streams, held_out)
         return layerwise.LayerInputs(job.stage, hidden), traffic
+
+    def _start_candidate_runs(self, guard: bool, hidden: list[torch.Tensor], streams: list[torch.Tensor] | None,
+                              held_out: int) -> None:
+        """`auto`'s guard: every candidate alone from `streams` (the previous stage's, in candidate order, then
+        the BF16 held-out stream), or from this stage's own inputs where those are the same for all."""
+        if not guard:
+            return
+        n, names = len(hidden), list(self.algorithms)
+        if streams is None:
+            own = {name: list(hidden) for name in names}
+            reference = list(hidden[n - held_out:])
+        else:
+            own = {name: streams[i * n:(i + 1) * n] for i, name in enumerate(names)}
+            reference = streams[len(names) * n:]
+        self.candidate_runs = CandidateRuns(self.job.stage, {name: layerwise.LayerAlgorithm(a, self.job.solve_times)
+                                                             for name, a in self.algorithms.items()},
+                                            own, reference, held_out)
 
     def _capture_pass(self) -> tuple[list[torch.Tensor], Traffic]:
         """One pipelined BF16 pass (quantizers off, every stage busy) keeping each stage's inputs."""
@@ -197,6 +252,7 @@ class LayerByLayer:
                 heartbeat=relay.heartbeat if relay else lambda index: None,
                 before=stream.load if stream else lambda index, layer: None,
                 choose=self._choose if self.chooser else None,
+                alongside=self.candidate_runs.layer if self.candidate_runs else None,
                 chosen={i: c.chosen for i, c in job.state.calibrate_progress.choices.items() if i in self.solved},
                 times=job.solve_times).run(inputs)
             if self.exporter:  # the last layer packed (its writes go on into the export phase)

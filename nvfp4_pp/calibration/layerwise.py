@@ -170,16 +170,20 @@ class Solver:
                  heartbeat: Callable[[int], None] = lambda index: None,
                  before: Callable[[int, nn.Module], None] = lambda index, layer: None,
                  choose: Callable[[int, nn.Module, LayerInputs], str] | None = None,
-                 chosen: dict[int, str] | None = None, times: SolveTimes | None = None):
+                 chosen: dict[int, str] | None = None, times: SolveTimes | None = None,
+                 alongside: Callable[[int, nn.Module], None] | None = None):
         """`algorithms`: name -> modelopt algorithm config; one, or (with `choose`, `algorithm: auto`)
         the candidates `choose(index, layer, inputs)` picks from per layer; `chosen` holds what solved
         layers got. `before(index, layer)` runs ahead of each layer (a streaming stage loads it there);
-        `record` after each layer solved here (save it for resume; a streaming stage writes and frees it)."""
+        `record` after each layer solved here (save it for resume; a streaming stage writes and frees it).
+        `alongside(index, layer)` runs before a layer is chosen and fitted, its quantizers as inserted
+        (`auto`'s guard fits each candidate's own copy there)."""
         self.stage, self.solved, self.record, self.heartbeat, self.before = stage, solved, record, heartbeat, before
         self.times = times
         """GPTQ's solve seconds per Linear (named with its layer's prefix), where the run collects them."""
         self.algorithms = {name: LayerAlgorithm(algorithm, times) for name, algorithm in algorithms.items()}
         self.choose, self.chosen = choose, dict(chosen or {})
+        self.alongside = alongside
 
     def algorithm(self, index: int) -> LayerAlgorithm:
         """Layer `index`'s algorithm: the run's one, or the one chosen for it."""
@@ -202,7 +206,8 @@ class Solver:
         layers = self.stage.layers()
         started = time.perf_counter()
         todo = [index for index, _ in layers if index not in self.solved]
-        parts = ("read", *(("choose",) if self.choose else ()), "advance", "calibrate", "write")
+        parts = ("read", *(("guard",) if self.alongside else ()), *(("choose",) if self.choose else ()), "advance",
+                 "calibrate", "write")
         split = LayerTimes(inputs.hidden[0].device if inputs.hidden else torch.device("cpu"), parts)
         for step, (index, layer) in enumerate(layers, 1):
             split.start()
@@ -212,6 +217,9 @@ class Solver:
                 self._advance(inputs, index, layer)
                 logger.info("layer %d: solved before, replayed (%d/%d)", index, step, len(layers))
                 continue
+            if self.alongside:
+                self.alongside(index, layer)
+                split.lap("guard")
             if self.choose:
                 self.chosen[index] = self.choose(index, layer, inputs)
                 split.lap("choose")

@@ -305,7 +305,9 @@ class Run:
         terms = memory_terms({self.cfg.algorithm, *self.cfg.algorithms})
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
                             calibration_tokens=self.samples.manifest.tokens, hessians=terms.hessians,
-                            layer_major=self.cfg.layerwise.enable, trials=terms.trials, smoothing=terms.smoothing)
+                            layer_major=self.cfg.layerwise.enable, trials=terms.trials, smoothing=terms.smoothing,
+                            guard_copies=len(self.cfg.algorithms) if self.cfg.algorithm == "auto" and self.cfg.auto.guard
+                            else 0)
 
         sizes = self.sizes = ModelSizes.from_source(self.source, self.arch)
 
@@ -480,6 +482,7 @@ class Run:
             predicted=Memory(plan.need.host, plan.need.device), measured=budget.measured_peak(plan.budget.kind),
             export=self.export_result, spans=tuple(self.spans),
             choices=tuple(choice for _, choice in sorted(self.state.calibrate_progress.choices.items())),
+            guard=self.state.calibrate_progress.guard,
             gptq_solve={str(i): round(t, 3) for i, t in sorted(self.solve_times.per_layer().items())})
 
     def assemble(self) -> None:

@@ -83,6 +83,10 @@ class Stage(nn.Module):
         """(global index, decoder layer) of this stage, in order."""
         return [(int(i), layer) for i, layer in cast(nn.ModuleDict, self._part(self.arch.layers)).items()]
 
+    def replace_layer(self, index: int, layer: nn.Module) -> None:
+        """Decoder layer `index` (global) replaced by another fitted copy of it (`auto`'s guard)."""
+        cast(nn.ModuleDict, self._part(self.arch.layers))[str(index)] = layer
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The first stage's token embeddings: the first decoder layer's input."""
         return self._part(self.arch.embeddings)(ids)

@@ -160,6 +160,9 @@ class Workload:
     """`algorithm: auto`: each candidate fits a copy of the layer, judged on held-out outputs."""
     smoothing: bool = False
     """`smooth` (or a stack with it): a layer's group inputs and its search's copies (smoothing_bytes)."""
+    guard_copies: int = 0
+    """`auto`'s guard: the candidates run alone beside it, each with its own hidden states on the device and
+    its fitted copy of the stage's layers in host memory."""
 
     @property
     def tokens(self) -> int:
@@ -223,8 +226,9 @@ def algorithm_bytes(s: ModelSizes, w: Workload, layers: int) -> int:
     hidden_states = w.calibration_tokens * s.hidden * s.dtype_bytes
     trials = max(s.layer_bytes, default=0) + hidden_states if w.trials else 0
     smoothing = smoothing_bytes(s) if w.smoothing else 0
+    guard = (w.guard_copies + 1) * hidden_states if w.guard_copies else 0  # (+1: the BF16 held-out stream)
     if w.layer_major:
-        return 2 * hidden_states + gptq + trials + smoothing
+        return 2 * hidden_states + gptq + trials + smoothing + guard
     return gptq
 
 
@@ -256,6 +260,7 @@ def stage_need(
     written = math.ceil(linear * PACKED_PER_BF16_BYTE) + (sum(layers) - linear)
     written += (s.embed_bytes if first else 0) + (s.head_bytes if last else 0)
     buffer = min((WRITE_WORKERS + 1) * max(DEFAULT_SHARD_BYTES, s.embed_bytes, s.head_bytes), written)
+    guard_copies = workload.guard_copies * sum(layers)  # `auto`'s guard: host memory
     wire = s.dtype_bytes * workload.tokens * s.hidden * (SENDS_IN_FLIGHT + 1) if wire_on_host else 0
 
     # A resident stage calibrates, then exports; a streaming one exports layer k while layer k+1 calibrates.
@@ -268,18 +273,20 @@ def stage_need(
     items = {"baseline": baseline, "weights": weights, "activations": activations,
              "export transient": transient, "export buffer": buffer, "quantizers": quantizers,
              "export overlap": overlap,
-             "runtime": RUNTIME_BYTES, "wire copies": wire, "layer inputs, Hessians, auto trials": algorithm}
+             "runtime": RUNTIME_BYTES, "wire copies": wire, "layer inputs, Hessians, auto trials": algorithm,
+             "auto guard's layer copies": guard_copies}
     if kind == "cpu":
-        host = baseline + RUNTIME_BYTES + wire + max(calibrate, export + buffer)
+        host = baseline + RUNTIME_BYTES + wire + max(calibrate + guard_copies, export + buffer)
         return Need(device=host, host=host, items=items)
     device = math.ceil(max(calibrate, export) * (1 + CUDA_FRAGMENTATION)) + CUDA_DEVICE_BYTES
     if kind == "unified":
-        host = baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + wire + device
+        host = baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + wire + device + guard_copies
         return Need(device=device, host=host, items={**items, "CUDA libraries": CUDA_HOST_BYTES})
     staging = PINNED_STAGING_PER_BYTE * max(layers) if streaming else 0
     # packed layers in pinned memory: one being copied there, one waiting for the copy-out, one being copied out
     pinned_export = PINNED_STAGING_PER_BYTE * (EXPORT_QUEUE_LAYERS + 2) * packed_layer
-    return Need(device=device, host=baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + buffer + pinned_export + wire + staging,
+    host = baseline + RUNTIME_BYTES + CUDA_HOST_BYTES + wire + max(guard_copies, buffer + pinned_export + staging)
+    return Need(device=device, host=host,
                 items={**items, "CUDA libraries": CUDA_HOST_BYTES, "pinned staging": staging,
                        "pinned export copies": pinned_export})
 

@@ -122,6 +122,9 @@ def _fitted_by(record: RunRecord) -> list[str]:
     """The algorithms the written weights were fitted by: the run's, or those auto chose for some layer."""
     if record.config.algorithm != "auto":
         return [record.config.algorithm]
+    guard = next((r.guard for r in record.ranks if r.guard is not None), None)
+    if guard is not None and guard.kept != "auto":  # one candidate's layers replaced auto's everywhere
+        return [guard.kept]
     return sorted({c.chosen for c in record.layer_choices})
 
 
@@ -139,7 +142,7 @@ def _algorithm_text(record: RunRecord) -> str:
                 f"made the layer's output err least on held-out calibration tokens (fitted on {_split_text(choices)}; "
                 "the winner then fitted on all of them): "
                 + "; ".join(f"`{name}` for layer{'s' if len(layers) > 1 else ''} {_ranges(layers)}"
-                           for name, layers in sorted(got.items())))
+                           for name, layers in sorted(got.items())) + _guard_text(record))
     else:
         text = _ALGORITHM_TEXT[algorithm]
     if cfg.layerwise.enable:
@@ -151,6 +154,21 @@ def _algorithm_text(record: RunRecord) -> str:
         text += (f"; GPTQ's solve {sum(solves):.1f} s for {layers} (median {solves[len(solves) // 2]:.2f} s a layer; "
                  "per layer in nvfp4_pp.json)")
     return text + "."
+
+
+def _guard_text(record: RunRecord) -> str:
+    """The run-level guard's verdict (auto_guard.py), where it ran."""
+    guard = next((r.guard for r in record.ranks if r.guard is not None), None)
+    if guard is None:
+        return ""
+    alone = {n: e for n, e in guard.errors.items() if n != "auto" and e is not None}
+    best = min(alone, key=alone.__getitem__) if alone else None
+    auto = guard.errors.get("auto")
+    figures = (f"auto {auto:.4g}" if auto is not None else "auto non-finite") + (
+        f", the best candidate alone (`{best}`) {alone[best]:.4g}" if best else "")
+    kept = "`auto`'s layers" if guard.kept == "auto" else f"`{guard.kept}`'s own layers on every layer, replacing them"
+    return (f". Before export, every candidate also ran alone beside it; on the last {guard.judged_on} calibration "
+            f"micro-batches the model's mean KL to BF16 was {figures}, and the run kept {kept}")
 
 
 def _split_text(choices: list[LayerChoice]) -> str:
