@@ -10,9 +10,12 @@ stage puts each stream through the source's final norm and lm_head (read for thi
 next-token distributions with BF16's: mean KL per held-out token, the figure `evaluate` reports on
 held-out text. `auto`'s layers stay unless a candidate alone has less, whose layers then replace them.
 
-Both are judged on the held-out micro-batches after every fit saw them (each candidate alone, and
-`auto`'s winners, fit on every micro-batch): the same data for all. The copies wait in host memory
-(the planner counts them); a resumed or streaming run has no copies and skips the guard, saying so.
+All are judged on micro-batches no fit saw: each candidate alone fits every layer on the micro-batches
+`auto` does not hold out, and `auto`'s side is the path through the trial copies its choices were
+judged by (fitted on those same micro-batches); fitted on everything, GPTQ-like candidates looked far
+better on the held-out calibration tokens than on held-out text (SmolLM2, 8 x 128 tokens). A kept
+candidate's layers are those copies. They wait in host memory (the planner counts them); a resumed or
+streaming run has no copies and skips the guard, saying so.
 """
 
 from __future__ import annotations
@@ -37,40 +40,49 @@ class CandidateRuns:
     """Each candidate run alone through one stage, beside `auto`, and the BF16 held-out stream."""
 
     def __init__(self, stage: Stage, candidates: dict[str, LayerAlgorithm], streams: dict[str, list[torch.Tensor]],
-                 reference: list[torch.Tensor], held_out: int):
-        """`streams`: each candidate's inputs for this stage's first layer (every micro-batch); `reference`:
-        the BF16 inputs of the last `held_out` micro-batches."""
+                 auto: list[torch.Tensor], reference: list[torch.Tensor], held_out: int):
+        """`streams`: each candidate's inputs for this stage's first layer (every micro-batch); `auto` and
+        `reference`: the inputs of the last `held_out` micro-batches on `auto`'s trial path and in BF16."""
         self.stage, self.candidates, self.held_out = stage, candidates, held_out
         self.streams = {name: LayerInputs(stage, hidden) for name, hidden in streams.items()}
+        self.auto = LayerInputs(stage, auto)
         self.reference = LayerInputs(stage, reference)
         self.fitted: dict[str, dict[int, nn.Module]] = {name: {} for name in candidates}
 
     def layer(self, index: int, layer: nn.Module) -> None:
         """Before `auto` fits layer `index` (its quantizers as inserted): each candidate fits a copy on its
-        own stream, which advances through it (quantizers on); the BF16 stream advances (quantizers off)."""
+        own stream's micro-batches but the held-out ones, and the whole stream advances through it
+        (quantizers on); the BF16 held-out stream advances (quantizers off)."""
+        cut = len(next(iter(self.streams.values())).hidden) - self.held_out
         for name, algorithm in self.candidates.items():
             stream = self.streams[name]
+            fit = LayerInputs(self.stage, stream.hidden[:cut], stream.contexts[:cut])
             fitted = copy.deepcopy(layer)
-            algorithm.calibrate(fitted, lambda module: stream.replay(index, module))
+            algorithm.calibrate(fitted, lambda module: fit.replay(index, module))
             stream.advance(index, fitted)
             self.fitted[name][index] = fitted.to("cpu")  # waits in host memory until the guard decides
         with torch.no_grad(), quantizers_off(layer):
             self.reference.advance(index, layer)
 
-    def errors(self, auto_outputs: list[torch.Tensor], head: ModelHead) -> dict[str, float | None]:
+    def auto_layer(self, index: int, trial: nn.Module) -> None:
+        """`auto`'s held-out path through the trial it chose for layer `index` (fitted on the same
+        micro-batches as the candidates' copies)."""
+        self.auto.advance(index, trial)
+
+    def errors(self, head: ModelHead) -> dict[str, float | None]:
         """The last stage's verdict figures: mean KL per held-out token of `auto` and of every candidate alone
         against BF16 (None: not finite)."""
-        paths = {AUTO_PATH: auto_outputs, **{name: s.hidden for name, s in self.streams.items()}}
+        paths = {AUTO_PATH: self.auto.hidden, **{name: s.hidden[-self.held_out:] for name, s in self.streams.items()}}
         reference = [head.log_probs(h) for h in self.reference.hidden]
         out: dict[str, float | None] = {}
         for name, hidden in paths.items():
-            error = head.kl(hidden[-self.held_out:], reference)
+            error = head.kl(hidden, reference)
             out[name] = error if math.isfinite(error) else None
         return out
 
     def outputs(self) -> list[torch.Tensor]:
-        """What the next stage needs (sequential boundary): every candidate's stream, then the BF16 one."""
-        return [h for s in self.streams.values() for h in s.hidden] + self.reference.hidden
+        """What the next stage needs: every candidate's stream, then `auto`'s held-out trial path and the BF16 one."""
+        return [h for s in self.streams.values() for h in s.hidden] + self.auto.hidden + self.reference.hidden
 
     def keep(self, name: str, device: torch.device) -> list[tuple[int, nn.Module]]:
         """Candidate `name`'s fitted layers, on the stage's device, to replace `auto`'s."""

@@ -127,7 +127,7 @@ class LayerByLayer:
         if self.stream:
             self.exporter = StageExporter(job.stage, job.owned, job.source, job.fmt, job.new_writer(), info.device)
         if job.cfg.algorithm == AUTO:
-            self.chooser = LayerChooser(job.stage, self.algorithms, held_out)
+            self.chooser = LayerChooser(job.stage, self.algorithms, held_out, keep_chosen=guard)
         elif any(n == "gptq" or "gptq" in ALGORITHMS[n].steps for n in self.algorithms):  # one progress line
             # over the stage's solves (GPTQ alone or a stack's last step)
             job.solve_times.progress = solve_progress(job.stage, self.solved)
@@ -140,15 +140,15 @@ class LayerByLayer:
             extra = self.candidate_runs.outputs() if self.candidate_runs else []
             traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden + extra))
         if self.candidate_runs:
-            self._guard(outputs.hidden, held_out)
+            self._guard(held_out)
         return LayerByLayerResult(traffic, seconds, self.exporter)
 
-    def _guard(self, outputs: list[torch.Tensor], held_out: int) -> None:
+    def _guard(self, held_out: int) -> None:
         """`auto`'s run-level verdict (auto_guard.decide), the same on every rank; a candidate that beat
         `auto` alone replaces its layers here and in the work state."""
         job, runs = self.job, self.candidate_runs
         assert runs is not None
-        errors = runs.errors(outputs, ModelHead(job.stage, job.source, job.info.device)) if job.info.is_last else None
+        errors = runs.errors(ModelHead(job.stage, job.source, job.info.device)) if job.info.is_last else None
         verdict = decide(dist.all_gather_objects(errors, job.info.world_size)[-1], held_out)
         if verdict.kept != AUTO_PATH:
             for index, layer in runs.keep(verdict.kept, job.info.device):
@@ -204,7 +204,7 @@ class LayerByLayer:
             dtype = next(job.stage.parameters()).dtype
             shapes: list[tuple[int, ...]] = [(len(real), max(real), job.stage.hf_config.hidden_size)
                                              for real in job.lengths]
-            extra = shapes * len(self.algorithms) + shapes[len(shapes) - held_out:] if guard else []
+            extra = shapes * len(self.algorithms) + 2 * shapes[len(shapes) - held_out:] if guard else []
             received = relay.wait_for_inputs(shapes + extra, dtype)
             hidden, streams = received[:len(shapes)], received[len(shapes):]
             traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in received))
@@ -223,13 +223,14 @@ class LayerByLayer:
         n, names = len(hidden), list(self.algorithms)
         if streams is None:
             own = {name: list(hidden) for name in names}
-            reference = list(hidden[n - held_out:])
+            auto, reference = list(hidden[n - held_out:]), list(hidden[n - held_out:])
         else:
             own = {name: streams[i * n:(i + 1) * n] for i, name in enumerate(names)}
-            reference = streams[len(names) * n:]
-        self.candidate_runs = CandidateRuns(self.job.stage, {name: layerwise.LayerAlgorithm(a, self.job.solve_times)
+            rest = streams[len(names) * n:]
+            auto, reference = rest[:held_out], rest[held_out:]
+        self.candidate_runs = CandidateRuns(self.job.stage, {name: layerwise.LayerAlgorithm(a)
                                                              for name, a in self.algorithms.items()},
-                                            own, reference, held_out)
+                                            own, auto, reference, held_out)
 
     def _capture_pass(self) -> tuple[list[torch.Tensor], Traffic]:
         """One pipelined BF16 pass (quantizers off, every stage busy) keeping each stage's inputs."""
@@ -278,6 +279,10 @@ class LayerByLayer:
         """`auto`: layer `index`'s algorithm, kept in the work state."""
         assert self.chooser is not None, "choosing runs under `auto` only"
         choice = self.chooser(index, layer, inputs)
+        if self.candidate_runs and self.chooser.chosen_trial is not None:  # the guard follows auto's trial path
+            self.candidate_runs.auto_layer(index, self.chooser.chosen_trial)
+            self.chooser.chosen_trial.to_empty(device="meta")
+            self.chooser.chosen_trial = None
         state = self.job.state
         state.record_calibrate_progress(choices={**state.calibrate_progress.choices, index: choice})
         return choice.chosen

@@ -41,10 +41,12 @@ def held_out_count(micro_batches: int, share: float) -> int:
 class LayerChooser:
     """Tries each candidate on a layer and says which one to keep (the caller fits the layer with it)."""
 
-    def __init__(self, stage: Stage, candidates: dict[str, dict], held_out: int):
-        """`candidates`: name -> modelopt algorithm config, in the order ties are broken."""
-        self.stage, self.held_out = stage, held_out
+    def __init__(self, stage: Stage, candidates: dict[str, dict], held_out: int, keep_chosen: bool = False):
+        """`candidates`: name -> modelopt algorithm config, in the order ties are broken; `keep_chosen`:
+        the chosen candidate's trial copy stays in `chosen_trial` (`auto`'s guard follows it)."""
+        self.stage, self.held_out, self.keep_chosen = stage, held_out, keep_chosen
         self.candidates = {name: LayerAlgorithm(algorithm) for name, algorithm in candidates.items()}
+        self.chosen_trial: nn.Module | None = None
 
     def __call__(self, index: int, layer: nn.Module, inputs: LayerInputs) -> LayerChoice:
         cut = len(inputs.hidden) - self.held_out
@@ -54,6 +56,7 @@ class LayerChooser:
             reference = [self.stage.run_layer(index, layer, h, c) for h, c in judged]
         errors: dict[str, float | None] = {}
         started = time.perf_counter()
+        best: tuple[float, nn.Module] | None = None
         for name, algorithm in self.candidates.items():
             trial = copy.deepcopy(layer)  # quantizers as inserted: each candidate starts from the same layer
             algorithm.calibrate(trial, lambda module: fit.replay(index, module))
@@ -61,19 +64,30 @@ class LayerChooser:
                 outputs = [self.stage.run_layer(index, trial, h, c) for h, c in judged]
             error = relative_error(outputs, reference)
             errors[name] = error if math.isfinite(error) else None  # JSON has no NaN; never chosen
-            # modelopt's shared quantizer states hold their parent module: a cycle that would keep the
-            # copy's tensors until a garbage collection; drop them now
-            trial.to_empty(device="meta")
-            del trial, outputs
+            del outputs
+            if self.keep_chosen and math.isfinite(error) and (best is None or error < best[0]):
+                if best is not None:
+                    _drop(best[1])
+                best = (error, trial)
+            else:
+                _drop(trial)
+            del trial
         finite = {n: e for n, e in errors.items() if e is not None}
         if not finite:
             raise NonFiniteLayer(f"layer {index}: every auto candidate ({', '.join(errors)}) gave NaN or inf outputs "
                                  "on held-out tokens; check the source's weights for NaN or inf (or use one algorithm)")
         chosen = min(finite, key=finite.__getitem__)
+        self.chosen_trial = best[1] if best is not None else None
         logger.info("layer %d: auto chose %s (held-out output error %s; %d candidates in %.2f s)", index, chosen,
                     ", ".join(f"{n} {e:.3g}" if e is not None else f"{n} non-finite" for n, e in errors.items()),
                     len(errors), time.perf_counter() - started)
         return LayerChoice(layer=index, chosen=chosen, errors=errors, fitted_on=cut, judged_on=self.held_out)
+
+
+def _drop(trial: nn.Module) -> None:
+    """modelopt's shared quantizer states hold their parent module: a cycle that would keep the copy's
+    tensors until a garbage collection; drop them now."""
+    trial.to_empty(device="meta")
 
 
 def relative_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
