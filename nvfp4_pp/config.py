@@ -20,9 +20,12 @@ from nvfp4_pp.algorithms.table import (
     ALGORITHMS,
     AUTO,
     AUTO_CANDIDATES,
+    GUARD_FULLEST,
+    GUARD_NONE,
     RECIPES,
     AlgorithmName,
     CandidateName,
+    GuardName,
     KvCacheName,
     OverrideName,
     RecipeName,
@@ -257,18 +260,26 @@ class AutoConfig:
     held_out: float = 0.25
     """Share of the calibration micro-batches (the last ones; at least one, and one left to fit on; at
     most half) on which each candidate's layer output is compared with the BF16 layer's."""
-    guard: bool = True
-    """Every candidate also runs alone beside `auto` (its own copy of each layer, on its own inputs), and
-    before export the run keeps whichever model's next-token distribution on the held-out micro-batches
-    is nearest BF16's (mean KL): `auto`'s layers, or one candidate's on every layer. Costs a fit per
-    candidate and layer and the candidates' layers in host memory (planned); runs with the sequential
-    boundary only, and a resumed or streaming run skips it."""
+    guard: GuardName = GUARD_FULLEST
+    """The run-level guard: one candidate also runs alone beside `auto` (its own copy of each layer, on
+    its own layers' outputs), and before export the run keeps whichever is nearer BF16 on the held-out
+    micro-batches, `auto`'s layers or that candidate's (then exactly what a run of it alone writes).
+    Judged out of sample (each side fitted on the micro-batches not held out): by the model's
+    next-token KL with the sequential boundary, by each stage's output error with the parallel one
+    (each stage keeps its better). `fullest`: the last candidate the algorithm table lists (the
+    fullest stack that fits: the best alone in docs/quality.md); a candidate's name: that one; `none`:
+    no guard. Costs two fits of that candidate per layer and its layers in host memory (planned); a
+    streaming stage skips it, and a run interrupted before the verdict calibrates again from its
+    first layer."""
 
     def __post_init__(self) -> None:
         if not 0 < self.held_out <= 0.5:
             raise ConfigError(f"config key 'auto.held_out' must be above 0 and at most 0.5, got {self.held_out}")
         if len(set(self.candidates)) != len(self.candidates):
             raise ConfigError(f"config key 'auto.candidates' names an algorithm twice: {self.candidates}")
+        if self.candidates and self.guard not in (GUARD_FULLEST, GUARD_NONE, *self.candidates):
+            raise ConfigError(f"config key 'auto.guard' names {self.guard}, which is not among auto.candidates "
+                              f"{self.candidates}; add it there, or set 'auto.guard: {GUARD_FULLEST}'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -353,6 +364,15 @@ class RunConfig:
         named = self.auto.candidates or [a for a in AUTO_CANDIDATES if self._misfit(a) is None]
         return list(named)
 
+    @property
+    def guarded(self) -> str | None:
+        """The candidate `auto`'s guard runs alone beside it; None: no guard (or no `auto`)."""
+        if self.algorithm != AUTO or self.auto.guard == GUARD_NONE:
+            return None
+        if self.auto.guard != GUARD_FULLEST:
+            return self.auto.guard
+        return max(self.algorithms, key=AUTO_CANDIDATES.index)
+
     def _check_algorithm(self) -> None:
         """An algorithm other than max fits one recipe's weights, listed in the algorithm table; `auto`
         chooses per layer among candidates that each fit."""
@@ -380,6 +400,8 @@ class RunConfig:
                 f"{a}: {self._misfit(a)}" for a in AUTO_CANDIDATES if a not in self.algorithms) + ")"
             raise ConfigError(f"algorithm auto needs two candidates; for recipe {self.recipe} in the {self.format} "
                               f"layout it has {self.algorithms}{why}; {fix}")
+        if self.guarded is not None and self.guarded not in self.algorithms:
+            raise ConfigError(f"auto.guard: {self._misfit(self.guarded)}")
 
     @property
     def schemes(self) -> list[str]:

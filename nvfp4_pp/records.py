@@ -192,16 +192,18 @@ class LayerChoice:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AutoGuard:
-    """`algorithm: auto`'s run-level guard (calibration/auto_guard.py): the held-out output error of `auto`'s
-    layers and of every candidate run alone, and which were kept."""
+    """`algorithm: auto`'s run-level guard (calibration/auto_guard.py): the held-out error of `auto`'s layers
+    and of the guarded candidate run alone, and which were kept."""
 
     errors: dict[str, float | None]
-    """"auto" and each candidate alone -> mean KL per held-out token of the model's next-token distribution
-    against BF16's; None: not finite."""
+    """"auto" and the candidate -> held-out error (`measure`); None: not finite."""
     kept: str
-    """"auto", or the candidate whose layers replaced auto's on every stage."""
+    """"auto", or the candidate whose layers replaced auto's."""
     judged_on: int
     """Micro-batches judged (the last ones: those `auto` holds out per layer)."""
+    measure: str = "KL"
+    """"KL": the model's mean next-token KL to BF16 per token (the same verdict on every stage);
+    "output error": this stage's relative squared output error (parallel boundary: per stage)."""
 
     def to_dict(self) -> dict:
         return _plain(self)

@@ -124,13 +124,19 @@ def test_sequential_layerwise_gptq_is_modelopts_layerwise_gptq(smol8, token_file
     assert "GPTQ (modelopt)" in card and "layer by layer" in card and "stage boundary: sequential" in card
 
 
-def test_parallel_boundary_solves_every_stage_at_once(smol8, token_file, work, sequential):
+@pytest.fixture(scope="module")
+def parallel(smol8, token_file, work) -> Path:
+    """Layer-by-layer GPTQ with the parallel boundary (every stage from BF16 inputs, all at once)."""
     out = work / "parallel"
     config = _config(work / "parallel.yaml", smol8, token_file, out, algorithm="gptq",
                      layerwise={"enable": True, "boundary": "parallel"})
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ours, theirs = load_tensors(out), load_tensors(sequential)
+    return out
+
+
+def test_parallel_boundary_solves_every_stage_at_once(sequential, parallel):
+    ours, theirs = load_tensors(parallel), load_tensors(sequential)
     first = {k: v for k, v in ours.items() if k.startswith(STAGE0)}
     assert len(first) > 10 and tensor_differences(first, {k: theirs[k] for k in first}) == []
     later = [k for k in ours if k.startswith(("model.layers.5.", "model.layers.7.")) and k.endswith("down_proj.weight")]
@@ -218,16 +224,27 @@ def test_layerwise_gptq_and_auto_beat_round_to_nearest_on_held_out_text(smol8, w
     assert auto["kl"] < 1.1 * gptq["kl"] and auto["kl"] < 0.75 * rounded["kl"], (auto, gptq, rounded)
 
 
-def test_auto_keeps_per_layer_the_candidate_with_the_least_held_out_error(smol8, token_file, work, sequential):
+AUTO = {"algorithm": "auto", "layerwise": {"enable": True, "boundary": "sequential"}}
+
+
+@pytest.fixture(scope="module")
+def auto_unguarded(smol8, token_file, work) -> Path:
+    """`algorithm: auto` among max, GPTQ and AWQ-lite, sequential boundary, no run-level guard."""
+    out = work / "auto"
+    config = _config(work / "auto.yaml", smol8, token_file, out,
+                     auto={"candidates": ["max", "gptq", "awq_lite"], "guard": "none"}, **AUTO)
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_auto_keeps_per_layer_the_candidate_with_the_least_held_out_error(smol8, token_file, work, sequential,
+                                                                          auto_unguarded):
     """`algorithm: auto` (max, GPTQ, AWQ-lite; sequential boundary): every layer records each candidate's
     held-out error and keeps the least; the layers up to the first that did not choose GPTQ are the
     layer-by-layer GPTQ run's bytes (the same inputs, then the same solve on every micro-batch); a rank
     killed after its first layer resumes with the choices it recorded, to the same bytes."""
-    out = work / "auto"
-    config = _config(work / "auto.yaml", smol8, token_file, out, algorithm="auto",
-                     auto={"candidates": ["max", "gptq", "awq_lite"]}, layerwise={"enable": True, "boundary": "sequential"})
-    result = run_nvfp4_pp(config, 3)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = auto_unguarded
     record = read_json(out / "nvfp4_pp.json")
     assert record["verification"] == "passed" and record["algorithms"] == ["max", "gptq", "awq_lite"]
     choices = [c for rank in record["ranks"] for c in rank["choices"]]
@@ -235,22 +252,69 @@ def test_auto_keeps_per_layer_the_candidate_with_the_least_held_out_error(smol8,
     for c in choices:
         assert set(c["errors"]) == {"max", "gptq", "awq_lite"} and all(e > 0 for e in c["errors"].values()), c
         assert c["chosen"] == min(c["errors"], key=c["errors"].get), c
+    assert all(rank["guard"] is None for rank in record["ranks"])
     card = (out / "README.md").read_text()
-    assert "per decoder layer, whichever of `max`, `gptq`, `awq_lite`" in card, card
+    assert "per decoder layer, whichever of `max`, `gptq`, `awq_lite`" in card and "ran alone" not in card, card
     ours, theirs = load_tensors(out), load_tensors(sequential)
     prefix = next((c["layer"] for c in choices if c["chosen"] != "gptq"), LAYERS)
     same = [k for k in ours if k.startswith(tuple(f"model.layers.{i}." for i in range(prefix)))]
     assert tensor_differences({k: ours[k] for k in same}, {k: theirs[k] for k in same}) == []
 
     resumed = work / "auto-resumed"
-    config = _config(work / "auto-resumed.yaml", smol8, token_file, resumed, algorithm="auto",
-                     auto={"candidates": ["max", "gptq", "awq_lite"]}, layerwise={"enable": True, "boundary": "sequential"})
+    config = _config(work / "auto-resumed.yaml", smol8, token_file, resumed,
+                     auto={"candidates": ["max", "gptq", "awq_lite"], "guard": "none"}, **AUTO)
     _kill_rank0_after_layer_1(config, work / "auto-killed.log")
     result = run_nvfp4_pp(config, 3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "layer 0: solved before, replayed" in result.stdout + result.stderr
     assert [c for rank in read_json(resumed / "nvfp4_pp.json")["ranks"] for c in rank["choices"]] == choices
     assert tensor_differences(load_tensors(resumed), ours) == []
+
+
+def test_auto_guard_keeps_the_better_of_auto_and_its_candidate_alone(smol8, token_file, work, sequential, parallel,
+                                                                     auto_unguarded, tmp_path):
+    """`auto.guard: gptq`: GPTQ also runs alone beside `auto`. Sequential boundary: one verdict for the run,
+    by the model's held-out KL, and the bytes are the kept side's (the layer-by-layer GPTQ run's, or
+    unguarded `auto`'s); a rank killed after its first layer makes the rerun calibrate again, to the same
+    bytes. Parallel boundary: each stage keeps its better (the last by KL, the others by their outputs'
+    error); a stage that kept GPTQ has the parallel GPTQ run's bytes."""
+    guarded = {"candidates": ["max", "gptq", "awq_lite"], "guard": "gptq"}
+    out = tmp_path / "guarded"
+    config = _config(tmp_path / "guarded.yaml", smol8, token_file, out, auto=guarded, **AUTO)
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = read_json(out / "nvfp4_pp.json")
+    verdicts = [rank["guard"] for rank in record["ranks"]]
+    assert verdicts[0]["measure"] == "KL" and all(v == verdicts[0] for v in verdicts), verdicts
+    errors, kept = verdicts[0]["errors"], verdicts[0]["kept"]
+    assert set(errors) == {"auto", "gptq"} and all(e > 0 for e in errors.values()) and verdicts[0]["judged_on"] == 1
+    assert kept == min(errors, key=lambda n: (errors[n], n != "auto")), verdicts[0]
+    expected = load_tensors(sequential if kept == "gptq" else auto_unguarded)
+    ours = load_tensors(out)
+    assert tensor_differences(ours, expected) == []
+    card = (out / "README.md").read_text()
+    assert "`gptq` also ran alone beside it" in card and f"auto {errors['auto']:.4g}, `gptq` alone" in card, card
+
+    resumed = tmp_path / "resumed"
+    config = _config(tmp_path / "resumed.yaml", smol8, token_file, resumed, auto=guarded, **AUTO)
+    _kill_rank0_after_layer_1(config, tmp_path / "killed.log")
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "calibration starts again from the stage's first layer" in result.stdout + result.stderr
+    assert tensor_differences(load_tensors(resumed), ours) == []
+
+    by_stage = tmp_path / "parallel-guarded"
+    config = _config(tmp_path / "parallel-guarded.yaml", smol8, token_file, by_stage, auto=guarded,
+                     algorithm="auto", layerwise={"enable": True, "boundary": "parallel"})
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = read_json(by_stage / "nvfp4_pp.json")["ranks"]
+    assert [r["guard"]["measure"] for r in ranks] == ["output error", "output error", "KL"], ranks
+    ours, theirs = load_tensors(by_stage), load_tensors(parallel)
+    for r in ranks:
+        if r["guard"]["kept"] == "gptq":
+            mine = {k: v for k, v in ours.items() if k.startswith(tuple(f"model.layers.{i}." for i in range(*r["layers"])))}
+            assert mine and tensor_differences(mine, {k: theirs[k] for k in mine}) == [], r
 
 
 def test_a_stack_across_ranks_is_the_same_stack_in_one_process_and_resumes(smol8, token_file, work):

@@ -188,6 +188,9 @@ RECIPE_NAMES = tuple(RECIPES)
 OVERRIDE_NAMES = tuple(name for name, recipe in RECIPES.items() if not recipe.is_mix)
 ALGORITHM_NAMES = tuple(ALGORITHMS)
 AUTO_CANDIDATES = tuple(name for name, algorithm in ALGORITHMS.items() if algorithm.auto_candidate)
+GUARD_FULLEST, GUARD_NONE = "fullest", "none"
+"""`auto.guard`'s words beside a candidate's name: the fullest candidate (the table lists stacks after their
+steps, so the last that fits), or no guard."""
 CUDA_ONLY: dict[tuple[str, str], str] = {
     (name, recipe): what for name, algorithm in ALGORITHMS.items() for recipe, what in algorithm.cuda_only.items()}
 """(algorithm, recipe) -> what modelopt 0.47 runs on CUDA only for that pair."""
@@ -197,12 +200,14 @@ if TYPE_CHECKING:  # a type checker reads names written out; the run's validatio
     OverrideName = str
     AlgorithmName = str
     CandidateName = str
+    GuardName = str
     KvCacheName = str
 else:
     RecipeName = Literal[RECIPE_NAMES]
     OverrideName = Literal[OVERRIDE_NAMES]
     AlgorithmName = Literal[ALGORITHM_NAMES]
     CandidateName = Literal[AUTO_CANDIDATES]
+    GuardName = Literal[(GUARD_FULLEST, GUARD_NONE) + AUTO_CANDIDATES]
     KvCacheName = Literal[tuple(KV_CACHES)]
 
 

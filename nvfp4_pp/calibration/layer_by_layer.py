@@ -26,7 +26,7 @@ from nvfp4_pp.data.samples import MicroBatch
 from nvfp4_pp.checkpoint.export import StageExporter
 from nvfp4_pp.checkpoint.formats import CheckpointFormat
 from nvfp4_pp.algorithms.gptq import SolveTimes, solve_progress
-from nvfp4_pp.calibration.auto_guard import AUTO_PATH, CandidateRuns, ModelHead, decide
+from nvfp4_pp.calibration.auto_guard import AUTO_PATH, GuardRun, ModelHead, decide
 from nvfp4_pp.calibration.layer_choice import LayerChooser, held_out_count
 from nvfp4_pp.log import logger
 from nvfp4_pp.calibration.pipeline import run_pipeline
@@ -100,27 +100,19 @@ class LayerByLayer:
         self.stream = job.layer_stream if job.streaming else None
         self.exporter: StageExporter | None = None
         self.chooser: LayerChooser | None = None
-        self.candidate_runs: CandidateRuns | None = None
-        """`auto`'s guard: every candidate run alone beside it (set when the guard runs)."""
+        self.guard_run: GuardRun | None = None
+        """`auto`'s guard: its candidate run alone beside it (set when the guard runs)."""
 
     def run(self) -> LayerByLayerResult:
         job = self.job
-        if not self.solved:  # no layer solved (or a streaming stage starting over): no choice stands
+        info = job.info
+        guard = self._guard_runs()
+        if not self.solved:  # no layer solved (or a stage starting over): no choice stands
             job.state.record_calibrate_progress(choices={})
         self._prepare_quantizers()
-        info = job.info
         # the first stage's inputs are its embeddings (sequential boundary): computed again, never saved
         embeds = info.is_first and job.boundary != "parallel"
-        guard_wanted = job.cfg.algorithm == AUTO and job.cfg.auto.guard
-        # the guard's copies exist only in a run that solves every layer, resident: agreed by every rank
-        fresh = (not job.streaming and not self.solved and not self._inputs_saved()
-                 and job.boundary == "sequential")
-        flags = dist.all_gather_objects((not self._inputs_saved() and not embeds, fresh), info.world_size)
-        waits = [wait for wait, _ in flags]
-        guard = guard_wanted and all(f for _, f in flags)
-        if guard_wanted and not guard:
-            logger.info("auto guard: skipped (it needs the sequential boundary, and a fresh resident run: a resumed "
-                        "run or a streaming stage keeps no candidate's own layers); the per-layer choices stand")
+        waits = dist.all_gather_objects(not self._inputs_saved() and not embeds, info.world_size)
         relay = layerwise.Relay(info, not info.is_last and waits[info.rank + 1])
         held_out = held_out_count(len(job.lengths), job.cfg.auto.held_out)
         inputs, traffic = self._layer_inputs(waits, relay, guard, held_out)
@@ -137,25 +129,54 @@ class LayerByLayer:
         if self.stream:
             logger.info("streaming: calibration waited %.1f s for layer reads", self.stream.wait_seconds)
         if job.boundary == "sequential":
-            extra = self.candidate_runs.outputs() if self.candidate_runs else []
+            extra = self.guard_run.outputs() if self.guard_run else []
             traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden + extra))
-        if self.candidate_runs:
-            self._guard(held_out)
+        if self.guard_run:
+            self._verdict(held_out)
         return LayerByLayerResult(traffic, seconds, self.exporter)
 
-    def _guard(self, held_out: int) -> None:
-        """`auto`'s run-level verdict (auto_guard.decide), the same on every rank; a candidate that beat
-        `auto` alone replaces its layers here and in the work state."""
-        job, runs = self.job, self.candidate_runs
-        assert runs is not None
-        errors = runs.errors(ModelHead(job.stage, job.source, job.info.device)) if job.info.is_last else None
-        verdict = decide(dist.all_gather_objects(errors, job.info.world_size)[-1], held_out)
+    def _guard_runs(self) -> bool:
+        """Whether `auto`'s guard runs on this stage. Its candidate's own layers and streams are not saved, so
+        a stage without a verdict calibrates again from its first layer (every stage, with the sequential
+        boundary, whose streams flow between them): the output is an uninterrupted run's. A streaming stage
+        anywhere has no room for the copies: no stage guards."""
+        job = self.job
+        if job.cfg.guarded is None:
+            return False
+        flags = dist.all_gather_objects((job.streaming, job.state.calibrate_progress.guard is not None),
+                                        job.info.world_size)
+        if any(streaming for streaming, _ in flags):
+            logger.info("auto guard: skipped (a streaming stage keeps no copy of its layers); the per-layer "
+                        "choices stand")
+            return False
+        decided = all(d for _, d in flags) if job.boundary == "sequential" else flags[job.info.rank][1]
+        if decided:
+            return False
+        if self.solved or self._inputs_saved():
+            logger.info("auto guard: no verdict was given before the interruption and the guard's own layers are "
+                        "not saved: calibration starts again from the stage's first layer")
+            self.solved = set()
+            if job.boundary == "sequential":  # the previous stage relays its streams again
+                job.state.record_calibrate_progress(inputs_saved=False)
+        return True
+
+    def _verdict(self, held_out: int) -> None:
+        """`auto`'s guard decides (sequential boundary: the last stage, for every stage; parallel: each
+        stage for itself); the candidate's layers replace `auto`'s here and in the work state if it won."""
+        job, run = self.job, self.guard_run
+        assert run is not None
+        head = ModelHead(job.stage, job.source, job.info.device) if job.info.is_last else None
+        if job.boundary == "sequential":
+            errors = dist.all_gather_objects(run.errors(head) if head else None, job.info.world_size)[-1]
+            verdict = decide(errors, held_out, "KL")
+        else:
+            verdict = decide(run.errors(head), held_out, "KL" if head else "output error")
         if verdict.kept != AUTO_PATH:
-            for index, layer in runs.keep(verdict.kept, job.info.device):
+            for index, layer in run.keep(job.info.device):
                 job.stage.replace_layer(index, layer)
                 job.state.save_layer(index, layer)
             job.state.save_quantizers(job.stage, sorted(self.solved))
-        self.candidate_runs = None  # the copies go
+        self.guard_run = None  # the copies go
         job.state.record_calibrate_progress(guard=verdict)
 
     def _prepare_quantizers(self) -> None:
@@ -184,8 +205,8 @@ class LayerByLayer:
                       held_out: int) -> tuple[layerwise.LayerInputs, Traffic]:
         """This stage's first layer's inputs (`waits`: which ranks have none saved): from the work dir, the
         pipelined BF16 pass (parallel boundary) or the previous stage (sequential boundary). With `auto`'s
-        guard, also each candidate's and the BF16 held-out stream (from the previous stage, or these same
-        inputs where they are BF16 or embeddings)."""
+        guard, also its streams (from the previous stage, or these same inputs where they are BF16 or
+        embeddings)."""
         job, info = self.job, self.job.info
         saved = self._inputs_saved()
         streams: list[torch.Tensor] | None = None
@@ -198,39 +219,37 @@ class LayerByLayer:
             assert job.batches is not None, "the first rank holds the token ids"
             with torch.no_grad():
                 hidden = [job.stage.embed(b.ids.to(info.device)) for b in job.batches]
-            self._start_candidate_runs(guard, hidden, None, held_out)
+            self._start_guard(guard, hidden, None, held_out)
             return layerwise.LayerInputs(job.stage, hidden), Traffic()
         else:
             dtype = next(job.stage.parameters()).dtype
             shapes: list[tuple[int, ...]] = [(len(real), max(real), job.stage.hf_config.hidden_size)
                                              for real in job.lengths]
-            extra = shapes * len(self.algorithms) + 2 * shapes[len(shapes) - held_out:] if guard else []
+            extra = 2 * shapes + 2 * shapes[len(shapes) - held_out:] if guard else []  # GuardRun.STREAMS
             received = relay.wait_for_inputs(shapes + extra, dtype)
             hidden, streams = received[:len(shapes)], received[len(shapes):]
             traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in received))
         if not saved:
             layerwise.save_inputs(self._inputs_path, hidden)
             job.state.record_calibrate_progress(inputs_saved=True)
-        self._start_candidate_runs(guard, hidden, streams, held_out)
+        self._start_guard(guard, hidden, streams, held_out)
         return layerwise.LayerInputs(job.stage, hidden), traffic
 
-    def _start_candidate_runs(self, guard: bool, hidden: list[torch.Tensor], streams: list[torch.Tensor] | None,
-                              held_out: int) -> None:
-        """`auto`'s guard: every candidate alone from `streams` (the previous stage's, in candidate order, then
-        the BF16 held-out stream), or from this stage's own inputs where those are the same for all."""
+    def _start_guard(self, guard: bool, hidden: list[torch.Tensor], streams: list[torch.Tensor] | None,
+                     held_out: int) -> None:
+        """`auto`'s guard from `streams` (the previous stage's, in GuardRun.STREAMS order), or from this
+        stage's own inputs where every path's are the same (embeddings, or BF16 with the parallel boundary)."""
         if not guard:
             return
-        n, names = len(hidden), list(self.algorithms)
+        name, n = self.job.cfg.guarded, len(hidden)
+        assert name is not None, "a guard has its candidate"
         if streams is None:
-            own = {name: list(hidden) for name in names}
-            auto, reference = list(hidden[n - held_out:]), list(hidden[n - held_out:])
+            judged, kept, auto, reference = list(hidden), list(hidden), hidden[n - held_out:], hidden[n - held_out:]
         else:
-            own = {name: streams[i * n:(i + 1) * n] for i, name in enumerate(names)}
-            rest = streams[len(names) * n:]
-            auto, reference = rest[:held_out], rest[held_out:]
-        self.candidate_runs = CandidateRuns(self.job.stage, {name: layerwise.LayerAlgorithm(a)
-                                                             for name, a in self.algorithms.items()},
-                                            own, auto, reference, held_out)
+            judged, kept = streams[:n], streams[n:2 * n]
+            auto, reference = streams[2 * n:2 * n + held_out], streams[2 * n + held_out:]
+        self.guard_run = GuardRun(self.job.stage, name, layerwise.LayerAlgorithm(self.algorithms[name]), judged, kept,
+                                  auto, reference, held_out)
 
     def _capture_pass(self) -> tuple[list[torch.Tensor], Traffic]:
         """One pipelined BF16 pass (quantizers off, every stage busy) keeping each stage's inputs."""
@@ -253,7 +272,7 @@ class LayerByLayer:
                 heartbeat=relay.heartbeat if relay else lambda index: None,
                 before=stream.load if stream else lambda index, layer: None,
                 choose=self._choose if self.chooser else None,
-                alongside=self.candidate_runs.layer if self.candidate_runs else None,
+                alongside=self.guard_run.layer if self.guard_run else None,
                 chosen={i: c.chosen for i, c in job.state.calibrate_progress.choices.items() if i in self.solved},
                 times=job.solve_times).run(inputs)
             if self.exporter:  # the last layer packed (its writes go on into the export phase)
@@ -279,8 +298,8 @@ class LayerByLayer:
         """`auto`: layer `index`'s algorithm, kept in the work state."""
         assert self.chooser is not None, "choosing runs under `auto` only"
         choice = self.chooser(index, layer, inputs)
-        if self.candidate_runs and self.chooser.chosen_trial is not None:  # the guard follows auto's trial path
-            self.candidate_runs.auto_layer(index, self.chooser.chosen_trial)
+        if self.guard_run and self.chooser.chosen_trial is not None:  # the guard follows auto's trial path
+            self.guard_run.auto_layer(index, self.chooser.chosen_trial)
             self.chooser.chosen_trial.to_empty(device="meta")
             self.chooser.chosen_trial = None
         state = self.job.state

@@ -306,8 +306,7 @@ class Run:
         workload = Workload(self.cfg.calibration.batch_size, self.cfg.calibration.max_length,
                             calibration_tokens=self.samples.manifest.tokens, hessians=terms.hessians,
                             layer_major=self.cfg.layerwise.enable, trials=terms.trials, smoothing=terms.smoothing,
-                            guard_copies=len(self.cfg.algorithms) if self.cfg.algorithm == "auto" and self.cfg.auto.guard
-                            else 0)
+                            guard=self.cfg.guarded is not None)
 
         sizes = self.sizes = ModelSizes.from_source(self.source, self.arch)
 

@@ -160,9 +160,9 @@ class Workload:
     """`algorithm: auto`: each candidate fits a copy of the layer, judged on held-out outputs."""
     smoothing: bool = False
     """`smooth` (or a stack with it): a layer's group inputs and its search's copies (smoothing_bytes)."""
-    guard_copies: int = 0
-    """`auto`'s guard: the candidates run alone beside it, each with its own hidden states on the device and
-    its fitted copy of the stage's layers in host memory."""
+    guard: bool = False
+    """`auto`'s guard: its candidate run alone beside it, with two streams of hidden states and two held-out
+    ones on the device, and its fitted copy of the stage's layers in host memory."""
 
     @property
     def tokens(self) -> int:
@@ -226,7 +226,7 @@ def algorithm_bytes(s: ModelSizes, w: Workload, layers: int) -> int:
     hidden_states = w.calibration_tokens * s.hidden * s.dtype_bytes
     trials = max(s.layer_bytes, default=0) + hidden_states if w.trials else 0
     smoothing = smoothing_bytes(s) if w.smoothing else 0
-    guard = (w.guard_copies + 1) * hidden_states if w.guard_copies else 0  # (+1: the BF16 held-out stream)
+    guard = 3 * hidden_states if w.guard else 0  # two streams, and two of at most half the micro-batches
     if w.layer_major:
         return 2 * hidden_states + gptq + trials + smoothing + guard
     return gptq
@@ -260,7 +260,7 @@ def stage_need(
     written = math.ceil(linear * PACKED_PER_BF16_BYTE) + (sum(layers) - linear)
     written += (s.embed_bytes if first else 0) + (s.head_bytes if last else 0)
     buffer = min((WRITE_WORKERS + 1) * max(DEFAULT_SHARD_BYTES, s.embed_bytes, s.head_bytes), written)
-    guard_copies = workload.guard_copies * sum(layers)  # `auto`'s guard: host memory
+    guard_copies = sum(layers) if workload.guard else 0  # `auto`'s guard: host memory
     wire = s.dtype_bytes * workload.tokens * s.hidden * (SENDS_IN_FLIGHT + 1) if wire_on_host else 0
 
     # A resident stage calibrates, then exports; a streaming one exports layer k while layer k+1 calibrates.

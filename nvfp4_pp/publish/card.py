@@ -16,7 +16,7 @@ from nvfp4_pp.publish.charts import render_charts
 from nvfp4_pp.config import RunConfig
 from nvfp4_pp.files import sha256_of
 from nvfp4_pp.phases import Phase
-from nvfp4_pp.records import PRODUCER, RECORD, CalibrationManifest, LayerChoice, RankReport, SourceSummary
+from nvfp4_pp.records import PRODUCER, RECORD, AutoGuard, CalibrationManifest, LayerChoice, RankReport, SourceSummary
 from nvfp4_pp.publish.run_record import CalibrationRecord, Producer, RunRecord, write_run_record
 from nvfp4_pp.publish.serving import checkpoint_facts, serve_command, serving_lines
 from nvfp4_pp.publish.source_card import read_source_card
@@ -119,13 +119,12 @@ block-quantized Linear `int4_awq`, AWQ or not (the algorithm gets its own tag)."
 
 
 def _fitted_by(record: RunRecord) -> list[str]:
-    """The algorithms the written weights were fitted by: the run's, or those auto chose for some layer."""
+    """The algorithms the written weights were fitted by: the run's, or under `auto` those chosen for some
+    layer of a stage that kept `auto`'s layers, and the guarded candidate where its layers were kept."""
     if record.config.algorithm != "auto":
         return [record.config.algorithm]
-    guard = next((r.guard for r in record.ranks if r.guard is not None), None)
-    if guard is not None and guard.kept != "auto":  # one candidate's layers replaced auto's everywhere
-        return [guard.kept]
-    return sorted({c.chosen for c in record.layer_choices})
+    return sorted({name for r in record.ranks for name in (
+        [r.guard.kept] if r.guard is not None and r.guard.kept != "auto" else [c.chosen for c in r.choices])})
 
 
 def _algorithm_text(record: RunRecord) -> str:
@@ -157,18 +156,34 @@ def _algorithm_text(record: RunRecord) -> str:
 
 
 def _guard_text(record: RunRecord) -> str:
-    """The run-level guard's verdict (auto_guard.py), where it ran."""
-    guard = next((r.guard for r in record.ranks if r.guard is not None), None)
-    if guard is None:
+    """The run-level guard's verdict (calibration/auto_guard.py), where it ran: one for the run (KL, the
+    sequential boundary) or one per stage (parallel)."""
+    verdicts = [(r, r.guard) for r in record.ranks if r.guard is not None]
+    if not verdicts:
         return ""
-    alone = {n: e for n, e in guard.errors.items() if n != "auto" and e is not None}
-    best = min(alone, key=alone.__getitem__) if alone else None
-    auto = guard.errors.get("auto")
-    figures = (f"auto {auto:.4g}" if auto is not None else "auto non-finite") + (
-        f", the best candidate alone (`{best}`) {alone[best]:.4g}" if best else "")
-    kept = "`auto`'s layers" if guard.kept == "auto" else f"`{guard.kept}`'s own layers on every layer, replacing them"
-    return (f". Before export, every candidate also ran alone beside it; on the last {guard.judged_on} calibration "
-            f"micro-batches the model's mean KL to BF16 was {figures}, and the run kept {kept}")
+    first = verdicts[0][1]
+    name = next(n for n in first.errors if n != "auto")
+    said = (f". Before export, `{name}` also ran alone beside it, judged likewise on the last {first.judged_on} "
+            "micro-batches (each side fitted on the others)")
+    if first.measure == "KL":
+        return said + f": the model's mean next-token KL to BF16 was {_verdict_text(first)}"
+    return said + ", each stage by its outputs' error (the last by the model's KL to BF16): " + "; ".join(
+        f"layers {r.layers[0]}-{r.layers[1] - 1}, {_verdict_text(g)}" for r, g in verdicts)
+
+
+def _verdict_text(guard: AutoGuard) -> str:
+    """"auto 0.178, `x` alone 0.173: `x`'s own layers kept (2.8% less)"."""
+    name = next(n for n in guard.errors if n != "auto")
+    auto, alone = guard.errors["auto"], guard.errors[name]
+    figures = f"auto {_figure(auto)}, `{name}` alone {_figure(alone)}"
+    if guard.kept == "auto":
+        return figures + ": `auto`'s layers kept"
+    less = f" ({100 * (1 - alone / auto):.1f}% less)" if auto and alone is not None else ""
+    return figures + f": `{name}`'s own layers kept, fitted on every micro-batch as a run of it alone fits them{less}"
+
+
+def _figure(error: float | None) -> str:
+    return "non-finite" if error is None else f"{error:.4g}"
 
 
 def _split_text(choices: list[LayerChoice]) -> str:
