@@ -35,6 +35,16 @@ def test_auto_tries_every_algorithm_that_fits_unless_told():
     assert named.algorithms == ["gptq", "max"] and named.gptq.damping == 0.1
 
 
+def test_auto_guards_with_its_fullest_candidate_unless_told():
+    layerwise = {"layerwise": {"enable": True}, "algorithm": "auto"}
+    assert config_from_dict({**BASE, **layerwise}).guarded == "smooth+local_hessian+gptq"
+    assert config_from_dict({**BASE, **layerwise, "recipe": "w4a16_int4"}).guarded == "smooth+gptq"
+    assert config_from_dict({**BASE, **layerwise, "auto": {"candidates": ["gptq", "max"]}}).guarded == "gptq"
+    assert config_from_dict({**BASE, **layerwise, "auto": {"guard": "local_hessian"}}).guarded == "local_hessian"
+    assert config_from_dict({**BASE, **layerwise, "auto": {"guard": "none"}}).guarded is None
+    assert config_from_dict({**BASE, "algorithm": "gptq", "layerwise": {"enable": True}}).guarded is None
+
+
 def test_defaults():
     cfg = config_from_dict(BASE)
     assert cfg.format == "compressed-tensors" and cfg.pipeline.layers == "auto"
@@ -109,6 +119,12 @@ def test_per_rank_and_per_host_pipeline_keys():
     ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "auto": {"held_out": 1}},
      "config key 'auto.held_out' must be above 0 and at most 0.5, got 1"),
     ({**BASE, "auto": {"held_out": 0.5}}, "config section 'auto' applies to 'algorithm: auto', not max"),
+    ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "auto": {"candidates": ["max", "gptq"],
+                                                                            "guard": "smooth"}},
+     "config key 'auto.guard' names smooth, which is not among auto.candidates ['max', 'gptq']; add it there, or "
+     "set 'auto.guard: fullest'"),
+    ({**BASE, "algorithm": "auto", "layerwise": {"enable": True}, "auto": {"guard": "awq_lite"}},
+     "auto.guard: NVFP4 with AWQ-lite is recipe nvfp4_awq"),
     ({**BASE, "algorithm": "four_over_six", "recipe": "mxfp4"},
      "algorithm four_over_six fits the weights of recipes ['nvfp4', 'w4a16_nvfp4'], not recipe mxfp4"),
 ])
