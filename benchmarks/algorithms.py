@@ -131,6 +131,10 @@ def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device
     choices = [c["chosen"] for rank in record.get("ranks", []) for c in rank.get("choices", [])]
     if choices:  # auto: how many layers each candidate won
         row["choices"] = ", ".join(f"{n} {choices.count(n)}" for n in dict.fromkeys(choices))
+    guard = next((rank["guard"] for rank in record.get("ranks", []) if rank.get("guard")), None)
+    if guard:  # auto's run-level guard: both sides' held-out KL and the kept one
+        errors = guard["errors"]
+        row["guard"] = f"kept {guard['kept']} (" + ", ".join(f"{n} {e:.4g}" for n, e in errors.items()) + ")"
     if compare:
         reference = work / f"reference-{name}"
         options = ["--recipe", recipe, "--algorithm", algorithm, "--ignore", ",".join(ignore),
@@ -222,8 +226,8 @@ def _version(module: str) -> str:
     return getattr(importlib.import_module(module), "__version__", "?")
 
 
-def evaluate_row(row: dict, model: Path, held_out: list[list[int]], device: str) -> float | None:
-    """Perplexity and KL of a finished run's checkpoint into `row` (and transformers' KL of a
+def evaluate_row(row: dict, model: Path, held_out: list[list[int]], device: str, client: bool) -> float | None:
+    """Perplexity and KL of a finished run's checkpoint into `row` (and, `client`, transformers' KL of a
     compressed-tensors one); the BF16 perplexity, or None when there was nothing to measure."""
     from nvfp4_pp.evaluate.quality import evaluate
 
@@ -236,14 +240,15 @@ def evaluate_row(row: dict, model: Path, held_out: list[list[int]], device: str)
         return None
     kind = "w4a4" if "w4a4" in results else "w4a16"
     row["ppl"], row["kl"], row["measured"] = results[kind]["perplexity"], results[kind]["kl"], kind
-    if row.get("layout") == _CT:  # a real client's reading of the same files, on the CPU (and GPU)
+    if client and row.get("layout") == _CT:  # a real client's reading of the same files, on the CPU (and GPU)
         row["transformers_kl"] = transformers_kl(model, Path(row["out"]), held_out)
         row["w4a16_kl"] = results["w4a16"]["kl"]
         if device == "cuda":
             row["transformers_gpu"] = (f"KL {transformers_kl(model, Path(row['out']), held_out, device):.4f}; "
                                        + load_device_differences(Path(row["out"])))
     print(f"{row['name']}: {kind} perplexity {row['ppl']:.2f}, KL {row['kl']:.3f}"
-          f"{', ' + row['choices'] if 'choices' in row else ''}", flush=True)
+          f"{', ' + row['choices'] if 'choices' in row else ''}{'; guard ' + row['guard'] if 'guard' in row else ''}",
+          flush=True)
     return results["bf16"]["perplexity"]
 
 
@@ -261,6 +266,8 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/nvfp4_pp-alg"))
     p.add_argument("--report", type=Path)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test of INT4 runs")
+    p.add_argument("--no-client", action="store_true",
+                   help="skip transformers + compressed-tensors' reading of the outputs (minutes of CPU per run)")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (modelopt 0.47 runs NVFP4 GPTQ, scale searches and AWQ-lite on CUDA only)",
@@ -285,7 +292,7 @@ def main() -> int:
             r = rows[-1]
             print(f"{time.perf_counter() - t0:5.0f} s  {r['name']}: exit {r['exit']} in {r['seconds']:.0f} s, "
                   f"{r.get('identity', 'not compared')}", flush=True)
-            bf16 = evaluate_row(r, model, held_out, args.device) or bf16
+            bf16 = evaluate_row(r, model, held_out, args.device, not args.no_client) or bf16
     rows.sort(key=lambda r: list(RUNS).index(r["name"]) if r["name"] in RUNS else len(RUNS))
     print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -307,7 +314,8 @@ def main() -> int:
                    else f"- | - | {('FAILED: ' + r.get('error', '')[-120:]).replace('|', '/').replace(chr(10), ' ')}")
         lines.append(f"| {r['name']} | {r['recipe']} | {r['algorithm']} | {r['layerwise']} | {quality} | "
                      f"{r.get('identity', 'not compared').replace('|', '/')} | {r['seconds']:.0f} |")
-    chose = [f"- {r['name']}: {r['choices']} layers" for r in rows if "choices" in r]
+    chose = [f"- {r['name']}: {r['choices']} layers" + (f"; run-level guard {r['guard']}" if "guard" in r else "")
+             for r in rows if "choices" in r]
     ct_lines += ["", "`auto`'s choices per layer:", "", *chose] if chose else []
     text = "\n".join(lines + ct_lines) + "\n"
     print(text)
