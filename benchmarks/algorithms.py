@@ -252,6 +252,35 @@ def evaluate_row(row: dict, model: Path, held_out: list[list[int]], device: str,
     return results["bf16"]["perplexity"]
 
 
+def report(rows: list[dict], args: argparse.Namespace, held_out: list[list[int]], bf16: float | None) -> str:
+    """The results as markdown: the quality table, transformers' readings, `auto`'s choices and guard."""
+    rows = sorted(rows, key=lambda r: list(RUNS).index(r["name"]) if r["name"] in RUNS else len(RUNS))
+    lines = [f"SmolLM2-135M ({args.model}), calibration {args.samples} x {args.seq} tokens of the built-in corpus, "
+             f"held-out {len(held_out)} x {args.eval_length} tokens; {args.ranks} ranks on one "
+             f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU'} (gloo); BF16 perplexity "
+             f"{bf16 or float('nan'):.2f}; transformers {_version('transformers')}, compressed-tensors "
+             f"{_version('compressed_tensors')}, modelopt {_version('modelopt')}",
+             "", "| run | recipe | algorithm | layer by layer | ppl | KL | measured | vs modelopt 1 process | s |",
+             "|---|---|---|---|---:|---:|---|---|---:|"]
+    ct_lines = ["", "Compressed-tensors outputs loaded by transformers + compressed-tensors (weights dequantized, "
+                "BF16 activations) against nvfp4_pp's decoder, the same files:", "",
+                "| run | W4A16 KL, nvfp4_pp's decoder | W4A16 KL, transformers (CPU) | verify | transformers on the GPU |",
+                "|---|---:|---:|---|---|"]
+    ct_lines += [f"| {r['name']} | {r['w4a16_kl']:.4f} | {r['transformers_kl']:.4f} | {r.get('verify', '-')} | "
+                 f"{r.get('transformers_gpu', '-')} |" for r in rows if "transformers_kl" in r]
+    if not any("transformers_kl" in r for r in rows):  # --no-client
+        ct_lines = []
+    for r in rows:
+        quality = (f"{r['ppl']:.2f} | {r['kl']:.3f} | {r['measured']}" if "ppl" in r
+                   else f"- | - | {('FAILED: ' + r.get('error', '')[-120:]).replace('|', '/').replace(chr(10), ' ')}")
+        lines.append(f"| {r['name']} | {r['recipe']} | {r['algorithm']} | {r['layerwise']} | {quality} | "
+                     f"{r.get('identity', 'not compared').replace('|', '/')} | {r['seconds']:.0f} |")
+    chose = [f"- {r['name']}: {r['choices']} layers" + (f"; run-level guard {r['guard']}" if "guard" in r else "")
+             for r in rows if "choices" in r]
+    ct_lines += ["", "`auto`'s choices per layer:", "", *chose] if chose else []
+    return "\n".join(lines + ct_lines) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -293,31 +322,11 @@ def main() -> int:
             print(f"{time.perf_counter() - t0:5.0f} s  {r['name']}: exit {r['exit']} in {r['seconds']:.0f} s, "
                   f"{r.get('identity', 'not compared')}", flush=True)
             bf16 = evaluate_row(r, model, held_out, args.device, not args.no_client) or bf16
-    rows.sort(key=lambda r: list(RUNS).index(r["name"]) if r["name"] in RUNS else len(RUNS))
+            if args.report:  # kept as the runs end: a deadline leaves the finished ones
+                args.report.write_text(report(rows, args, held_out, bf16))
     print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
 
-    lines = [f"SmolLM2-135M ({args.model}), calibration {args.samples} x {args.seq} tokens of the built-in corpus, "
-             f"held-out {len(held_out)} x {args.eval_length} tokens; {args.ranks} ranks on one "
-             f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU'} (gloo); BF16 perplexity "
-             f"{bf16 or float('nan'):.2f}; transformers {_version('transformers')}, compressed-tensors "
-             f"{_version('compressed_tensors')}, modelopt {_version('modelopt')}",
-             "", "| run | recipe | algorithm | layer by layer | ppl | KL | measured | vs modelopt 1 process | s |",
-             "|---|---|---|---|---:|---:|---|---|---:|"]
-    ct_lines = ["", "Compressed-tensors outputs loaded by transformers + compressed-tensors (weights dequantized, "
-                "BF16 activations) against nvfp4_pp's decoder, the same files:", "",
-                "| run | W4A16 KL, nvfp4_pp's decoder | W4A16 KL, transformers (CPU) | verify | transformers on the GPU |",
-                "|---|---:|---:|---|---|"]
-    ct_lines += [f"| {r['name']} | {r['w4a16_kl']:.4f} | {r['transformers_kl']:.4f} | {r.get('verify', '-')} | "
-                 f"{r.get('transformers_gpu', '-')} |" for r in rows if "transformers_kl" in r]
-    for r in rows:
-        quality = (f"{r['ppl']:.2f} | {r['kl']:.3f} | {r['measured']}" if "ppl" in r
-                   else f"- | - | {('FAILED: ' + r.get('error', '')[-120:]).replace('|', '/').replace(chr(10), ' ')}")
-        lines.append(f"| {r['name']} | {r['recipe']} | {r['algorithm']} | {r['layerwise']} | {quality} | "
-                     f"{r.get('identity', 'not compared').replace('|', '/')} | {r['seconds']:.0f} |")
-    chose = [f"- {r['name']}: {r['choices']} layers" + (f"; run-level guard {r['guard']}" if "guard" in r else "")
-             for r in rows if "choices" in r]
-    ct_lines += ["", "`auto`'s choices per layer:", "", *chose] if chose else []
-    text = "\n".join(lines + ct_lines) + "\n"
+    text = report(rows, args, held_out, bf16)
     print(text)
     if args.report:
         args.report.write_text(text)
