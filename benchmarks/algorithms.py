@@ -48,6 +48,8 @@ class Run(NamedTuple):
     """Compared tensor for tensor with modelopt's single process."""
     layout: str = "modelopt"
     """compressed-tensors: also loaded by transformers + compressed-tensors, its KL beside evaluate's."""
+    guard: str | None = None
+    """`auto.guard` (None: the default, no run-level guard)."""
 
 
 _CT = "compressed-tensors"
@@ -80,6 +82,9 @@ RUNS = {
     "int4-auto": Run("w4a16_int4", "auto", "sequential", False, _CT),
     "nvfp4-auto": Run("nvfp4", "auto", "sequential", False, _CT),
     "w4a16_nvfp4-auto": Run("w4a16_nvfp4", "auto", "sequential", False, _CT),
+    "int4-auto-guarded": Run("w4a16_int4", "auto", "sequential", False, _CT, "fullest"),
+    "nvfp4-auto-guarded": Run("nvfp4", "auto", "sequential", False, _CT, "fullest"),
+    "w4a16_nvfp4-auto-guarded": Run("w4a16_nvfp4", "auto", "sequential", False, _CT, "fullest"),
 }
 
 
@@ -105,7 +110,7 @@ def write_calibration(model: Path, work: Path, samples: int, seq: int) -> Path:
 
 
 def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device: str) -> dict:
-    recipe, algorithm, boundary, compare, layout = RUNS[name]
+    recipe, algorithm, boundary, compare, layout, guard = RUNS[name]
     out, logs = work / f"out-{name}", work / f"logs-{name}"
     logs.mkdir(parents=True, exist_ok=True)
     samples = sum(1 for line in tokens.read_text().splitlines() if line.strip())
@@ -118,6 +123,7 @@ def one_run(name: str, model: Path, tokens: Path, work: Path, ranks: int, device
         "layerwise": {"enable": boundary is not None, "boundary": boundary or "parallel"},
         "calibration": {"dataset": str(tokens), "samples": samples, "max_length": 4096, "batch_size": 1},
         "pipeline": {"device": device, "backend": "gloo"},
+        **({"auto": {"guard": guard}} if guard else {}),
     }, sort_keys=False))
     t0 = time.perf_counter()
     code = run_ranks(config, ranks, logs, 540)

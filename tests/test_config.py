@@ -35,13 +35,14 @@ def test_auto_tries_every_algorithm_that_fits_unless_told():
     assert named.algorithms == ["gptq", "max"] and named.gptq.damping == 0.1
 
 
-def test_auto_guards_with_its_fullest_candidate_unless_told():
+def test_auto_guards_only_when_told_fullest_meaning_the_last_fitting_candidate():
     layerwise = {"layerwise": {"enable": True}, "algorithm": "auto"}
-    assert config_from_dict({**BASE, **layerwise}).guarded == "smooth+local_hessian+gptq"
-    assert config_from_dict({**BASE, **layerwise, "recipe": "w4a16_int4"}).guarded == "smooth+gptq"
-    assert config_from_dict({**BASE, **layerwise, "auto": {"candidates": ["gptq", "max"]}}).guarded == "gptq"
+    fullest = {"guard": "fullest"}
+    assert config_from_dict({**BASE, **layerwise}).guarded is None
+    assert config_from_dict({**BASE, **layerwise, "auto": fullest}).guarded == "smooth+local_hessian+gptq"
+    assert config_from_dict({**BASE, **layerwise, "recipe": "w4a16_int4", "auto": fullest}).guarded == "smooth+gptq"
+    assert config_from_dict({**BASE, **layerwise, "auto": {"candidates": ["gptq", "max"], **fullest}}).guarded == "gptq"
     assert config_from_dict({**BASE, **layerwise, "auto": {"guard": "local_hessian"}}).guarded == "local_hessian"
-    assert config_from_dict({**BASE, **layerwise, "auto": {"guard": "none"}}).guarded is None
     assert config_from_dict({**BASE, "algorithm": "gptq", "layerwise": {"enable": True}}).guarded is None
 
 
