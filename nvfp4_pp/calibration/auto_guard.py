@@ -40,10 +40,6 @@ AUTO_PATH = "auto"
 class GuardRun:
     """The guarded candidate run alone through one stage, beside `auto`, and the BF16 held-out stream."""
 
-    STREAMS = 4
-    """Streams a stage relays to the next: the judged copy's, the kept copy's (every micro-batch each),
-    `auto`'s trial path and BF16's (the held-out micro-batches each)."""
-
     def __init__(self, stage: Stage, name: str, algorithm: LayerAlgorithm, judged: list[torch.Tensor],
                  kept: list[torch.Tensor], auto: list[torch.Tensor], reference: list[torch.Tensor], held_out: int):
         """`judged`, `kept`: the candidate's two streams into this stage (every micro-batch); `auto`,
@@ -89,7 +85,8 @@ class GuardRun:
         return out
 
     def outputs(self) -> list[torch.Tensor]:
-        """What the next stage needs, in `STREAMS` order."""
+        """What the next stage needs: the judged copy's and the kept copy's streams (every micro-batch each),
+        then `auto`'s trial path and BF16's (the held-out micro-batches each)."""
         return self.judged.hidden + self.kept.hidden + self.auto.hidden + self.reference.hidden
 
     def keep(self, device: torch.device) -> list[tuple[int, nn.Module]]:

@@ -225,7 +225,7 @@ class LayerByLayer:
             dtype = next(job.stage.parameters()).dtype
             shapes: list[tuple[int, ...]] = [(len(real), max(real), job.stage.hf_config.hidden_size)
                                              for real in job.lengths]
-            extra = 2 * shapes + 2 * shapes[len(shapes) - held_out:] if guard else []  # GuardRun.STREAMS
+            extra = 2 * shapes + 2 * shapes[len(shapes) - held_out:] if guard else []  # GuardRun.outputs()
             received = relay.wait_for_inputs(shapes + extra, dtype)
             hidden, streams = received[:len(shapes)], received[len(shapes):]
             traffic = Traffic(bytes_received=sum(h.numel() * h.element_size() for h in received))
@@ -237,7 +237,7 @@ class LayerByLayer:
 
     def _start_guard(self, guard: bool, hidden: list[torch.Tensor], streams: list[torch.Tensor] | None,
                      held_out: int) -> None:
-        """`auto`'s guard from `streams` (the previous stage's, in GuardRun.STREAMS order), or from this
+        """`auto`'s guard from `streams` (the previous stage's GuardRun.outputs()), or from this
         stage's own inputs where every path's are the same (embeddings, or BF16 with the parallel boundary)."""
         if not guard:
             return
