@@ -88,6 +88,10 @@ def streaming_details(stdout: str, launched: float) -> dict:
     split |= {f"export thread {part}": [float(e[i]) for e in exported]
               for i, part in enumerate(("total", "pack", "copy+write"))}
     wait = re.search(r"calibration waited ([\d.]+) s for layer reads", stdout)
+    reads = re.search(r"into pinned memory ([\d.]+) s, waiting for room on the device ([\d.]+) s, onto it ([\d.]+) s",
+                      stdout)
+    split |= {f"read thread {part}": [float(reads.group(i + 1))] if reads else []
+              for i, part in enumerate(("to pinned", "room wait", "to device"))}
     packed = re.search(r"Linears packed and ([\d.]+) GB written in ([\d.]+) s", stdout)
     first = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", stdout, re.M)
     return {"layer_seconds": layers, "split": split, "wait": float(wait.group(1)) if wait else None,
@@ -322,7 +326,7 @@ def main() -> None:
                          "calibrating thread, write = handing the layer to the export thread; overlapping the next "
                          "layers: pack = the export thread queueing the packing and error measure on its stream, "
                          "copy+write = the copy-out thread moving them to host memory and handing them to the shard "
-                         "writer): " + ", ".join(
+                         "writer; read thread: a layer into pinned memory, waiting for room on the device, onto it): " + ", ".join(
                              f"{part} {median(v):.3f}" for part, v in st["split"].items() if v))
         lines.append(f"nvfp4_pp streaming: waited {num(st['wait'])} s for layer reads; export span (exporter made "
                      f"before the loop to its last shard written, overlapping the loop) {num(st['export_packed_s'])} s")

@@ -159,6 +159,11 @@ def test_every_rank_loads_the_exact_dequantised_fp8_values(style, fp8_pairs):
         assert len(loaded) == count * 9 + (1 if start == 0 else 0)
         assert tensor_differences(loaded, {k: expected[k] for k in loaded}) == []
         start += count
+    # a streaming stage on a GPU reads a layer into host memory first (pinned there), then loads from that
+    names = [n for n in source.weight_map if n.startswith("model.layers.3.")]
+    staged = source.read_stored(names, torch.Tensor.clone)
+    assert set(names) < set(staged)  # the FP8 weights' scales come along
+    assert tensor_differences(source.load(names, stored=staged), {n: expected[n] for n in names}) == []
     print(f"{style}: weights torch's float32 path would have rounded differently: {double_rounded}")
 
 

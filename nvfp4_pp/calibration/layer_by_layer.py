@@ -127,7 +127,10 @@ class LayerByLayer:
         outputs = self._solve(inputs, relay if job.boundary == "sequential" else None)
         seconds = time.perf_counter() - t0
         if self.stream:
-            logger.info("streaming: calibration waited %.1f s for layer reads", self.stream.wait_seconds)
+            parts = [sorted(p)[len(p) // 2] for p in zip(*self.stream.read_parts)] or [0.0, 0.0, 0.0]
+            logger.info("streaming: calibration waited %.1f s for layer reads (the read thread's medians per layer: "
+                        "into pinned memory %.3f s, waiting for room on the device %.3f s, onto it %.3f s)",
+                        self.stream.wait_seconds, *parts)
         if job.boundary == "sequential":
             extra = self.guard_run.outputs() if self.guard_run else []
             traffic = dataclasses.replace(traffic, bytes_sent=relay.send_outputs(outputs.hidden + extra))

@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -166,22 +166,24 @@ class SourceCheckpoint:
 
     def load(self, names: list[str], device: torch.device | str = "cpu",
              loaded: Callable[[int], None] | None = None,
-             transfer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+             transfer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             stored: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Read just `names`, shard by shard, onto `device`; FP8 weights come dequantised to `dtype`.
 
         Each FP8 weight is dequantised as soon as it is read, so one FP8 tensor at a time is held
         beside the loaded ones. `loaded(bytes)` is told of each tensor as it arrives (progress).
         With `transfer`, tensors are read into host memory and `transfer` moves each to the device
         (a streaming stage's copy on its own CUDA stream); FP8 weights are dequantised there after.
+        `stored`: the tensors already read into host memory (`read_stored`), used instead of the disk.
         """
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             raise SourceError(f"tensor {missing[0]!r} is not in the checkpoint at {self.path}")
         read_to, move = ("cpu", transfer) if transfer else (device, lambda tensor: tensor)
-        scales = {n: move(t) for n, t in self._read([self.fp8_scales[n] for n in names if n in self.fp8_scales],
-                                                     read_to)}
+        read = self._read if stored is None else lambda wanted, to: ((n, stored[n]) for n in wanted)
+        scales = {n: move(t) for n, t in read([self.fp8_scales[n] for n in names if n in self.fp8_scales], read_to)}
         out = {}
-        for name, tensor in self._read(names, read_to):
+        for name, tensor in read(names, read_to):
             tensor = move(tensor)
             if name in self.fp8_scales:
                 assert self.fp8 is not None  # scales are paired only in an FP8 source
@@ -191,6 +193,12 @@ class SourceCheckpoint:
             if loaded is not None:
                 loaded(tensor.numel() * tensor.element_size())
         return out
+
+    def read_stored(self, names: list[str], stage: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors `names` and their FP8 scales as stored, in host memory, each through `stage` (a
+        streaming stage pins them): read before the device has room for them, `load(stored=...)` after."""
+        return {n: stage(t) for n, t in self._read(names + [self.fp8_scales[n] for n in names if n in self.fp8_scales],
+                                                    "cpu")}
 
     def _read(self, names: list[str], device: torch.device | str) -> Iterator[tuple[str, torch.Tensor]]:
         """The stored tensors `names`, as they are on disk, one at a time."""
