@@ -25,6 +25,27 @@ def test_streaming_stages_give_modelopts_bytes(smol_dir, token_file, reference, 
     assert result.stdout.count(") streaming ") == 3 and "layer-major: stages calibrate in turn" in result.stdout
 
 
+
+def test_resident_layer_by_layer_stages_export_while_calibrating(smol_dir, token_file, reference, tmp_path):
+    """SmolLM2 on 3 resident ranks, layer by layer (max): each solved layer goes to the export thread while the
+    next one calibrates, and the tensors are modelopt's single-process export's (q/k/v's and gate/up's shared
+    amaxes unified on a copy of the layer, which the export needs whole)."""
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "run.yaml", model=str(smol_dir), output=str(out), format="modelopt",
+        calibration={"dataset": str(token_file), "samples": 4, "max_length": 128, "batch_size": 1},
+        layerwise={"enable": True}, pipeline={"stream": "never"},
+    )
+    result = run_nvfp4_pp(config, 3)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert tensor_differences(load_tensors(out), load_tensors(reference)) == []
+    assert ") streaming " not in log
+    # the layers were exported inside the calibrate phase: the export phase writes only the rest
+    calibrated = log.index("calibrate done in")
+    assert 0 <= log.find("layer 0 exported in") < calibrated, log[-6000:]
+
+
 @pytest.mark.whole
 def test_streaming_stage_peak_is_below_the_resident_one(tmp_path):
     """A random-weight Llama whose second stage holds 24 layers (180 MB): streaming it keeps two layers

@@ -2,13 +2,15 @@
 
 Used when layers are calibrated one at a time (`layerwise.enable`, or a stage that streams): the stage's
 inputs come from the work directory, one pipelined BF16 pass (parallel boundary) or the previous stage
-(sequential boundary); layerwise.Solver then fits each layer, recording it for resume, or (a streaming
-stage) writing and freeing it. `algorithm: auto` chooses each layer's algorithm first (layer_choice).
+(sequential boundary); layerwise.Solver then fits each layer, recording it for resume (a resident stage)
+and handing it to the export thread as soon as it is solved, so the export overlaps the next layers
+(a streaming stage's layer is freed once packed; a resident one's after `auto`'s guard, where it runs). `algorithm: auto` chooses each layer's algorithm first (layer_choice).
 Everything it needs is in `LayerByLayerJob`; what it leaves is `LayerByLayerResult` and the work state.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from nvfp4_pp.log import logger
 from nvfp4_pp.calibration.pipeline import run_pipeline
 from nvfp4_pp.records import Traffic
 from nvfp4_pp.model.source import SourceCheckpoint
-from nvfp4_pp.model.stage import Stage
+from nvfp4_pp.model.stage import Stage, drop_weights
 from nvfp4_pp.calibration.streaming import LayerStream
 from nvfp4_pp.checkpoint.work_state import WorkState
 from nvfp4_pp.checkpoint.writer import ShardWriter
@@ -63,10 +65,13 @@ class LayerByLayerJob:
     rank_dir: Path
     boundary: Literal["parallel", "sequential"]
     streaming: bool
-    """The stage's layers are read a window at a time and written as solved (export.StageExporter)."""
+    """The stage's layers are read a window at a time (and written as solved)."""
+    exports_layers: bool
+    """Each layer is written as soon as it is solved (export.StageExporter, overlapping the next layers): a
+    streaming stage always, a resident one unless `auto`'s guard may replace its layers after the last."""
     fmt: CheckpointFormat
     owned: list[str]
-    """The source tensors this rank writes (a streaming stage's exporter)."""
+    """The source tensors this rank writes (when it exports its layers as solved)."""
     new_writer: Callable[[], ShardWriter]
     layer_stream: LayerStream | None
     """A streaming stage's reader of its layers (made when the stage was built, its first layer read)."""
@@ -82,7 +87,8 @@ class LayerByLayerResult:
     loop_seconds: float
     """Seconds solving the layers (the record's "calibration loop")."""
     exporter: StageExporter | None
-    """A streaming stage's exporter, its layers written: the export phase finishes it."""
+    """The exporter of a stage that exports its layers as solved, its layers written: the export phase
+    finishes it (the rest of the stage's tensors: embeddings, head, final norm)."""
 
 
 class LayerByLayer:
@@ -116,7 +122,8 @@ class LayerByLayer:
         relay = layerwise.Relay(info, not info.is_last and waits[info.rank + 1])
         held_out = held_out_count(len(job.lengths), job.cfg.auto.held_out)
         inputs, traffic = self._layer_inputs(waits, relay, guard, held_out)
-        if self.stream:
+        if job.exports_layers:
+            assert self.guard_run is None, "auto's guard may replace layers after the last: they export after it"
             self.exporter = StageExporter(job.stage, job.owned, job.source, job.fmt, job.new_writer(), info.device)
         if job.cfg.algorithm == AUTO:
             self.chooser = LayerChooser(job.stage, self.algorithms, held_out, keep_chosen=guard)
@@ -272,6 +279,7 @@ class LayerByLayer:
         try:
             outputs = layerwise.Solver(
                 job.stage, self.algorithms, self.solved, self._write_and_free if stream else self._record,
+                replayed=self._export_resident if self.exporter else lambda index, layer: None,
                 heartbeat=relay.heartbeat if relay else lambda index: None,
                 before=stream.load if stream else lambda index, layer: None,
                 choose=self._choose if self.chooser else None,
@@ -286,10 +294,24 @@ class LayerByLayer:
                 stream.close()
 
     def _record(self, index: int, layer: torch.nn.Module) -> None:
-        """A solved layer into the work state (its tensors and the quantizers so far): a rerun resumes after it."""
+        """A solved layer into the work state (its tensors and the quantizers so far): a rerun resumes after it
+        (and exports it again). Then, if the stage exports as it solves, to the exporter."""
         self.solved.add(index)
         self.job.state.save_layer(index, layer)
         self.job.state.save_quantizers(self.job.stage, sorted(self.solved))
+        if self.exporter:
+            self._export_resident(index, layer)
+
+    def _export_resident(self, index: int, layer: torch.nn.Module) -> None:
+        """A resident stage's solved (or replayed) layer exported by the exporter's thread while the next layer
+        calibrates. The exporter gets a copy sharing the layer's weights: exporting rewrites quantizers (shared
+        inputs' amaxes unified, AWQ's scales folded) and the work state's next save of the stage's quantizers
+        must hold them as solved, for a rerun to export them again. The stage's layer drops its weights (the
+        copy frees them as it packs them) and keeps its quantizers (calibration health reads them)."""
+        assert self.exporter is not None, "only a stage that exports its layers as solved"
+        shell = copy.deepcopy(layer, memo={id(p): p for p in layer.parameters()})
+        drop_weights(layer)
+        self.exporter.layer(index, shell, release=_drop_copy)
 
     def _write_and_free(self, index: int, layer: torch.nn.Module) -> None:
         """A streaming stage's solved layer exported by the exporter's own thread while the next layer
@@ -308,3 +330,9 @@ class LayerByLayer:
         state = self.job.state
         state.record_calibrate_progress(choices={**state.calibrate_progress.choices, index: choice})
         return choice.chosen
+
+
+def _drop_copy(shell: torch.nn.Module, packed: torch.cuda.Event | None) -> None:
+    """A resident layer's export copy, once packed: its tensors go now (modelopt's quantizers hold their parent
+    module, a cycle that would keep them until a garbage collection; the export stream recorded its uses)."""
+    shell.to_empty(device="meta")

@@ -171,14 +171,17 @@ class Solver:
                  before: Callable[[int, nn.Module], None] = lambda index, layer: None,
                  choose: Callable[[int, nn.Module, LayerInputs], str] | None = None,
                  chosen: dict[int, str] | None = None, times: SolveTimes | None = None,
-                 alongside: Callable[[int, nn.Module], None] | None = None):
+                 alongside: Callable[[int, nn.Module], None] | None = None,
+                 replayed: Callable[[int, nn.Module], None] = lambda index, layer: None):
         """`algorithms`: name -> modelopt algorithm config; one, or (with `choose`, `algorithm: auto`)
         the candidates `choose(index, layer, inputs)` picks from per layer; `chosen` holds what solved
         layers got. `before(index, layer)` runs ahead of each layer (a streaming stage loads it there);
         `record` after each layer solved here (save it for resume; a streaming stage writes and frees it).
         `alongside(index, layer)` runs before a layer is chosen and fitted, its quantizers as inserted
-        (`auto`'s guard fits each candidate's own copy there)."""
+        (`auto`'s guard fits each candidate's own copy there). `replayed(index, layer)` runs after a layer solved
+        before is replayed (a resident stage that exports while solving exports it there)."""
         self.stage, self.solved, self.record, self.heartbeat, self.before = stage, solved, record, heartbeat, before
+        self.replayed = replayed
         self.times = times
         """GPTQ's solve seconds per Linear (named with its layer's prefix), where the run collects them."""
         self.algorithms = {name: LayerAlgorithm(algorithm, times) for name, algorithm in algorithms.items()}
@@ -216,6 +219,7 @@ class Solver:
             if index in self.solved:
                 self._advance(inputs, index, layer)
                 logger.info("layer %d: solved before, replayed (%d/%d)", index, step, len(layers))
+                self.replayed(index, layer)
                 continue
             if self.alongside:
                 self.alongside(index, layer)

@@ -25,7 +25,7 @@ from torch import nn
 from nvfp4_pp.planning.budget import device_kind
 from nvfp4_pp.planning.memory import STREAM_WINDOW
 from nvfp4_pp.model.source import SourceCheckpoint
-from nvfp4_pp.model.stage import Stage
+from nvfp4_pp.model.stage import Stage, drop_weights
 
 
 class LayerStream:
@@ -120,9 +120,7 @@ class LayerStream:
         """Free an exported layer: its parameters go back to the meta device (quantizer state stays), and
         its slot in the window to the next read, which first waits for `packed` (the event after the
         last kernels reading it). Called from the export thread."""
-        for module in layer.modules():
-            for name, param in list(module.named_parameters(recurse=False)):
-                setattr(module, name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+        drop_weights(layer)
         self._freed.append(packed)
         self._slots.release()
 

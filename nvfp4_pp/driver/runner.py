@@ -154,7 +154,8 @@ class Run:
         self.rank_dir = self.work_dir / f"rank{info.rank}"
         self.locks: list[FileLock] = []
         self.exporter: StageExporter | None = None
-        """A streaming stage's exporter, which writes each layer as soon as it is calibrated."""
+        """The exporter of a stage that exports its layers as solved (`exports_layers`), which writes each layer
+        as soon as it is calibrated."""
         self.layer_stream: LayerStream | None = None
         """A streaming stage's reader of its layers, made once the stage is built."""
         # Every other attribute is a phase's result, declared on the class (`Later`).
@@ -366,6 +367,13 @@ class Run:
         return self.cfg.layerwise.enable or any(p.streaming for p in self.plans)
 
     @property
+    def exports_layers(self) -> bool:
+        """This stage writes each layer as soon as it is solved, overlapping the next layers' calibration:
+        every layer-major stage, except a resident one under `auto`'s guard (whose verdict, after the last
+        layer, may replace its layers; a streaming stage anywhere skips the guard)."""
+        return self.layer_major and (self.streaming or self.cfg.guarded is None)
+
+    @property
     def boundary(self) -> Literal["parallel", "sequential"]:
         return self.cfg.layerwise.boundary if self.cfg.layerwise.enable else "sequential"
 
@@ -386,8 +394,8 @@ class Run:
             self.traffic = self.state.once(
                 Phase.CALIBRATE, self._calibrate_through_pipeline, self._restore_quantizers,
                 reused=f"calibration: reusing the state every rank saved in {self.work_dir}",
-                # a streaming stage writes its layers while calibrating: reusable only once written
-                usable=lambda saved: not self.streaming or "export" in self.state.phases,
+                # a stage that writes its layers while calibrating: reusable only once written
+                usable=lambda saved: not self.exports_layers or "export" in self.state.phases,
                 agree=lambda done: all(dist.all_gather_objects(done, self.info.world_size)))
         if self.layer_stream:  # its reads are over (or were not needed: calibration reused)
             self.layer_stream.close()
@@ -418,12 +426,13 @@ class Run:
         return traffic[-1]
 
     def _calibrate_layer_by_layer(self, configs: dict[str, dict]) -> Traffic:
-        """This stage's layers solved one at a time (layer_by_layer.py); a streaming stage's written as solved."""
-        streaming = self.streaming
+        """This stage's layers solved one at a time (layer_by_layer.py), written as solved (`exports_layers`)."""
+        exports = self.exports_layers
         result = LayerByLayer(LayerByLayerJob(
             cfg=self.cfg, info=self.info, stage=self.stage, state=self.state, source=self.source, configs=configs,
             batches=self.samples.batches, lengths=self.samples.lengths, rank_dir=self.rank_dir,
-            boundary=self.boundary, streaming=streaming, fmt=self.fmt, owned=self.owned() if streaming else [],
+            boundary=self.boundary, streaming=self.streaming, exports_layers=exports, fmt=self.fmt,
+            owned=self.owned() if exports else [],
             new_writer=self.writer, layer_stream=self.layer_stream, solve_times=self.solve_times)).run()
         self.exporter = result.exporter
         self.timings["calibration loop"] = result.loop_seconds
@@ -447,10 +456,10 @@ class Run:
         lm_head = self.arch.lm_head if self.info.is_last else None
 
         def write() -> ExportResult:
-            if self.streaming:  # its layers were written while calibrating
+            if self.exports_layers:  # its layers were written while calibrating
                 if self.exporter is None:
-                    raise StaleWorkState(f"{self.rank_dir}: recorded shards of this streaming stage are damaged; "
-                                         "rerun with --fresh")
+                    raise StaleWorkState(f"{self.rank_dir}: recorded shards of this stage (written as its layers "
+                                         "were calibrated) are damaged; rerun with --fresh")
                 return self.exporter.finish(lm_head)
             return export_stage(self.stage, self.owned(), self.source, self.fmt, self.writer(), lm_head,
                                 self.info.device)

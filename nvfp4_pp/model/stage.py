@@ -128,6 +128,14 @@ class Stage(nn.Module):
         return hidden
 
 
+def drop_weights(layer: nn.Module) -> None:
+    """A decoder layer's parameters back to the meta device (its buffers, quantizer state included, stay):
+    once its weights are exported (or handed to the exporter) the stage no longer holds them."""
+    for module in layer.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+
+
 def load_hf_config(source: SourceCheckpoint, arch: Architecture):
     """The language model's transformers config (an image-text checkpoint's `text_config`)."""
     config = AutoConfig.from_pretrained(source.path).get_text_config()
