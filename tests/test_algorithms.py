@@ -10,7 +10,8 @@ network on held-out text.
   single-process GPTQ;
 - layer by layer, `boundary: sequential`: each layer on its predecessors' quantized outputs, fed by
   the stage's own forward: exactly modelopt's single-process layerwise GPTQ (its loop run with
-  use_cache=False, see nvfp4_pp/calibration/layerwise.py), and a rank killed mid-solve resumes to the same bytes;
+  use_cache=False, see nvfp4_pp/calibration/layerwise.py), each layer exported while the next is solved (resident
+  or streaming), and a rank killed as a layer goes to export resumes to the same bytes;
 - `boundary: parallel`: stage 0 as sequential; later stages start from BF16 inputs;
 - AWQ-lite: exactly modelopt's single-process INT4 AWQ (its `INT4_AWQ_CFG` search);
 - quality on held-out text (`evaluate --compare`): layerwise GPTQ's KL to BF16 well below round-to-nearest's.
@@ -143,34 +144,27 @@ def test_parallel_boundary_solves_every_stage_at_once(sequential, parallel):
     assert tensor_differences({k: ours[k] for k in later}, {k: theirs[k] for k in later}) != []
 
 
-def test_rank_killed_mid_solve_resumes_to_the_same_bytes(smol8, token_file, work, sequential, tmp_path):
+@pytest.mark.parametrize("stream", ["never", "always"])
+def test_rank_killed_as_a_layer_exports_resumes_to_the_same_bytes(smol8, token_file, work, sequential, tmp_path,
+                                                                  stream):
+    """Layer-by-layer GPTQ, resident or every stage streaming: each solved layer is exported by its own thread
+    while the next one is solved, and the bytes are the `sequential` run's (modelopt's layerwise GPTQ). The first
+    rank is SIGKILLed as layer 1 goes to its export thread; the rerun gives the same bytes: a resident stage
+    replays the layers it saved and exports them again, a streaming one starts over (over the shards it had
+    written)."""
     out = tmp_path / "out"
-    config = _config(tmp_path / "run.yaml", smol8, token_file, out, algorithm="gptq",
+    config = _config(tmp_path / "run.yaml", smol8, token_file, out, stream=stream, algorithm="gptq",
                      layerwise={"enable": True, "boundary": "sequential"})
     _kill_rank0_after_layer_1(config, tmp_path / "first.log")
-    assert not out.exists()
+    first = (tmp_path / "first.log").read_text()
+    assert (") streaming " in first) == (stream == "always") and not out.exists()
+    assert "layer 0 exported in" in first  # the export overlapped the solves before the kill
 
     result = run_nvfp4_pp(config, 3)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "layer 0: solved before, replayed" in result.stdout + result.stderr
-    assert tensor_differences(load_tensors(out), load_tensors(sequential)) == []
-
-
-def test_streaming_gptq_exports_while_solving_and_resumes_to_the_same_bytes(smol8, token_file, work, sequential,
-                                                                            tmp_path):
-    """Every stage streaming: each solved layer is exported by its own thread while the next one is solved,
-    and the bytes are the resident run's, which exports after calibration (`sequential`). The first rank is
-    killed as layer 1 goes to its export thread; the rerun (a streaming stage starts over, over the shards
-    it had written) gives the same bytes."""
-    out = tmp_path / "out"
-    config = _config(tmp_path / "run.yaml", smol8, token_file, out, stream="always", algorithm="gptq",
-                     layerwise={"enable": True, "boundary": "sequential"})
-    _kill_rank0_after_layer_1(config, tmp_path / "first.log")
-    assert ") streaming " in (tmp_path / "first.log").read_text() and not out.exists()
-
-    result = run_nvfp4_pp(config, 3)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "layer 3 exported in" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert ("layer 0: solved before, replayed" in log) == (stream == "never")
+    assert "layer 3 exported in" in log
     assert tensor_differences(load_tensors(out), load_tensors(sequential)) == []
 
 

@@ -28,10 +28,12 @@ measured peaks by tests/test_budget_run.py on CPU):
   memory on their way to it (rounded up by torch's caching host allocator, as the staging below). On a CPU stage the
   weights are memory-mapped from the shards, freeing one does not unmap the file, so the buffer
   adds on top.
-- export overlap (streaming stages): layer k is packed on its own stream while layer k+1
-  calibrates, so the export transient and one layer's packed tensors (before their copy to the
-  host) come on top of the calibration; layer k+2 is read only once layer k is packed, so the
-  window of weights stays two layers.
+- export overlap (every layer-major stage but one under `auto`'s guard): layer k is packed on its
+  own stream while layer k+1 calibrates, so the export transient and one layer's packed tensors
+  (before their copy to the host) come on top of the calibration; a streaming stage reads layer k+2
+  only once layer k is packed, so its window of weights stays two layers. A resident stage's layer
+  is packed from a copy sharing its weights (only its quantizers' few scalars are copied), and its
+  BF16 weights are freed as they are packed, as in an export after calibration.
 - quantizer state: a few scalars per quantized Linear (QUANTIZER_BYTES each).
 - algorithm state (`algorithm_bytes`): GPTQ's FP32 Hessians, in_features^2 x 4 bytes per Linear
   (every Linear of the stage when flat; one layer's when layer by layer), and, layer by layer, the
@@ -263,10 +265,12 @@ def stage_need(
     guard_copies = sum(layers) if workload.guard else 0  # `auto`'s guard: host memory
     wire = s.dtype_bytes * workload.tokens * s.hidden * (SENDS_IN_FLIGHT + 1) if wire_on_host else 0
 
-    # A resident stage calibrates, then exports; a streaming one exports layer k while layer k+1 calibrates.
+    # A layer-major stage exports layer k while layer k+1 calibrates (layer_by_layer.py), unless `auto`'s guard
+    # may replace its layers after the last (a streaming stage anywhere skips the guard); others calibrate, then export.
     algorithm = algorithm_bytes(s, workload, len(layers))
     packed_layer = math.ceil(max(s.layer_linear_bytes[start:stop], default=0) * PACKED_PER_BF16_BYTE)
-    overlap = transient + packed_layer if streaming else 0
+    exports_layers = streaming or (workload.layer_major and not workload.guard)
+    overlap = transient + packed_layer if exports_layers else 0
     calibrate = (weights + quantizers + activations + CALIBRATION_TRANSIENT_PER_BF16_BYTE * s.largest_linear
                  + algorithm + overlap)
     export = weights + quantizers + transient
