@@ -49,7 +49,9 @@ def test_resident_layer_by_layer_stages_export_while_calibrating(smol_dir, token
 @pytest.mark.whole
 def test_streaming_stage_peak_is_below_the_resident_one(tmp_path):
     """A random-weight Llama whose second stage holds 24 layers (180 MB): streaming it keeps two layers
-    at a time, so that rank's measured peak drops by most of its weights; the bytes stay the same."""
+    at a time, so that rank's measured peak drops by most of its weights; the bytes stay the same. Resident and
+    layer by layer (each layer exported while the next calibrates), the same bytes again, and the plan bounds
+    all three peaks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tiny_models import write_tiny_tokenizer, write_token_file
@@ -63,18 +65,20 @@ def test_streaming_stage_peak_is_below_the_resident_one(tmp_path):
     tokens = write_token_file(tmp_path / "tokens.jsonl")
     stage_weights = 24 * sum(p.numel() * 2 for p in LlamaForCausalLM(config).model.layers[0].parameters())
     outputs = {}
-    for stream in ("never", "always"):
-        outputs[stream] = tmp_path / stream
-        run_config = write_config(tmp_path / f"{stream}.yaml", model=str(model), output=str(outputs[stream]),
+    for run, stream, layerwise in (("never", "never", False), ("always", "always", False),
+                                   ("layer-major", "never", True)):
+        outputs[run] = tmp_path / run
+        run_config = write_config(tmp_path / f"{run}.yaml", model=str(model), output=str(outputs[run]),
                                   format="modelopt", calibration={"dataset": str(tokens), "samples": "all", "max_length": 64},
-                                  pipeline={"stream": stream, "layers": [1, 24]})
+                                  pipeline={"stream": stream, "layers": [1, 24]}, layerwise={"enable": layerwise})
         result = run_nvfp4_pp(run_config, 2)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert tensor_differences(load_tensors(outputs["always"]), load_tensors(outputs["never"])) == []
+    for run in ("always", "layer-major"):
+        assert tensor_differences(load_tensors(outputs[run]), load_tensors(outputs["never"])) == [], run
     peak = {s: read_json(outputs[s] / "nvfp4_pp.json")["ranks"][1]["measured"]["host"] for s in outputs}
     # glibc kept the freed packing and calibration temporaries until runtime/host_malloc gave them back per layer
     # (streaming peaked at 1,073-1,136 MB against 1,080-1,310 MB resident, 2026-12-04); now ~755 against ~920 MB.
     assert peak["never"] - peak["always"] > stage_weights / 2, (peak, stage_weights)
-    for s in outputs:  # and the plan bounds both (by ~200 MB here)
+    for s in outputs:  # and the plan bounds them (by ~200 MB here)
         rank = read_json(outputs[s] / "nvfp4_pp.json")["ranks"][1]
         assert rank["measured"]["host"] <= rank["predicted"]["host"], (s, rank["measured"], rank["predicted"])

@@ -33,7 +33,8 @@ measured peaks by tests/test_budget_run.py on CPU):
   (before their copy to the host) come on top of the calibration; a streaming stage reads layer k+2
   only once layer k is packed, so its window of weights stays two layers. A resident stage's layer
   is packed from a copy sharing its weights (only its quantizers' few scalars are copied), and its
-  BF16 weights are freed as they are packed, as in an export after calibration.
+  BF16 weights are freed as they are packed, as in an export after calibration. On a CPU rank the
+  export buffer fills meanwhile too (the memory-mapped weights it replaces stay mapped).
 - quantizer state: a few scalars per quantized Linear (QUANTIZER_BYTES each).
 - algorithm state (`algorithm_bytes`): GPTQ's FP32 Hessians, in_features^2 x 4 bytes per Linear
   (every Linear of the stage when flat; one layer's when layer by layer), and, layer by layer, the
@@ -279,8 +280,9 @@ def stage_need(
              "export overlap": overlap,
              "runtime": RUNTIME_BYTES, "wire copies": wire, "layer inputs, Hessians, auto trials": algorithm,
              "auto guard's layer copies": guard_copies}
-    if kind == "cpu":
-        host = baseline + RUNTIME_BYTES + wire + max(calibrate + guard_copies, export + buffer)
+    if kind == "cpu":  # the export buffer fills while a stage that exports its layers as solved calibrates
+        during = buffer if exports_layers else 0
+        host = baseline + RUNTIME_BYTES + wire + max(calibrate + guard_copies + during, export + buffer)
         return Need(device=host, host=host, items=items)
     device = math.ceil(max(calibrate, export) * (1 + CUDA_FRAGMENTATION)) + CUDA_DEVICE_BYTES
     if kind == "unified":
