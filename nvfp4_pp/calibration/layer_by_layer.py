@@ -2,9 +2,10 @@
 
 Used when layers are calibrated one at a time (`layerwise.enable`, or a stage that streams): the stage's
 inputs come from the work directory, one pipelined BF16 pass (parallel boundary) or the previous stage
-(sequential boundary); layerwise.Solver then fits each layer, recording it for resume (a resident stage)
-and handing it to the export thread as soon as it is solved, so the export overlaps the next layers
-(a streaming stage's layer is freed once packed; a resident one's after `auto`'s guard, where it runs). `algorithm: auto` chooses each layer's algorithm first (layer_choice).
+(sequential boundary); layerwise.Solver then fits each layer, recording it for resume (a resident stage),
+and hands it to the export thread as soon as it is solved, so its export overlaps the next layers (a
+streaming stage's layer is freed once packed; a resident stage under `auto`'s guard exports after the
+verdict instead). `algorithm: auto` chooses each layer's algorithm first (layer_choice).
 Everything it needs is in `LayerByLayerJob`; what it leaves is `LayerByLayerResult` and the work state.
 """
 
