@@ -230,6 +230,26 @@ def test_gptq_counts_its_hessians_and_one_linears_solve(behemoth):
                                   behemoth.layer_hessian_bytes + solve)
 
 
+def test_layer_major_stages_count_the_export_overlap(behemoth):
+    """A resident layer-by-layer stage exports layer k while layer k+1 calibrates, as a streaming one does: the
+    packing transient and one packed layer on top of calibration (not under `auto`'s guard, which exports after
+    its verdict); on a CPU rank the export buffer too."""
+    import dataclasses
+
+    from nvfp4_pp.planning.memory import stage_need
+
+    def need(kind, **workload):
+        return stage_need(behemoth, kind, 0, 10, 12, False, False, dataclasses.replace(CALIBRATION, **workload))
+
+    overlap = need("discrete", layer_major=True).items["export overlap"]
+    assert overlap > 0 and need("discrete").items["export overlap"] == 0
+    assert need("discrete", layer_major=True, guard=True).items["export overlap"] == 0
+    assert need("discrete", layer_major=True).device > need("discrete", layer_major=True, guard=True).device
+    # CPU: calibration (with the overlap) and the export buffer at once, above the export after calibration
+    cpu = need("cpu", layer_major=True)
+    assert cpu.host >= cpu.items["export buffer"] + overlap + cpu.items["weights"] > need("cpu").host
+
+
 def test_plan_predicts_gptqs_solve_time_and_what_parallel_stages_divide(behemoth):
     """Behemoth-X-123B's GPTQ solve predicted from its shapes at the H200's measured rate (4.4 s a layer,
     Mistral-Large shapes); 3 stages: sequential stages take turns, parallel and flat ones solve at once."""
