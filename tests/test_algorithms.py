@@ -103,6 +103,15 @@ def test_flat_gptq_is_modelopts_single_process_gptq(smol8, token_file, work):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert ") streaming " in result.stdout + result.stderr
     assert tensor_differences(load_tensors(streamed), load_tensors(reference)) == []
+    # Stopped after calibration (as a kill during the export leaves it), the rerun exports GPTQ's weights,
+    # which the saved quantizers do not hold.
+    stopped = work / "flat-stopped"
+    config = _config(work / "flat-stopped.yaml", smol8, token_file, stopped, algorithm="gptq")
+    result = run_nvfp4_pp(config, 3, "--stop-after", "calibrate")
+    assert result.returncode == 0 and not stopped.exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert tensor_differences(load_tensors(stopped), load_tensors(reference)) == []
 
 
 def test_awq_lite_is_modelopts_int4_awq(smol8, token_file, work):
@@ -296,6 +305,15 @@ def test_auto_guard_keeps_the_better_of_auto_and_its_candidate_alone(smol8, toke
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "calibration starts again from the stage's first layer" in result.stdout + result.stderr
     assert tensor_differences(load_tensors(resumed), ours) == []
+    # stopped after the verdict (as a kill during the export leaves it): the rerun exports the saved layers
+    stopped = tmp_path / "stopped"
+    config = _config(tmp_path / "stopped.yaml", smol8, token_file, stopped, auto=guarded, **AUTO)
+    result = run_nvfp4_pp(config, 3, "--stop-after", "calibrate")
+    assert result.returncode == 0 and not stopped.exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_nvfp4_pp(config, 3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "calibration: reusing the state every rank saved" in result.stdout + result.stderr
+    assert tensor_differences(load_tensors(stopped), ours) == []
 
     by_stage = tmp_path / "parallel-guarded"
     config = _config(tmp_path / "parallel-guarded.yaml", smol8, token_file, by_stage, auto=guarded,

@@ -394,8 +394,10 @@ class Run:
             self.traffic = self.state.once(
                 Phase.CALIBRATE, self._calibrate_through_pipeline, self._restore_quantizers,
                 reused=f"calibration: reusing the state every rank saved in {self.work_dir}",
-                # a stage that writes its layers while calibrating: reusable only once written
-                usable=lambda saved: not self.exports_layers or "export" in self.state.phases,
+                # a stage that writes its layers while calibrating: reusable only once written; flat GPTQ
+                # changes weights it does not save: calibrated again unless its export was written
+                usable=lambda saved: (not self.exports_layers and not self._flat_weights_changed
+                                      or "export" in self.state.phases),
                 agree=lambda done: all(dist.all_gather_objects(done, self.info.world_size)))
         if self.layer_stream:  # its reads are over (or were not needed: calibration reused)
             self.layer_stream.close()
@@ -438,9 +440,19 @@ class Run:
         self.timings["calibration loop"] = result.loop_seconds
         return result.traffic
 
+    @property
+    def _flat_weights_changed(self) -> bool:
+        """Flat GPTQ updates the stage's weights in place, and only the quantizers are saved."""
+        return not self.layer_major and self.cfg.algorithm == "gptq"
+
     def _restore_quantizers(self, saved: dict) -> Traffic:
-        """Every rank saved its calibration: the quantizers as they were, and the traffic recorded."""
+        """Every rank saved its calibration: the quantizers as they were, the layers layer-by-layer
+        calibration changed and saved (GPTQ, smoothing, `auto`'s guard), and the traffic recorded."""
         restore_quantizers(self.stage, self.state, self.cfg.kv_cache)
+        solved = self.state.solved_layers() if self.layer_major and not self.streaming else set()
+        for index, layer in self.stage.layers():
+            if index in solved:
+                self.state.restore_layer(index, layer)
         return Traffic.from_dict(saved)
 
     def owned(self) -> list[str]:

@@ -268,7 +268,8 @@ def stage_need(
 
     # A layer-major stage exports layer k while layer k+1 calibrates (layer_by_layer.py), unless `auto`'s guard
     # may replace its layers after the last (a streaming stage anywhere skips the guard); others calibrate, then export.
-    algorithm = algorithm_bytes(s, workload, len(layers))
+    # `auto`'s guard judges on the last stage through the source's final norm and lm_head, which no stage holds
+    algorithm = algorithm_bytes(s, workload, len(layers)) + (s.head_bytes if workload.guard and last else 0)
     packed_layer = math.ceil(max(s.layer_linear_bytes[start:stop], default=0) * PACKED_PER_BF16_BYTE)
     exports_layers = streaming or (workload.layer_major and not workload.guard)
     overlap = transient + packed_layer if exports_layers else 0
