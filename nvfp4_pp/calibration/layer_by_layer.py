@@ -41,11 +41,15 @@ from nvfp4_pp.checkpoint.work_state import WorkState
 from nvfp4_pp.checkpoint.writer import ShardWriter
 
 
-def restore_quantizers(stage: Stage, state: WorkState, kv_cache: str | None) -> None:
-    """The stage's quantizers as the work state saved them (KV quantizers need their classes registered)."""
+def restore_calibration(stage: Stage, state: WorkState, kv_cache: str | None, solved: set[int]) -> None:
+    """The stage's quantizers as the work state saved them (KV quantizers need their classes registered),
+    and the saved weights of the `solved` layers (layer-by-layer calibration changes them: GPTQ, smoothing)."""
     if kv_cache:
         register_kv_attention(stage)  # restoring re-creates the KV quantizers of those classes
     state.restore_quantizers(stage)
+    for index, layer in stage.layers():
+        if index in solved:
+            state.restore_layer(index, layer)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,10 +198,7 @@ class LayerByLayer:
         """Quantizers inserted uncalibrated, or (an interrupted run) restored with its solved layers."""
         job = self.job
         if self.solved:
-            restore_quantizers(job.stage, job.state, job.cfg.kv_cache)
-            for index, layer in job.stage.layers():
-                if index in self.solved:
-                    job.state.restore_layer(index, layer)
+            restore_calibration(job.stage, job.state, job.cfg.kv_cache, self.solved)
         else:
             # every candidate calibrates the same quantizers: a scale search's (static block scales), if one has it
             quant_cfg = next((c for name, c in job.configs.items() if ALGORITHMS[name].scale_search),

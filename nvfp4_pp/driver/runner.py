@@ -44,7 +44,7 @@ from nvfp4_pp.files import nearest_existing, require_free, write_json
 from nvfp4_pp.checkpoint.formats import CheckpointFormat, get_format
 from nvfp4_pp.checkpoint.gather import gather
 from nvfp4_pp.algorithms.gptq import SolveTimes
-from nvfp4_pp.calibration.layer_by_layer import LayerByLayer, LayerByLayerJob, restore_quantizers
+from nvfp4_pp.calibration.layer_by_layer import LayerByLayer, LayerByLayerJob, restore_calibration
 from nvfp4_pp.runtime.lock import WORK_DIR_LOCK, FileLock, Holder, output_lock_path
 from nvfp4_pp.log import RELAY, attach_file, end_of_run, logger
 from nvfp4_pp.checkpoint.output_guard import check_output, check_paths
@@ -392,7 +392,7 @@ class Run:
         with self.phase(Phase.CALIBRATE):
             load_cuda_extensions(self.info.device, {self.cfg.recipe, *(self.cfg.recipe_overrides or {}).values()})
             self.traffic = self.state.once(
-                Phase.CALIBRATE, self._calibrate_through_pipeline, self._restore_quantizers,
+                Phase.CALIBRATE, self._calibrate_through_pipeline, self._restore_calibration,
                 reused=f"calibration: reusing the state every rank saved in {self.work_dir}",
                 # a stage that writes its layers while calibrating: reusable only once written; flat GPTQ
                 # changes weights it does not save: calibrated again unless its export was written
@@ -445,14 +445,11 @@ class Run:
         """Flat GPTQ updates the stage's weights in place, and only the quantizers are saved."""
         return not self.layer_major and self.cfg.algorithm == "gptq"
 
-    def _restore_quantizers(self, saved: dict) -> Traffic:
+    def _restore_calibration(self, saved: dict) -> Traffic:
         """Every rank saved its calibration: the quantizers as they were, the layers layer-by-layer
         calibration changed and saved (GPTQ, smoothing, `auto`'s guard), and the traffic recorded."""
-        restore_quantizers(self.stage, self.state, self.cfg.kv_cache)
         solved = self.state.solved_layers() if self.layer_major and not self.streaming else set()
-        for index, layer in self.stage.layers():
-            if index in solved:
-                self.state.restore_layer(index, layer)
+        restore_calibration(self.stage, self.state, self.cfg.kv_cache, solved)
         return Traffic.from_dict(saved)
 
     def owned(self) -> list[str]:
